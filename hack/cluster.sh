@@ -1,0 +1,545 @@
+#!/usr/bin/env bash
+# Local Kubernetes control plane for tests and development, built from source
+# via the Go module proxy (no Docker, no downloads of release tarballs).
+#
+#   hack/cluster.sh build     build (once per machine) etcd, kube-apiserver,
+#                             kube-controller-manager, kube-scheduler, kubectl,
+#                             kwok and helm into the cache
+#   hack/cluster.sh up        build if needed, start the cluster on 127.0.0.1,
+#                             wait until it is usable, print `export KUBECONFIG=...`
+#   hack/cluster.sh down      stop every process `up` started (by pid) and remove state
+#   hack/cluster.sh status    show what runs (exit 0 iff the cluster is healthy)
+#   hack/cluster.sh env       print export lines (KUBECONFIG, PATH with kubectl/helm)
+#   hack/cluster.sh bin-dir   print the directory holding the built binaries
+#   hack/cluster.sh kubeconfig print the kubeconfig path
+#   hack/cluster.sh logs [component]  tail the logs
+#
+# The cluster: etcd, kube-apiserver (RBAC, service-account tokens, TLS with a
+# private CA), kube-controller-manager (all controllers except cloud ones),
+# kube-scheduler and kwok, which plays kubelet for fake nodes:
+# $AIAAS_GPU_NODES nodes with $AIAAS_GPUS_PER_NODE nvidia.com/gpu each (label
+# nvidia.com/gpu.present=true, taint nvidia.com/gpu=present:NoSchedule) and
+# $AIAAS_CPU_NODES CPU-only nodes. Pod lifecycle comes from kwok Stage files in
+# hack/kwok/stages/*.yaml (plus $AIAAS_KWOK_STAGES, a :-separated list of extra
+# files or directories). Containers never run: pods become Running/Ready.
+#
+# Environment (all optional):
+#   AIAAS_CACHE          cache root (default ~/.cache/aiaas); binaries go to
+#                        $AIAAS_CACHE/k8s-<KUBE_VERSION>/bin
+#   AIAAS_CLUSTER_DIR    state, pki, kubeconfig and logs (default $AIAAS_CACHE/cluster)
+#   AIAAS_ETCD_PORT (12379) AIAAS_ETCD_PEER_PORT (12380) AIAAS_APISERVER_PORT (16443)
+#   AIAAS_KCM_PORT (17257) AIAAS_SCHEDULER_PORT (17259) AIAAS_KWOK_PORT (17247)
+#   AIAAS_GPU_NODES (2) AIAAS_GPUS_PER_NODE (8) AIAAS_CPU_NODES (2)
+#   AIAAS_UP_TIMEOUT     seconds to wait for readiness (default 180)
+#   AIAAS_APISERVER_EXTRA_ARGS, AIAAS_KCM_EXTRA_ARGS, AIAAS_SCHEDULER_EXTRA_ARGS,
+#   AIAAS_KWOK_EXTRA_ARGS  extra flags (word-split)
+#   KUBE_VERSION ETCD_VERSION KWOK_VERSION HELM_VERSION  see hack/k8s/versions.sh
+#   GO                   the go command (default: go on PATH, else /usr/local/go/bin/go)
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# shellcheck source=k8s/versions.sh
+source "$ROOT/hack/k8s/versions.sh"
+
+CACHE=${AIAAS_CACHE:-$HOME/.cache/aiaas}
+TOOLS_DIR=$CACHE/k8s-$KUBE_VERSION
+BIN_DIR=$TOOLS_DIR/bin
+CLUSTER_DIR=${AIAAS_CLUSTER_DIR:-$CACHE/cluster}
+PKI=$CLUSTER_DIR/pki
+LOGS=$CLUSTER_DIR/logs
+RUN=$CLUSTER_DIR/run
+KUBECONFIG_PATH=$CLUSTER_DIR/kubeconfig
+
+HOST=127.0.0.1
+ETCD_PORT=${AIAAS_ETCD_PORT:-12379}
+ETCD_PEER_PORT=${AIAAS_ETCD_PEER_PORT:-12380}
+APISERVER_PORT=${AIAAS_APISERVER_PORT:-16443}
+KCM_PORT=${AIAAS_KCM_PORT:-17257}
+SCHEDULER_PORT=${AIAAS_SCHEDULER_PORT:-17259}
+KWOK_PORT=${AIAAS_KWOK_PORT:-17247}
+GPU_NODES=${AIAAS_GPU_NODES:-2}
+GPUS_PER_NODE=${AIAAS_GPUS_PER_NODE:-8}
+CPU_NODES=${AIAAS_CPU_NODES:-2}
+UP_TIMEOUT=${AIAAS_UP_TIMEOUT:-180}
+SERVICE_CIDR=10.96.0.0/16
+CLUSTER_NAME=aiaas-local
+
+COMPONENTS=(etcd kube-apiserver kube-controller-manager kube-scheduler kwok)
+BINARIES=(etcd kube-apiserver kube-controller-manager kube-scheduler kubectl kwok helm)
+
+log() { printf '[cluster] %s\n' "$*" >&2; }
+die() { printf '[cluster] error: %s\n' "$*" >&2; exit 1; }
+
+find_go() {
+  if [[ -n ${GO:-} ]]; then echo "$GO"; return; fi
+  if command -v go >/dev/null 2>&1; then command -v go; return; fi
+  [[ -x /usr/local/go/bin/go ]] && { echo /usr/local/go/bin/go; return; }
+  die "go not found (install Go >= 1.26 or set GO=/path/to/go)"
+}
+
+# ---------------------------------------------------------------------------
+# build
+# ---------------------------------------------------------------------------
+
+# Hash of the scaffolding of one module dir (go.mod, go.sum, *.go) + version
+# + go version: a stamp per binary decides whether it must be rebuilt.
+stamp_of() { # <module dir> <version>
+  local dir=$1 ver=$2
+  { echo "$ver"; "$GO_BIN" env GOVERSION; cat "$dir"/go.mod "$dir"/go.sum "$dir"/*.go 2>/dev/null; } | sha256sum | cut -c1-16
+}
+
+build_module() { # <name> <version> <ldflags> <package>...
+  local name=$1 ver=$2 ldflags=$3; shift 3
+  local src=$ROOT/hack/k8s/$name work=$TOOLS_DIR/work/$name
+  local stamp; stamp=$(stamp_of "$src" "$ver")
+  local need=0 p
+  for p in "$@"; do
+    local b=${p##*/}; [[ $b == . ]] && b=$name
+    [[ -x $BIN_DIR/$b && "$(cat "$BIN_DIR/.$b.stamp" 2>/dev/null)" == "$stamp" ]] || need=1
+  done
+  (( need )) || return 0
+
+  rm -rf "$work"; mkdir -p "$work" "$BIN_DIR"
+  cp "$src"/go.mod "$work"/
+  [[ -f $src/go.sum ]] && cp "$src"/go.sum "$work"/
+  compgen -G "$src/*.go" >/dev/null && cp "$src"/*.go "$work"/
+  if [[ $name == kubernetes ]] && ! grep -Eq "^[[:space:]]*(require )?k8s.io/kubernetes $ver( |\$)" "$work/go.mod"; then
+    log "KUBE_VERSION=$ver differs from hack/k8s/kubernetes/go.mod: regenerating it"
+    (cd "$work" && PATH=$(dirname "$GO_BIN"):$PATH "$ROOT/hack/k8s/gen-kubernetes-gomod.sh" "$ver" > go.mod.new && mv go.mod.new go.mod && rm -f go.sum)
+  fi
+  case $name in
+    etcd) sed -i -E "s#(go.etcd.io/etcd/server/v3) v[^ ]+#\1 $ver#" "$work/go.mod" ;;
+    kwok) sed -i -E "s#(sigs.k8s.io/kwok) v[^ ]+#\1 $ver#" "$work/go.mod" ;;
+    helm) sed -i -E "s#(helm.sh/helm/v3) v[^ ]+#\1 $ver#" "$work/go.mod" ;;
+  esac
+  local t0=$SECONDS
+  log "building $name $ver ($*) — the first build of kubernetes takes a long while"
+  (
+    cd "$work"
+    export CGO_ENABLED=0 GOFLAGS=-mod=mod
+    "$GO_BIN" mod tidy >/dev/null 2>&1 || "$GO_BIN" mod download
+    "$GO_BIN" build -trimpath -ldflags "-s -w $ldflags" -o "$work/out/" "$@"
+  ) >"$TOOLS_DIR/build-$name.log" 2>&1 || { tail -30 "$TOOLS_DIR/build-$name.log" >&2; die "build of $name failed, see $TOOLS_DIR/build-$name.log"; }
+  for p in "$@"; do
+    local b=${p##*/}; [[ $b == . ]] && b=$name
+    mv -f "$work/out/$b" "$BIN_DIR/$b"
+    echo "$stamp" > "$BIN_DIR/.$b.stamp"
+  done
+  log "built $name in $((SECONDS - t0))s"
+}
+
+kube_ldflags() {
+  local v=$KUBE_VERSION major minor date p out=""
+  [[ $v =~ ^v([0-9]+)\.([0-9]+)\. ]] || die "bad KUBE_VERSION $v"
+  major=${BASH_REMATCH[1]} minor=${BASH_REMATCH[2]}
+  date=$(date -u +%Y-%m-%dT%H:%M:%SZ)
+  for p in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+    out+=" -X $p.gitVersion=$v -X $p.gitMajor=$major -X $p.gitMinor=$minor"
+    out+=" -X $p.gitTreeState=clean -X $p.buildDate=$date"
+  done
+  echo "$out"
+}
+
+do_build() {
+  GO_BIN=$(find_go)
+  mkdir -p "$TOOLS_DIR"
+  exec 9>"$TOOLS_DIR/.build.lock"
+  if ! flock -n 9; then
+    log "another build holds $TOOLS_DIR/.build.lock; waiting"
+    flock 9
+  fi
+  local t0=$SECONDS
+  build_module etcd "$ETCD_VERSION" "" .
+  build_module kubernetes "$KUBE_VERSION" "$(kube_ldflags)" \
+    k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager \
+    k8s.io/kubernetes/cmd/kube-scheduler k8s.io/kubernetes/cmd/kubectl
+  build_module kwok "$KWOK_VERSION" "-X sigs.k8s.io/kwok/pkg/consts.Version=${KWOK_VERSION#v}" sigs.k8s.io/kwok/cmd/kwok
+  build_module helm "$HELM_VERSION" \
+    "-X helm.sh/helm/v3/internal/version.version=$HELM_VERSION -X helm.sh/helm/v3/internal/version.gitTreeState=clean" \
+    helm.sh/helm/v3/cmd/helm
+  flock -u 9
+  local b
+  for b in "${BINARIES[@]}"; do [[ -x $BIN_DIR/$b ]] || die "missing $BIN_DIR/$b"; done
+  (( SECONDS - t0 > 2 )) && log "binaries ready in $BIN_DIR ($((SECONDS - t0))s)"
+  return 0
+}
+
+# ---------------------------------------------------------------------------
+# processes
+# ---------------------------------------------------------------------------
+
+pid_of() { cat "$RUN/$1.pid" 2>/dev/null || true; }
+
+# alive <component>: the pid in the pid file runs the expected binary.
+alive() {
+  local pid; pid=$(pid_of "$1")
+  [[ -n $pid ]] && kill -0 "$pid" 2>/dev/null || return 1
+  local exe; exe=$(readlink "/proc/$pid/exe" 2>/dev/null || true)
+  [[ -z $exe || ${exe##*/} == "$1" || ${exe##*/} == "$1 (deleted)" ]]
+}
+
+start() { # <component> <args...>
+  local c=$1; shift
+  mkdir -p "$RUN" "$LOGS"
+  # setsid: own session, so ^C in the calling shell / pytest does not kill it.
+  setsid "$BIN_DIR/$c" "$@" >>"$LOGS/$c.log" 2>&1 </dev/null &
+  echo $! > "$RUN/$c.pid"
+  log "started $c (pid $!, log $LOGS/$c.log)"
+}
+
+stop() { # <component>
+  local c=$1 pid i
+  pid=$(pid_of "$c")
+  [[ -n $pid ]] || return 0
+  if alive "$c"; then
+    kill -TERM "$pid" 2>/dev/null || true
+    for ((i = 0; i < 100; i++)); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    if kill -0 "$pid" 2>/dev/null; then
+      log "$c (pid $pid) did not stop on SIGTERM; sending SIGKILL"
+      kill -KILL "$pid" 2>/dev/null || true
+    fi
+    log "stopped $c (pid $pid)"
+  fi
+  rm -f "$RUN/$c.pid"
+}
+
+port_busy() { ss -Hltn "sport = :$1" 2>/dev/null | grep -q .; }
+
+wait_for() { # <description> <timeout s> <command...>
+  local what=$1 timeout=$2; shift 2
+  local deadline=$((SECONDS + timeout))
+  until "$@" >/dev/null 2>&1; do
+    if (( SECONDS >= deadline )); then
+      log "timed out after ${timeout}s waiting for $what"
+      return 1
+    fi
+    sleep 0.5
+  done
+}
+
+curl_ok() { curl -fsS --max-time 3 "$@"; }
+etcd_healthy() { curl_ok "http://$HOST:$ETCD_PORT/health" | grep -q '"health":"true"'; }
+apiserver_ready() {
+  curl_ok --cacert "$PKI/ca.crt" --cert "$PKI/admin.crt" --key "$PKI/admin.key" \
+    "https://$HOST:$APISERVER_PORT/readyz" | grep -qx ok
+}
+secure_healthz() { curl_ok -k "https://$HOST:$1/healthz" | grep -qx ok; }
+kwok_healthz() { curl_ok "http://$HOST:$KWOK_PORT/healthz" | grep -qx ok; }
+kctl() { "$BIN_DIR/kubectl" --kubeconfig "$KUBECONFIG_PATH" "$@"; }
+
+# ---------------------------------------------------------------------------
+# pki and kubeconfigs
+# ---------------------------------------------------------------------------
+
+gen_pki() {
+  mkdir -p "$PKI"; chmod 700 "$PKI"
+  local d=$PKI
+  (
+    cd "$d"
+    umask 077
+    openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.crt -days 3650 \
+      -subj "/CN=$CLUSTER_NAME-ca" 2>/dev/null
+    cert() { # <name> <subject> <extfile content>
+      openssl req -newkey rsa:2048 -nodes -keyout "$1.key" -out "$1.csr" -subj "$2" 2>/dev/null
+      printf '%s\n' "$3" > "$1.ext"
+      openssl x509 -req -in "$1.csr" -CA ca.crt -CAkey ca.key -CAcreateserial -out "$1.crt" \
+        -days 3650 -extfile "$1.ext" 2>/dev/null
+      rm -f "$1.csr" "$1.ext"
+    }
+    local client='basicConstraints=CA:FALSE
+keyUsage=critical,digitalSignature,keyEncipherment
+extendedKeyUsage=clientAuth'
+    cert apiserver "/CN=kube-apiserver" 'basicConstraints=CA:FALSE
+keyUsage=critical,digitalSignature,keyEncipherment
+extendedKeyUsage=serverAuth
+subjectAltName=IP:127.0.0.1,IP:10.96.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local'
+    cert admin "/O=system:masters/CN=kubernetes-admin" "$client"
+    cert kube-controller-manager "/CN=system:kube-controller-manager" "$client"
+    cert kube-scheduler "/CN=system:kube-scheduler" "$client"
+    # kwok acts for many nodes (node status, leases, pod status) and needs more
+    # than the Node authorizer grants to a single kubelet identity.
+    cert kwok "/O=system:masters/CN=kwok-controller" "$client"
+    openssl genrsa -out sa.key 2048 2>/dev/null
+    openssl rsa -in sa.key -pubout -out sa.pub 2>/dev/null
+    rm -f ca.srl
+  )
+}
+
+write_kubeconfig() { # <path> <cert name>
+  local ca crt key
+  ca=$(base64 -w0 < "$PKI/ca.crt"); crt=$(base64 -w0 < "$PKI/$2.crt"); key=$(base64 -w0 < "$PKI/$2.key")
+  (umask 077; cat > "$1" <<EOF
+apiVersion: v1
+kind: Config
+clusters:
+- name: $CLUSTER_NAME
+  cluster:
+    server: https://$HOST:$APISERVER_PORT
+    certificate-authority-data: $ca
+users:
+- name: $2
+  user:
+    client-certificate-data: $crt
+    client-key-data: $key
+contexts:
+- name: $CLUSTER_NAME
+  context:
+    cluster: $CLUSTER_NAME
+    user: $2
+current-context: $CLUSTER_NAME
+EOF
+  )
+}
+
+# ---------------------------------------------------------------------------
+# nodes
+# ---------------------------------------------------------------------------
+
+node_yaml() { # <name> <gpu count>
+  local name=$1 gpus=$2 cpu=32 mem=128Gi itype=fake-cpu labels="" taints="" gpu_res=""
+  if ((gpus > 0)); then
+    cpu=96 mem=1Ti itype=fake-gpu-${gpus}x
+    labels+=$'\n    nvidia.com/gpu.present: "true"'
+    labels+=$'\n    nvidia.com/gpu.count: "'"$gpus"'"'
+    labels+=$'\n    nvidia.com/gpu.product: NVIDIA-H100-80GB-HBM3'
+    taints=$'\n  taints:\n  - key: nvidia.com/gpu\n    value: present\n    effect: NoSchedule'
+    gpu_res=$'\n    nvidia.com/gpu: "'"$gpus"'"'
+  fi
+  local res="    cpu: \"$cpu\"
+    memory: $mem
+    ephemeral-storage: 1Ti
+    pods: \"110\"$gpu_res"
+  cat <<EOF
+---
+apiVersion: v1
+kind: Node
+metadata:
+  name: $name
+  annotations:
+    kwok.x-k8s.io/node: fake
+    node.alpha.kubernetes.io/ttl: "0"
+  labels:
+    type: kwok
+    kubernetes.io/arch: amd64
+    kubernetes.io/os: linux
+    kubernetes.io/hostname: $name
+    node.kubernetes.io/instance-type: $itype$labels
+spec:$taints
+status:
+  allocatable:
+$res
+  capacity:
+$res
+EOF
+}
+
+nodes_yaml() {
+  local i
+  for ((i = 0; i < GPU_NODES; i++)); do node_yaml "kwok-gpu-$i" "$GPUS_PER_NODE"; done
+  for ((i = 0; i < CPU_NODES; i++)); do node_yaml "kwok-cpu-$i" 0; done
+}
+
+stage_configs() {
+  local f p
+  for f in "$ROOT"/hack/kwok/stages/*.yaml; do echo "--config=$f"; done
+  local IFS=:
+  for p in ${AIAAS_KWOK_STAGES:-}; do
+    [[ -z $p ]] && continue
+    if [[ -d $p ]]; then
+      for f in "$p"/*.yaml; do [[ -e $f ]] && echo "--config=$f"; done
+    elif [[ -f $p ]]; then
+      echo "--config=$p"
+    else
+      die "AIAAS_KWOK_STAGES entry $p does not exist"
+    fi
+  done
+}
+
+# ---------------------------------------------------------------------------
+# commands
+# ---------------------------------------------------------------------------
+
+all_alive() { local c; for c in "${COMPONENTS[@]}"; do alive "$c" || return 1; done; }
+any_pidfile() { compgen -G "$RUN/*.pid" >/dev/null; }
+
+print_env() {
+  echo "export KUBECONFIG=$KUBECONFIG_PATH"
+  echo "export PATH=$BIN_DIR:\$PATH"
+}
+
+do_up() {
+  local t0=$SECONDS
+  if any_pidfile; then
+    if all_alive && apiserver_ready; then
+      log "cluster already up (apiserver https://$HOST:$APISERVER_PORT)"
+      print_env
+      return 0
+    fi
+    log "cluster is partially running or unhealthy; restarting it"
+    do_down
+  fi
+  do_build
+  local p
+  for p in "$ETCD_PORT" "$ETCD_PEER_PORT" "$APISERVER_PORT" "$KCM_PORT" "$SCHEDULER_PORT" "$KWOK_PORT"; do
+    port_busy "$p" && die "port $HOST:$p is in use by another process (override with AIAAS_*_PORT)"
+  done
+  rm -rf "$CLUSTER_DIR"
+  mkdir -p "$CLUSTER_DIR" "$LOGS" "$RUN"
+  # From here on, a failure (set -e) tears everything down again.
+  trap up_failed EXIT
+
+  gen_pki
+  write_kubeconfig "$KUBECONFIG_PATH" admin
+  write_kubeconfig "$CLUSTER_DIR/kube-controller-manager.kubeconfig" kube-controller-manager
+  write_kubeconfig "$CLUSTER_DIR/kube-scheduler.kubeconfig" kube-scheduler
+  write_kubeconfig "$CLUSTER_DIR/kwok.kubeconfig" kwok
+
+  start etcd \
+    --name=aiaas --data-dir="$CLUSTER_DIR/etcd" \
+    --listen-client-urls="http://$HOST:$ETCD_PORT" --advertise-client-urls="http://$HOST:$ETCD_PORT" \
+    --listen-peer-urls="http://$HOST:$ETCD_PEER_PORT" --initial-advertise-peer-urls="http://$HOST:$ETCD_PEER_PORT" \
+    --initial-cluster="aiaas=http://$HOST:$ETCD_PEER_PORT" --initial-cluster-state=new \
+    --unsafe-no-fsync=true --snapshot-count=10000 --quota-backend-bytes=$((2 * 1024 * 1024 * 1024)) \
+    --log-level=warn
+  wait_for etcd 60 etcd_healthy
+
+  # shellcheck disable=SC2086
+  start kube-apiserver \
+    --etcd-servers="http://$HOST:$ETCD_PORT" \
+    --bind-address=$HOST --advertise-address=$HOST --secure-port="$APISERVER_PORT" \
+    --endpoint-reconciler-type=none \
+    --tls-cert-file="$PKI/apiserver.crt" --tls-private-key-file="$PKI/apiserver.key" \
+    --client-ca-file="$PKI/ca.crt" \
+    --authorization-mode=Node,RBAC \
+    --service-account-issuer=https://kubernetes.default.svc.cluster.local \
+    --service-account-key-file="$PKI/sa.pub" --service-account-signing-key-file="$PKI/sa.key" \
+    --service-cluster-ip-range="$SERVICE_CIDR" \
+    --allow-privileged=true \
+    --profiling=false \
+    ${AIAAS_APISERVER_EXTRA_ARGS:-}
+  wait_for kube-apiserver 120 apiserver_ready
+
+  # shellcheck disable=SC2086
+  start kube-controller-manager \
+    --kubeconfig="$CLUSTER_DIR/kube-controller-manager.kubeconfig" \
+    --authentication-kubeconfig="$CLUSTER_DIR/kube-controller-manager.kubeconfig" \
+    --authorization-kubeconfig="$CLUSTER_DIR/kube-controller-manager.kubeconfig" \
+    --authorization-always-allow-paths=/healthz,/readyz,/livez,/metrics \
+    --bind-address=$HOST --secure-port="$KCM_PORT" \
+    --leader-elect=false \
+    --use-service-account-credentials=true \
+    --service-account-private-key-file="$PKI/sa.key" --root-ca-file="$PKI/ca.crt" \
+    --cluster-signing-cert-file="$PKI/ca.crt" --cluster-signing-key-file="$PKI/ca.key" \
+    --controllers='*,-service-lb-controller,-node-route-controller,-cloud-node-lifecycle-controller' \
+    --profiling=false \
+    ${AIAAS_KCM_EXTRA_ARGS:-}
+
+  # shellcheck disable=SC2086
+  start kube-scheduler \
+    --kubeconfig="$CLUSTER_DIR/kube-scheduler.kubeconfig" \
+    --authentication-kubeconfig="$CLUSTER_DIR/kube-scheduler.kubeconfig" \
+    --authorization-kubeconfig="$CLUSTER_DIR/kube-scheduler.kubeconfig" \
+    --authorization-always-allow-paths=/healthz,/readyz,/livez,/metrics \
+    --bind-address=$HOST --secure-port="$SCHEDULER_PORT" \
+    --leader-elect=false \
+    --profiling=false \
+    ${AIAAS_SCHEDULER_EXTRA_ARGS:-}
+
+  local stages; mapfile -t stages < <(stage_configs)
+  # shellcheck disable=SC2086
+  start kwok \
+    --kubeconfig="$CLUSTER_DIR/kwok.kubeconfig" \
+    --manage-all-nodes=false --manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake \
+    --server-address="$HOST:$KWOK_PORT" \
+    --node-lease-duration-seconds=40 \
+    "${stages[@]}" \
+    ${AIAAS_KWOK_EXTRA_ARGS:-}
+
+  wait_for kube-controller-manager 60 secure_healthz "$KCM_PORT"
+  wait_for kube-scheduler 60 secure_healthz "$SCHEDULER_PORT"
+  wait_for kwok 60 kwok_healthz
+
+  nodes_yaml > "$CLUSTER_DIR/nodes.yaml"
+  kctl apply -f "$CLUSTER_DIR/nodes.yaml" >/dev/null
+  wait_for "the default service account" "$UP_TIMEOUT" kctl -n default get serviceaccount default
+  wait_for "nodes to be Ready" "$UP_TIMEOUT" kctl wait --for=condition=Ready node --all --timeout=5s
+  # Nodes start with the not-ready taint until the node lifecycle controller
+  # sees them Ready; pods would otherwise go Pending for a few seconds.
+  wait_for "node.kubernetes.io/not-ready taints to go" "$UP_TIMEOUT" no_not_ready_taints
+  trap - EXIT
+
+  log "cluster up in $((SECONDS - t0))s: $((GPU_NODES)) GPU node(s) x $GPUS_PER_NODE nvidia.com/gpu, $CPU_NODES CPU node(s)"
+  print_env
+}
+
+up_failed() {
+  log "up failed; last log lines:"
+  local f
+  for f in "$LOGS"/*.log; do [[ -e $f ]] && { echo "==> $f <==" >&2; tail -n 15 "$f" >&2; }; done
+  do_down --keep-logs
+  log "logs kept in $LOGS"
+}
+
+no_not_ready_taints() {
+  ! kctl get nodes -o jsonpath='{range .items[*]}{.spec.taints[*].key}{"\n"}{end}' | grep -q 'node.kubernetes.io/'
+}
+
+do_down() {
+  local keep_logs=0
+  [[ ${1:-} == --keep-logs ]] && keep_logs=1
+  local i
+  # Reverse start order: clients first, etcd last.
+  for ((i = ${#COMPONENTS[@]} - 1; i >= 0; i--)); do stop "${COMPONENTS[i]}"; done
+  if (( keep_logs )); then
+    find "$CLUSTER_DIR" -mindepth 1 -maxdepth 1 ! -name logs -exec rm -rf {} + 2>/dev/null || true
+  else
+    rm -rf "$CLUSTER_DIR"
+  fi
+  return 0
+}
+
+do_status() {
+  local c ok=0 pid
+  for c in "${COMPONENTS[@]}"; do
+    pid=$(pid_of "$c")
+    if alive "$c"; then
+      printf '%-24s running (pid %s, rss %s MiB)\n' "$c" "$pid" "$(( $(awk '/^VmRSS/{print $2}' "/proc/$pid/status") / 1024 ))"
+    elif [[ -n $pid ]]; then
+      printf '%-24s DEAD (pid %s; see %s)\n' "$c" "$pid" "$LOGS/$c.log"; ok=1
+    else
+      printf '%-24s not running\n' "$c"; ok=1
+    fi
+  done
+  if [[ -f $PKI/admin.crt ]] && apiserver_ready; then
+    echo "apiserver                https://$HOST:$APISERVER_PORT ready"
+    echo "kubeconfig               $KUBECONFIG_PATH"
+    kctl get nodes -L nvidia.com/gpu.present 2>/dev/null || true
+  else
+    echo "apiserver                not ready"; ok=1
+  fi
+  echo "binaries                 $BIN_DIR"
+  return $ok
+}
+
+do_logs() {
+  if [[ -n ${1:-} ]]; then tail -n 100 -f "$LOGS/$1.log"; else tail -n 20 "$LOGS"/*.log; fi
+}
+
+usage() {
+  sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed -e '$d' -e 's/^# \{0,1\}//'
+}
+
+cmd=${1:-}
+shift || true
+case $cmd in
+  up) do_up ;;
+  down) do_down "$@" ;;
+  status) do_status ;;
+  build) do_build ;;
+  bin-dir) echo "$BIN_DIR" ;;
+  kubeconfig) echo "$KUBECONFIG_PATH" ;;
+  env) print_env ;;
+  logs) do_logs "$@" ;;
+  -h|--help|help) usage ;;
+  *) usage >&2; exit 2 ;;
+esac

@@ -1,0 +1,9 @@
+# shellcheck shell=bash
+# Pinned versions of the local control-plane toolchain (hack/cluster.sh).
+# Changing a version here changes the cache key: binaries are rebuilt into
+# ${AIAAS_CACHE:-$HOME/.cache/aiaas}/k8s-<KUBE_VERSION>-<hash>/bin.
+# Each may be overridden from the environment.
+: "${KUBE_VERSION:=v1.36.3}"   # k8s.io/kubernetes (kube-apiserver, -controller-manager, -scheduler, kubectl)
+: "${ETCD_VERSION:=v3.6.16}"   # go.etcd.io/etcd/server/v3
+: "${KWOK_VERSION:=v0.8.0}"    # sigs.k8s.io/kwok
+: "${HELM_VERSION:=v3.21.4}"   # helm.sh/helm/v3 (built against k8s.io/* v0.36, like the server)
