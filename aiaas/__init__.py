@@ -1,0 +1,3 @@
+"""aiaas: AI models as a service on Kubernetes."""
+
+__version__ = "0.1.0"

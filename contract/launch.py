@@ -1,0 +1,74 @@
+"""The torchrun launch contract: written once, used by the renderer, the local runner and the trainer.
+
+Env names follow torchrun (``PET_*``) and Kubeflow's PyTorchJob (``MASTER_ADDR``, ``MASTER_PORT``,
+``WORLD_SIZE``, ``RANK``), so scripts written for either run unchanged.
+"""
+
+from __future__ import annotations
+
+# Ports inside a training pod.
+RDZV_PORT = 29400  # torchrun c10d rendezvous on pod 0
+MASTER_PORT = 23456  # MASTER_PORT for scripts that init the process group themselves (Kubeflow's default)
+METRICS_PORT = 9090  # Prometheus metrics of local rank 0 (local rank r serves METRICS_PORT + r)
+
+# Ports inside an inference pod.
+SERVER_PORT = 8080  # Open Inference Protocol REST
+SERVER_METRICS_PATH = "/metrics"
+
+# Paths inside a training pod.
+CHECKPOINT_DIR = "/var/run/aiaas/checkpoints"
+ARTIFACT_DIR = "/var/run/aiaas/artifacts"
+DATA_DIR = "/var/run/aiaas/data"
+TERMINATION_LOG = "/dev/termination-log"
+MODEL_DIR = "/mnt/models"  # where an inference pod finds the artifact (KServe's convention)
+
+# Environment variables the trainer reads.
+ENV_CONFIG = "AIAAS_TRAINER_CONFIG"  # the TrainerConfig as JSON
+ENV_CONFIG_FILE = "AIAAS_TRAINER_CONFIG_FILE"  # or a path to it
+ENV_TERMINATION_LOG = "AIAAS_TERMINATION_LOG"  # where to write the outcome (default TERMINATION_LOG)
+ENV_JOB_NAME = "AIAAS_JOB_NAME"
+ENV_POD_NAME = "POD_NAME"
+ENV_NAMESPACE = "POD_NAMESPACE"
+
+# torchrun / PyTorchJob compatible variables the pod carries.
+ENV_MASTER_ADDR = "MASTER_ADDR"
+ENV_MASTER_PORT = "MASTER_PORT"
+ENV_WORLD_SIZE = "WORLD_SIZE"  # number of processes in the whole job
+ENV_NNODES = "PET_NNODES"
+ENV_NPROC_PER_NODE = "PET_NPROC_PER_NODE"
+ENV_NODE_RANK = "PET_NODE_RANK"
+ENV_RDZV_ENDPOINT = "PET_RDZV_ENDPOINT"
+ENV_RDZV_BACKEND = "PET_RDZV_BACKEND"
+ENV_RDZV_ID = "PET_RDZV_ID"
+ENV_MAX_RESTARTS = "PET_MAX_RESTARTS"
+ENV_RANK = "RANK"  # the pod's node rank, as PyTorchJob sets it (torchrun overrides it for its workers)
+POD_INDEX_LABEL = "apps.kubernetes.io/pod-index"  # set on StatefulSet pods by Kubernetes >= 1.28
+
+# Exit codes: how the operator tells success, a retryable failure and a permanent error apart.
+EXIT_SUCCESS = 0
+EXIT_RETRYABLE = 1  # anything unexpected: restart the gang from the last checkpoint
+EXIT_PERMANENT = 78  # EX_CONFIG: bad config or missing data; restarting cannot help
+EXIT_PREEMPTED = 143  # SIGTERM: suspended, preempted or scaled down; resume later
+
+# Labels and annotations on every child object.
+GROUP = "aiaas.dev"
+LABEL_JOB = "aiaas.dev/job-name"
+LABEL_ISVC = "aiaas.dev/inferenceservice"
+LABEL_ROLE = "aiaas.dev/role"
+LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
+MANAGED_BY = "aiaas-operator"
+ANNOTATION_CONFIG_HASH = "aiaas.dev/config-hash"
+ANNOTATION_RESTART = "aiaas.dev/restart-count"
+
+
+def pod_dns_name(job_name: str, ordinal: int, namespace: str, service: str | None = None) -> str:
+    """The stable DNS name of a StatefulSet pod behind its headless Service."""
+    return f"{job_name}-{ordinal}.{service or job_name}.{namespace}.svc"
+
+
+def node_rank_from_pod_name(pod_name: str) -> int:
+    """The node rank is the StatefulSet ordinal: the number after the last dash of the pod name."""
+    tail = pod_name.rsplit("-", 1)[-1]
+    if not tail.isdigit():
+        raise ValueError(f"pod name {pod_name!r} does not end in a StatefulSet ordinal")
+    return int(tail)

@@ -1,0 +1,649 @@
+"""The TrainingJob and InferenceService APIs (group ``aiaas.dev``, version ``v1alpha1``) as pydantic models.
+
+These models are the single source of truth: the CRD YAML in ``crds/`` is generated from them (``aiaas crds``),
+``aiaas validate`` checks a file with them, and the renderers take them as input. Every field has a
+description, which becomes ``kubectl explain`` text. Cross-field checks live in :data:`TRAININGJOB_RULES` and
+:data:`INFERENCESERVICE_RULES`: each rule is written once as CEL (enforced by the API server at
+``kubectl apply`` time) and once in Python (for ``aiaas validate`` and the operator), with the same message.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import Enum
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, WithJsonSchema, model_validator
+
+from aiaas.contract.base import Model
+from aiaas.contract.config import (
+    CheckpointPolicy,
+    DatasetKind,
+    DatasetSpec,
+    Hyperparameters,
+    ModelSpec,
+    Precision,
+    Strategy,
+)
+
+GROUP = "aiaas.dev"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+GPU_RESOURCE = "nvidia.com/gpu"
+MAX_JOB_NAME_LENGTH = 52  # StatefulSet pods get "<name>-<ordinal>" and a "<name>-<hash>" revision label (63 max)
+DNS_1035 = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
+
+# A Kubernetes quantity: an integer or a string such as "500m", "2Gi".
+Quantity = Annotated[
+    int | str,
+    WithJsonSchema(
+        {
+            "x-kubernetes-int-or-string": True,
+            "anyOf": [{"type": "integer"}, {"type": "string"}],
+            "pattern": r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$",
+        }
+    ),
+]
+# A Kubernetes object we pass through unchanged (affinity, valueFrom, ...): the API server keeps its fields.
+KubeObject = Annotated[
+    dict[str, Any], WithJsonSchema({"type": "object", "x-kubernetes-preserve-unknown-fields": True})
+]
+
+
+# ----------------------------------------------------------------------------------------------- conditions
+class ConditionType(str, Enum):
+    """TrainingJob condition types, as in Kubeflow's PyTorchJob (plus Suspended, as in Trainer v2)."""
+
+    created = "Created"
+    running = "Running"
+    restarting = "Restarting"
+    succeeded = "Succeeded"
+    failed = "Failed"
+    suspended = "Suspended"
+
+
+class Phase(str, Enum):
+    pending = "Pending"
+    created = "Created"
+    running = "Running"
+    restarting = "Restarting"
+    succeeded = "Succeeded"
+    failed = "Failed"
+    suspended = "Suspended"
+
+
+class ServiceConditionType(str, Enum):
+    """InferenceService condition types, as in KServe."""
+
+    ready = "Ready"
+    predictor_ready = "PredictorReady"
+    model_ready = "ModelReady"
+
+
+class Condition(Model):
+    """A status condition, shaped like metav1.Condition."""
+
+    type: str = Field(description="Condition type, e.g. Running, Succeeded, Failed.")
+    status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
+    reason: str = Field("", description="One-word CamelCase reason for the last transition.")
+    message: str = Field("", description="What happened, in words a human can act on.")
+    last_transition_time: str | None = Field(None, description="When the status last changed (RFC 3339).")
+    observed_generation: int | None = Field(None, description="The .metadata.generation this was based on.")
+
+
+class ObjectMeta(Model):
+    """The part of metadata the operator reads; other metadata fields are kept as they are."""
+
+    model_config = Model.model_config | {"extra": "allow"}
+
+    name: str = Field(description="Name of the resource.")
+    namespace: str | None = Field(None, description="Namespace of the resource.")
+    uid: str | None = Field(None, description="UID assigned by the API server.")
+    generation: int | None = Field(None, description="Generation assigned by the API server.")
+    labels: dict[str, str] = Field(default_factory=dict, description="Labels.")
+    annotations: dict[str, str] = Field(default_factory=dict, description="Annotations.")
+
+
+# ------------------------------------------------------------------------------------------ shared pieces
+class EnvVar(Model):
+    """An environment variable, as in a Pod's container."""
+
+    name: str = Field(description="Variable name.", min_length=1)
+    value: str | None = Field(None, description="Literal value.")
+    value_from: KubeObject | None = Field(None, description="Source of the value (secretKeyRef, fieldRef, ...).")
+
+
+class Resources(Model):
+    """Per-pod compute resources, as in a container's resources. GPUs: ``nvidia.com/gpu``."""
+
+    requests: dict[str, Quantity] = Field(default_factory=dict, description="Minimum resources per pod.")
+    limits: dict[str, Quantity] = Field(
+        default_factory=dict, description="Maximum resources per pod; GPUs must be set here (or in requests)."
+    )
+
+    def gpus(self) -> int:
+        """GPUs per pod (extended resources are set as limits; requests default to them)."""
+        return int(str(self.limits.get(GPU_RESOURCE, 0)))
+
+
+class Toleration(Model):
+    """A toleration, as in a Pod spec."""
+
+    key: str | None = Field(None, description="Taint key.")
+    operator: Literal["Exists", "Equal"] | None = Field(None, description="Exists or Equal.")
+    value: str | None = Field(None, description="Taint value.")
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(None, description="Effect.")
+    toleration_seconds: int | None = Field(None, description="How long a NoExecute taint is tolerated.")
+
+
+class GangProvider(str, Enum):
+    volcano = "volcano"
+    kueue = "kueue"
+
+
+class Gang(Model):
+    """All-or-nothing scheduling, so a job never holds half its GPUs while waiting for the rest."""
+
+    provider: GangProvider = Field(
+        description="volcano: create a Volcano PodGroup and use the volcano scheduler; "
+        "kueue: label the workload with the Kueue queue (Kueue admits it by unsuspending)."
+    )
+    queue: str | None = Field(None, description="Volcano queue or Kueue LocalQueue name.")
+    min_available: int | None = Field(
+        None, ge=1, description="Pods that must be schedulable together (default: elastic.minNodes or nodes)."
+    )
+
+
+class Scheduling(Model):
+    """Where the pods may run."""
+
+    node_selector: dict[str, str] = Field(default_factory=dict, description="Node labels the pods require.")
+    tolerations: list[Toleration] = Field(default_factory=list, description="Taints the pods tolerate.")
+    affinity: KubeObject | None = Field(None, description="Pod affinity, as in a Pod spec.")
+    priority_class_name: str | None = Field(None, description="PriorityClass of the pods.")
+    scheduler_name: str | None = Field(None, description="Scheduler to use (default: the cluster's).")
+    gang: Gang | None = Field(None, description="Gang scheduling through Volcano or Kueue.")
+
+
+# ------------------------------------------------------------------------------------------- TrainingJob
+class TrainerSpec(Model):
+    """What runs in each pod: the built-in trainer (model, dataset, hyper-parameters) or your own command."""
+
+    image: str | None = Field(
+        None, description="Container image; default: the operator's trainer image (set in the Helm chart)."
+    )
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] | None = Field(
+        None, description="Image pull policy."
+    )
+    model: ModelSpec = Field(default_factory=ModelSpec, description="The network the built-in trainer trains.")
+    dataset: DatasetSpec = Field(default_factory=DatasetSpec, description="The data the built-in trainer reads.")
+    hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters, description="Optimisation.")
+    precision: Precision = Field(Precision.auto, description="auto: bf16 autocast where supported, else fp32.")
+    command: list[str] | None = Field(
+        None,
+        description="Run your own command instead of the built-in trainer (e.g. [torchrun, train.py]). "
+        "It gets the same MASTER_ADDR/WORLD_SIZE/RANK/PET_* environment as a Kubeflow PyTorchJob.",
+    )
+    args: list[str] = Field(default_factory=list, description="Extra arguments for the command.")
+    env: list[EnvVar] = Field(default_factory=list, description="Extra environment variables.")
+    volumes: list[KubeObject] = Field(
+        default_factory=list, description="Extra pod volumes (e.g. a PersistentVolumeClaim with your data)."
+    )
+    volume_mounts: list[KubeObject] = Field(
+        default_factory=list, description="Where the extra volumes are mounted in the trainer container."
+    )
+
+
+class ParallelismSpec(Model):
+    """How processes split the work. data x model must equal nodes x nprocPerNode."""
+
+    data: int | None = Field(
+        None, ge=1, le=4096, description="Data-parallel degree; default: (nodes x nprocPerNode) / model."
+    )
+    model: int = Field(1, ge=1, le=64, description="Model-parallel (pipeline) degree: stages across ranks.")
+    strategy: Strategy = Field(Strategy.ddp, description="ddp (replicated weights) or fsdp (fully sharded).")
+    microbatches: int = Field(4, ge=1, le=1024, description="Micro-batches per step when model > 1.")
+
+
+class Topology(Model):
+    """How many pods, how many processes in each, and what each pod gets."""
+
+    nodes: int = Field(1, ge=1, le=1024, description="Number of pods (torchrun nodes).")
+    nproc_per_node: int = Field(
+        1, ge=1, le=64, description="Processes per pod; on GPU jobs at most the GPUs per pod."
+    )
+    resources: Resources = Field(default_factory=Resources, description="Resources of each pod.")
+    parallelism: ParallelismSpec = Field(default_factory=ParallelismSpec, description="Data/model split.")
+    shm_size: Quantity = Field("1Gi", description="Size of the memory-backed /dev/shm of each pod.")
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.nproc_per_node
+
+    @property
+    def data_degree(self) -> int:
+        return self.parallelism.data or max(1, self.world_size // self.parallelism.model)
+
+
+class Elastic(Model):
+    """Elastic training: the job keeps running while the pod count stays within [minNodes, maxNodes]."""
+
+    min_nodes: int = Field(ge=1, le=1024, description="Fewest pods the job trains with.")
+    max_nodes: int = Field(ge=1, le=1024, description="Most pods the job trains with.")
+    max_restarts: int = Field(
+        3, ge=0, le=1000, description="Times torchrun re-forms the group on membership changes."
+    )
+
+
+class CleanPodPolicy(str, Enum):
+    all = "All"
+    running = "Running"
+    none = "None"
+
+
+class RunPolicy(Model):
+    """How failures, time limits and clean-up are handled (as in Kubeflow's runPolicy)."""
+
+    backoff_limit: int = Field(
+        3, ge=0, le=1000, description="Restarts of the whole gang from the last checkpoint before the job fails."
+    )
+    active_deadline_seconds: int | None = Field(
+        None, ge=1, description="Fail the job (reason DeadlineExceeded) after this many seconds of running."
+    )
+    ttl_seconds_after_finished: int | None = Field(
+        None, ge=0, description="Delete the job this many seconds after it succeeded or failed."
+    )
+    clean_pod_policy: CleanPodPolicy = Field(
+        CleanPodPolicy.running,
+        description="Pods removed when the job finishes: Running (default: stop what still runs, keep "
+        "finished pods' logs), All, or None (keep everything for inspection).",
+    )
+
+
+class Storage(Model):
+    """The volume for checkpoints and the exported model, mounted at /var/run/aiaas in every pod."""
+
+    claim_name: str | None = Field(None, description="An existing PersistentVolumeClaim to use.")
+    size: Quantity | None = Field(None, description="Create a PersistentVolumeClaim of this size.")
+    storage_class_name: str | None = Field(None, description="StorageClass of the created claim.")
+    access_modes: list[Literal["ReadWriteOnce", "ReadWriteMany", "ReadWriteOncePod"]] = Field(
+        default_factory=list,
+        description="Access modes of the created claim; default ReadWriteMany for several nodes.",
+    )
+
+
+class TrainingJobSpec(Model):
+    """Desired state of a TrainingJob."""
+
+    trainer: TrainerSpec = Field(default_factory=TrainerSpec, description="What each process runs.")
+    topology: Topology = Field(default_factory=Topology, description="Pods, processes and parallelism.")
+    elastic: Elastic | None = Field(None, description="Elastic bounds; omit for a fixed-size job.")
+    run_policy: RunPolicy = Field(default_factory=RunPolicy, description="Failures, deadlines, clean-up.")
+    suspend: bool = Field(
+        False, description="Scale the job to zero, keeping its checkpoints; set false to resume (Kueue does this)."
+    )
+    scheduling: Scheduling = Field(default_factory=Scheduling, description="Node selection and gang scheduling.")
+    checkpoint: CheckpointPolicy = Field(default_factory=CheckpointPolicy, description="Checkpointing.")
+    storage: Storage = Field(
+        default_factory=Storage,
+        description="Where checkpoints and the model artifact live. Without a claim, an emptyDir is used: "
+        "checkpoints survive container restarts but not pod deletion, and the model cannot be served.",
+    )
+
+
+class Progress(Model):
+    """How far training is, from rank 0's metrics."""
+
+    epoch: int | None = Field(None, description="Current epoch (0-based).")
+    step: int | None = Field(None, description="Optimizer steps done.")
+    total_steps: int | None = Field(None, description="Optimizer steps planned.")
+    loss: float | None = Field(None, description="Latest training loss.")
+    metric: float | None = Field(None, description="Latest evaluation accuracy.")
+    samples_per_second: float | None = Field(None, description="Training throughput over all ranks.")
+    summary: str | None = Field(None, description="Human summary, e.g. '120/500 (24%)'.")
+    updated: str | None = Field(None, description="When this was read (RFC 3339).")
+
+
+class Artifact(Model):
+    """Where the trained model is."""
+
+    uri: str = Field(description="Location, e.g. pvc://claim/job/artifacts.")
+    version: str | None = Field(None, description="Version of the model (the step it was exported at).")
+
+
+class TrainingJobStatus(Model):
+    """Observed state of a TrainingJob, written by the operator."""
+
+    phase: Phase | None = Field(None, description="Pending, Created, Running, Restarting, Succeeded, Failed, Suspended.")
+    reason: str | None = Field(None, description="Reason of the current phase.")
+    message: str | None = Field(None, description="What is happening, in words.")
+    conditions: list[Condition] = Field(default_factory=list, description="Conditions, newest state of each type.")
+    replicas: int | None = Field(None, description="Pods asked for.")
+    ready_replicas: int | None = Field(None, description="Pods ready.")
+    active_replicas: int | None = Field(None, description="Pods running.")
+    succeeded_replicas: int | None = Field(None, description="Pods whose trainer finished successfully.")
+    failed_replicas: int | None = Field(None, description="Pods whose trainer failed.")
+    restart_count: int | None = Field(None, description="Gang restarts so far.")
+    start_time: str | None = Field(None, description="When the job started running.")
+    completion_time: str | None = Field(None, description="When the job finished.")
+    last_reconcile_time: str | None = Field(None, description="When the operator last looked at the job.")
+    progress: Progress | None = Field(None, description="Training progress.")
+    artifact: Artifact | None = Field(None, description="The exported model, once the job succeeded.")
+    observed_generation: int | None = Field(None, description="The .metadata.generation last acted on.")
+
+
+class TrainingJob(Model):
+    """A distributed PyTorch training run: a torchrun StatefulSet with a headless Service."""
+
+    api_version: Literal["aiaas.dev/v1alpha1"] = Field(API_VERSION, description="aiaas.dev/v1alpha1")
+    kind: Literal["TrainingJob"] = Field("TrainingJob", description="TrainingJob")
+    metadata: ObjectMeta = Field(description="Standard object metadata.")
+    spec: TrainingJobSpec = Field(default_factory=TrainingJobSpec, description="Desired state.")
+    status: TrainingJobStatus | None = Field(None, description="Observed state.")
+
+    @model_validator(mode="after")
+    def _rules(self) -> TrainingJob:
+        check_rules(TRAININGJOB_RULES, self)
+        return self
+
+
+# --------------------------------------------------------------------------------------- InferenceService
+class ModelSource(Model):
+    """Which model to serve: a finished TrainingJob's artifact, or a storage URI."""
+
+    name: str | None = Field(None, description="Model name in the inference URL; default: the service name.")
+    training_job: str | None = Field(
+        None, description="Name of a TrainingJob in the same namespace; served once it has Succeeded."
+    )
+    storage_uri: str | None = Field(
+        None, description="Artifact location: pvc://<claim>/<path> (mounted read-only at /mnt/models)."
+    )
+
+
+class Protocol(str, Enum):
+    v2 = "v2"
+    v1 = "v1"
+
+
+class InferenceServiceSpec(Model):
+    """Desired state of an InferenceService."""
+
+    model: ModelSource = Field(description="The model to serve.")
+    image: str | None = Field(None, description="Server image; default: the operator's server image.")
+    protocol: Protocol = Field(Protocol.v2, description="v2: Open Inference Protocol (v1 :predict is also served).")
+    replicas: int = Field(1, ge=0, le=1000, description="Replicas when not autoscaling.")
+    min_replicas: int | None = Field(None, ge=1, le=1000, description="Autoscaling lower bound.")
+    max_replicas: int | None = Field(None, ge=1, le=1000, description="Autoscaling upper bound.")
+    scale_target: int = Field(80, ge=1, le=100, description="Target average CPU utilisation (%) when autoscaling.")
+    resources: Resources = Field(default_factory=Resources, description="Resources of each replica.")
+    max_batch_size: int = Field(32, ge=1, le=4096, description="Largest batch the server forms from requests.")
+    max_batch_delay_ms: float = Field(2.0, ge=0, le=1000, description="Longest a request waits for a batch.")
+    scheduling: Scheduling = Field(default_factory=Scheduling, description="Where replicas may run.")
+    env: list[EnvVar] = Field(default_factory=list, description="Extra environment variables.")
+
+
+class ServedModel(Model):
+    """The model being served."""
+
+    source: str | None = Field(None, description="trainingjob/<name> or the storage URI.")
+    uri: str | None = Field(None, description="Resolved artifact location.")
+    version: str | None = Field(None, description="Model version.")
+
+
+class InferenceServiceStatus(Model):
+    """Observed state of an InferenceService."""
+
+    phase: str | None = Field(None, description="WaitingForModel, Deploying, Ready or Failed.")
+    url: str | None = Field(None, description="In-cluster URL of the service.")
+    reason: str | None = Field(None, description="Reason of the current phase.")
+    message: str | None = Field(None, description="What is happening, in words.")
+    conditions: list[Condition] = Field(default_factory=list, description="Ready, PredictorReady, ModelReady.")
+    replicas: int | None = Field(None, description="Replicas asked for.")
+    ready_replicas: int | None = Field(None, description="Replicas ready.")
+    model: ServedModel | None = Field(None, description="The model being served.")
+    observed_generation: int | None = Field(None, description="The .metadata.generation last acted on.")
+
+
+class InferenceService(Model):
+    """A model server answering the Open Inference Protocol: a Deployment, a Service and maybe an HPA."""
+
+    api_version: Literal["aiaas.dev/v1alpha1"] = Field(API_VERSION, description="aiaas.dev/v1alpha1")
+    kind: Literal["InferenceService"] = Field("InferenceService", description="InferenceService")
+    metadata: ObjectMeta = Field(description="Standard object metadata.")
+    spec: InferenceServiceSpec = Field(description="Desired state.")
+    status: InferenceServiceStatus | None = Field(None, description="Observed state.")
+
+    @model_validator(mode="after")
+    def _rules(self) -> InferenceService:
+        check_rules(INFERENCESERVICE_RULES, self)
+        return self
+
+    @property
+    def model_name(self) -> str:
+        return self.spec.model.name or self.metadata.name
+
+
+# ------------------------------------------------------------------------------------------------- rules
+@dataclass(frozen=True)
+class Rule:
+    """A cross-field rule, written as CEL for the API server and as Python for ``aiaas validate``.
+
+    ``path`` is the schema node the CEL rule sits on (relative to the resource root), ``field`` the field the
+    message is about. ``check`` gets the parsed resource and returns an error message or None.
+    """
+
+    path: str  # "" (root) or "spec"
+    field: str
+    cel: str
+    message_expression: str
+    check: Callable[[Any], str | None]
+
+
+def _topology_error(job: TrainingJob) -> str | None:
+    t = job.spec.topology
+    p = t.parallelism
+    if t.world_size % p.model:
+        return (
+            f"spec.topology.parallelism.model: {p.model} pipeline stages do not divide the world size "
+            f"{t.world_size} (nodes {t.nodes} x nprocPerNode {t.nproc_per_node}); choose a model degree that "
+            "divides it"
+        )
+    if p.data is not None and p.data * p.model != t.world_size:
+        return (
+            f"spec.topology.parallelism: data x model = {p.data} x {p.model} = {p.data * p.model} must equal "
+            f"nodes x nprocPerNode = {t.nodes} x {t.nproc_per_node} = {t.world_size}; change data, or omit "
+            "it to use (nodes x nprocPerNode) / model"
+        )
+    return None
+
+
+def _gpu_error(job: TrainingJob) -> str | None:
+    t = job.spec.topology
+    gpus = t.resources.gpus()
+    if gpus and t.nproc_per_node > gpus:
+        return (
+            f"spec.topology.nprocPerNode: {t.nproc_per_node} processes per pod but only {gpus} {GPU_RESOURCE} "
+            "per pod; each process needs its own GPU: lower nprocPerNode or raise the GPU limit"
+        )
+    return None
+
+
+def _batch_error(job: TrainingJob) -> str | None:
+    data = job.spec.topology.data_degree
+    batch = job.spec.trainer.hyperparameters.batch_size
+    if batch % data:
+        return (
+            f"spec.trainer.hyperparameters.batchSize: the global batch {batch} does not split evenly across "
+            f"{data} data-parallel ranks; use a multiple of {data}"
+        )
+    return None
+
+
+def _elastic_error(job: TrainingJob) -> str | None:
+    e, n = job.spec.elastic, job.spec.topology.nodes
+    if e is not None and not (e.min_nodes <= n <= e.max_nodes):
+        return (
+            f"spec.elastic: nodes ({n}) must lie within minNodes..maxNodes ({e.min_nodes}..{e.max_nodes}); "
+            "adjust the bounds or spec.topology.nodes"
+        )
+    return None
+
+
+def _dataset_error(job: TrainingJob) -> str | None:
+    d = job.spec.trainer.dataset
+    if d.kind in (DatasetKind.mnist.value, DatasetKind.text.value) and not d.path:
+        return f"spec.trainer.dataset.path: the {d.kind} dataset reads files; set path to a file or directory"
+    return None
+
+
+def _name_error(obj: TrainingJob | InferenceService) -> str | None:
+    name = obj.metadata.name
+    if len(name) > MAX_JOB_NAME_LENGTH or not re.match(DNS_1035, name):
+        return (
+            f"metadata.name: {name!r} must be at most {MAX_JOB_NAME_LENGTH} characters of lower-case letters, "
+            "digits and '-', starting with a letter (it names the Service and the pods)"
+        )
+    return None
+
+
+def _storage_error(job: TrainingJob) -> str | None:
+    s = job.spec.storage
+    if s.claim_name and s.size is not None:
+        return "spec.storage: set claimName (use an existing claim) or size (create one), not both"
+    return None
+
+
+def _source_error(svc: InferenceService) -> str | None:
+    m = svc.spec.model
+    if bool(m.training_job) == bool(m.storage_uri):
+        return "spec.model: set exactly one of trainingJob (a TrainingJob's name) or storageUri (pvc://claim/path)"
+    if m.storage_uri and not re.match(r"^pvc://[a-z0-9]([-a-z0-9.]*[a-z0-9])?(/.*)?$", m.storage_uri):
+        return f"spec.model.storageUri: {m.storage_uri!r} is not of the form pvc://<claim>/<path>"
+    return None
+
+
+def _replicas_error(svc: InferenceService) -> str | None:
+    lo, hi = svc.spec.min_replicas, svc.spec.max_replicas
+    if lo is not None and hi is not None and lo > hi:
+        return f"spec.minReplicas ({lo}) must not exceed spec.maxReplicas ({hi})"
+    return None
+
+
+_WORLD = "self.topology.nodes * self.topology.nprocPerNode"
+_DATA = f"(has(self.topology.parallelism.data) ? self.topology.parallelism.data : ({_WORLD}) / self.topology.parallelism.model)"
+_GPUS = "int(string(self.topology.resources.limits['nvidia.com/gpu']))"
+_NAME_RULE = f"size(self.metadata.name) <= {MAX_JOB_NAME_LENGTH} && self.metadata.name.matches('{DNS_1035}')"
+_NAME_MSG = (
+    f"'metadata.name: ' + self.metadata.name + ' must be at most {MAX_JOB_NAME_LENGTH} characters of lower-case "
+    "letters, digits and \\'-\\', starting with a letter (it names the Service and the pods)'"
+)
+
+TRAININGJOB_RULES: tuple[Rule, ...] = (
+    Rule("", "metadata.name", _NAME_RULE, _NAME_MSG, _name_error),
+    Rule(
+        "spec",
+        "spec.topology.parallelism.model",
+        f"({_WORLD}) % self.topology.parallelism.model == 0",
+        "'spec.topology.parallelism.model: ' + string(self.topology.parallelism.model) + ' pipeline stages do "
+        f"not divide the world size ' + string({_WORLD}) + ' (nodes x nprocPerNode); choose a model degree "
+        "that divides it'",
+        _topology_error,
+    ),
+    Rule(
+        "spec",
+        "spec.topology.parallelism",
+        f"!has(self.topology.parallelism.data) || self.topology.parallelism.data * self.topology.parallelism.model == {_WORLD}",
+        "'spec.topology.parallelism: data x model = ' + string(self.topology.parallelism.data) + ' x ' + "
+        "string(self.topology.parallelism.model) + ' must equal nodes x nprocPerNode = ' + "
+        f"string({_WORLD}) + '; change data, or omit it to use (nodes x nprocPerNode) / model'",
+        _topology_error,
+    ),
+    Rule(
+        "spec",
+        "spec.topology.nprocPerNode",
+        "!has(self.topology.resources) || !has(self.topology.resources.limits) || "
+        f"!('nvidia.com/gpu' in self.topology.resources.limits) || {_GPUS} == 0 || "
+        f"self.topology.nprocPerNode <= {_GPUS}",
+        "'spec.topology.nprocPerNode: ' + string(self.topology.nprocPerNode) + ' processes per pod but only ' + "
+        f"string({_GPUS}) + ' nvidia.com/gpu per pod; each process needs its own GPU: lower nprocPerNode or "
+        "raise the GPU limit'",
+        _gpu_error,
+    ),
+    Rule(
+        "spec",
+        "spec.trainer.hyperparameters.batchSize",
+        f"({_WORLD}) % self.topology.parallelism.model != 0 || {_DATA} == 0 || "
+        f"self.trainer.hyperparameters.batchSize % {_DATA} == 0",
+        "'spec.trainer.hyperparameters.batchSize: the global batch ' + "
+        "string(self.trainer.hyperparameters.batchSize) + ' does not split evenly across ' + "
+        f"string({_DATA}) + ' data-parallel ranks; use a multiple of ' + string({_DATA})",
+        _batch_error,
+    ),
+    Rule(
+        "spec",
+        "spec.elastic",
+        "!has(self.elastic) || (self.elastic.minNodes <= self.topology.nodes && "
+        "self.topology.nodes <= self.elastic.maxNodes)",
+        "'spec.elastic: nodes (' + string(self.topology.nodes) + ') must lie within minNodes..maxNodes (' + "
+        "string(self.elastic.minNodes) + '..' + string(self.elastic.maxNodes) + '); adjust the bounds or "
+        "spec.topology.nodes'",
+        _elastic_error,
+    ),
+    Rule(
+        "spec",
+        "spec.trainer.dataset.path",
+        "!(self.trainer.dataset.kind in ['mnist', 'text']) || has(self.trainer.dataset.path)",
+        "'spec.trainer.dataset.path: the ' + self.trainer.dataset.kind + ' dataset reads files; set path to a "
+        "file or directory'",
+        _dataset_error,
+    ),
+    Rule(
+        "spec",
+        "spec.storage",
+        "!has(self.storage) || !(has(self.storage.claimName) && has(self.storage.size))",
+        "'spec.storage: set claimName (use an existing claim) or size (create one), not both'",
+        _storage_error,
+    ),
+)
+
+INFERENCESERVICE_RULES: tuple[Rule, ...] = (
+    Rule("", "metadata.name", _NAME_RULE, _NAME_MSG, _name_error),
+    Rule(
+        "spec",
+        "spec.model",
+        "has(self.model.trainingJob) != has(self.model.storageUri)",
+        "'spec.model: set exactly one of trainingJob (a TrainingJob\\'s name) or storageUri (pvc://claim/path)'",
+        lambda s: _source_error(s) if bool(s.spec.model.training_job) == bool(s.spec.model.storage_uri) else None,
+    ),
+    Rule(
+        "spec",
+        "spec.model.storageUri",
+        "!has(self.model.storageUri) || self.model.storageUri.matches('^pvc://[a-z0-9]([-a-z0-9.]*[a-z0-9])?(/.*)?$')",
+        "'spec.model.storageUri: ' + self.model.storageUri + ' is not of the form pvc://<claim>/<path>'",
+        lambda s: _source_error(s) if s.spec.model.storage_uri else None,
+    ),
+    Rule(
+        "spec",
+        "spec.minReplicas",
+        "!(has(self.minReplicas) && has(self.maxReplicas)) || self.minReplicas <= self.maxReplicas",
+        "'spec.minReplicas (' + string(self.minReplicas) + ') must not exceed spec.maxReplicas (' + "
+        "string(self.maxReplicas) + ')'",
+        _replicas_error,
+    ),
+)
+
+
+class RuleViolation(ValueError):
+    """A cross-field rule failed; ``str()`` is the user-facing message."""
+
+
+def check_rules(rules: tuple[Rule, ...], obj: Any) -> None:
+    errors: list[str] = []
+    for rule in rules:
+        msg = rule.check(obj)
+        if msg and msg not in errors:
+            errors.append(msg)
+    if errors:
+        raise RuleViolation("; ".join(errors))

@@ -1,0 +1,282 @@
+"""TrainingJob -> headless Service + torchrun StatefulSet (+ PersistentVolumeClaim, + Volcano PodGroup)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+from aiaas.contract import launch
+from aiaas.contract.config import Parallelism, TrainerConfig
+from aiaas.operator import api
+
+from .common import (
+    base_labels,
+    container_security_context,
+    env_list,
+    metadata,
+    pod_security_context,
+    resources,
+    scheduling,
+)
+from .settings import RenderSettings
+
+KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+VOLCANO_GROUP_ANNOTATION = "scheduling.k8s.io/group-name"
+STORAGE_MOUNT = "/var/run/aiaas"
+
+
+def trainer_config(job: api.TrainingJob) -> TrainerConfig:
+    """The configuration every training process of this job gets."""
+    t, spec = job.spec.trainer, job.spec
+    return TrainerConfig(
+        job_name=job.metadata.name,
+        model=t.model,
+        dataset=t.dataset,
+        hyperparameters=t.hyperparameters,
+        parallelism=Parallelism(
+            data=spec.topology.data_degree,
+            model=spec.topology.parallelism.model,
+            strategy=spec.topology.parallelism.strategy,
+            microbatches=spec.topology.parallelism.microbatches,
+        ),
+        checkpoint=spec.checkpoint,
+        precision=t.precision,
+        checkpoint_dir=launch.CHECKPOINT_DIR,
+        artifact_dir=launch.ARTIFACT_DIR,
+        metrics_port=launch.METRICS_PORT,
+    )
+
+
+def claim_name(job: api.TrainingJob) -> str | None:
+    """The PersistentVolumeClaim holding checkpoints and artifacts, if the job has one."""
+    s = job.spec.storage
+    if s.claim_name:
+        return s.claim_name
+    if s.size is not None:
+        return f"{job.metadata.name}-storage"
+    return None
+
+
+def artifact_uri(job: api.TrainingJob) -> str:
+    """Where the exported model ends up: ``pvc://<claim>/<job>/artifacts``, or a pod-local path."""
+    claim = claim_name(job)
+    if claim:
+        return f"pvc://{claim}/{job.metadata.name}/artifacts"
+    return f"file://{launch.ARTIFACT_DIR}"
+
+
+def _host(job: api.TrainingJob, ordinal: int) -> str:
+    name, ns = job.metadata.name, job.metadata.namespace
+    return f"{name}-{ordinal}.{name}.{ns}.svc" if ns else f"{name}-{ordinal}.{name}"
+
+
+def torchrun_args(job: api.TrainingJob) -> list[str]:
+    """torchrun's flags: static world or elastic bounds, c10d rendezvous on pod 0's stable DNS name."""
+    t = job.spec.topology
+    nnodes = f"{job.spec.elastic.min_nodes}:{job.spec.elastic.max_nodes}" if job.spec.elastic else str(t.nodes)
+    max_restarts = job.spec.elastic.max_restarts if job.spec.elastic else 0
+    return [
+        f"--nnodes={nnodes}",
+        f"--nproc-per-node={t.nproc_per_node}",
+        f"--node-rank=$({launch.ENV_NODE_RANK})",
+        "--rdzv-backend=c10d",
+        f"--rdzv-endpoint={_host(job, 0)}:{launch.RDZV_PORT}",
+        f"--rdzv-id={job.metadata.uid or job.metadata.name}",
+        f"--max-restarts={max_restarts}",
+        "-m",
+        "aiaas.trainer",
+    ]
+
+
+def _field_env(name: str, path: str) -> dict[str, Any]:
+    return {"name": name, "valueFrom": {"fieldRef": {"fieldPath": path}}}
+
+
+def _env(job: api.TrainingJob, config_json: str) -> list[dict[str, Any]]:
+    t = job.spec.topology
+    nnodes = f"{job.spec.elastic.min_nodes}:{job.spec.elastic.max_nodes}" if job.spec.elastic else str(t.nodes)
+    pod_index = f"metadata.labels['{launch.POD_INDEX_LABEL}']"
+    env: list[dict[str, Any]] = [
+        _field_env(launch.ENV_POD_NAME, "metadata.name"),
+        _field_env(launch.ENV_NAMESPACE, "metadata.namespace"),
+        _field_env(launch.ENV_NODE_RANK, pod_index),
+        _field_env(launch.ENV_RANK, pod_index),
+        {"name": launch.ENV_MASTER_ADDR, "value": _host(job, 0)},
+        {"name": launch.ENV_MASTER_PORT, "value": str(launch.MASTER_PORT)},
+        {"name": launch.ENV_WORLD_SIZE, "value": str(t.world_size)},
+        {"name": launch.ENV_NNODES, "value": nnodes},
+        {"name": launch.ENV_NPROC_PER_NODE, "value": str(t.nproc_per_node)},
+        {"name": launch.ENV_RDZV_BACKEND, "value": "c10d"},
+        {"name": launch.ENV_RDZV_ENDPOINT, "value": f"{_host(job, 0)}:{launch.RDZV_PORT}"},
+        {"name": launch.ENV_RDZV_ID, "value": job.metadata.uid or job.metadata.name},
+        {"name": launch.ENV_JOB_NAME, "value": job.metadata.name},
+        {"name": launch.ENV_CONFIG, "value": config_json},
+        {"name": "PYTHONUNBUFFERED", "value": "1"},
+    ]
+    user = env_list(job.spec.trainer.env)
+    overridden = {e["name"] for e in user}
+    return [e for e in env if e["name"] not in overridden] + user
+
+
+def _ports(job: api.TrainingJob) -> list[dict[str, Any]]:
+    ports = [
+        {"name": "rdzv", "containerPort": launch.RDZV_PORT, "protocol": "TCP"},
+        {"name": "master", "containerPort": launch.MASTER_PORT, "protocol": "TCP"},
+    ]
+    for local_rank in range(job.spec.topology.nproc_per_node):
+        name = "metrics" if local_rank == 0 else f"metrics-{local_rank}"
+        ports.append({"name": name, "containerPort": launch.METRICS_PORT + local_rank, "protocol": "TCP"})
+    return ports
+
+
+def _volumes(job: api.TrainingJob) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    shm = str(job.spec.topology.shm_size)
+    volumes: list[dict[str, Any]] = [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": shm}}]
+    mounts: list[dict[str, Any]] = [{"name": "dshm", "mountPath": "/dev/shm"}]
+    claim = claim_name(job)
+    if claim:
+        volumes.append({"name": "storage", "persistentVolumeClaim": {"claimName": claim}})
+        mounts.append({"name": "storage", "mountPath": STORAGE_MOUNT, "subPath": job.metadata.name})
+    else:
+        volumes.append({"name": "storage", "emptyDir": {}})
+        mounts.append({"name": "storage", "mountPath": STORAGE_MOUNT})
+    volumes.append({"name": "tmp", "emptyDir": {}})
+    mounts.append({"name": "tmp", "mountPath": "/tmp"})
+    return volumes + list(job.spec.trainer.volumes), mounts + list(job.spec.trainer.volume_mounts)
+
+
+def config_hash(config_json: str) -> str:
+    return hashlib.sha256(config_json.encode()).hexdigest()[:16]
+
+
+def job_labels(job: api.TrainingJob) -> dict[str, str]:
+    labels = base_labels("trainer", job.metadata.name) | {launch.LABEL_JOB: job.metadata.name}
+    gang = job.spec.scheduling.gang
+    if gang and gang.provider == api.GangProvider.kueue.value and gang.queue:
+        labels[KUEUE_QUEUE_LABEL] = gang.queue
+    return labels
+
+
+def selector(job: api.TrainingJob) -> dict[str, str]:
+    return {launch.LABEL_JOB: job.metadata.name}
+
+
+def headless_service(job: api.TrainingJob) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": metadata(job, job.metadata.name, job_labels(job)),
+        "spec": {
+            "clusterIP": "None",
+            "publishNotReadyAddresses": True,  # pod 0's name resolves before it is ready: no worker race
+            "selector": selector(job),
+            "ports": [
+                {"name": p["name"], "port": p["containerPort"], "targetPort": p["containerPort"], "protocol": "TCP"}
+                for p in _ports(job)
+            ],
+        },
+    }
+
+
+def statefulset(job: api.TrainingJob, settings: RenderSettings, replicas: int | None = None) -> dict[str, Any]:
+    t = job.spec.topology
+    config_json = json.dumps(trainer_config(job).dump(), sort_keys=True, separators=(",", ":"))
+    volumes, mounts = _volumes(job)
+    trainer = job.spec.trainer
+    container: dict[str, Any] = {
+        "name": "trainer",
+        "image": trainer.image or settings.trainer_image,
+        "imagePullPolicy": trainer.image_pull_policy or settings.image_pull_policy,
+        "command": trainer.command or ["torchrun"],
+        "args": (torchrun_args(job) if not trainer.command else []) + list(trainer.args),
+        "env": _env(job, config_json),
+        "ports": _ports(job),
+        "volumeMounts": mounts,
+        "securityContext": container_security_context(),
+        "terminationMessagePath": launch.TERMINATION_LOG,
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
+    res = resources(t.resources)
+    if res:
+        container["resources"] = res
+    labels = job_labels(job)
+    pod_annotations = {launch.ANNOTATION_CONFIG_HASH: config_hash(config_json)}
+    gang = job.spec.scheduling.gang
+    if gang and gang.provider == api.GangProvider.volcano.value:
+        pod_annotations[VOLCANO_GROUP_ANNOTATION] = job.metadata.name
+    pod_spec: dict[str, Any] = {
+        "restartPolicy": "Always",  # the only policy a StatefulSet allows; the operator decides when to stop
+        "terminationGracePeriodSeconds": settings.termination_grace_seconds,
+        "enableServiceLinks": False,
+        "automountServiceAccountToken": False,
+        "securityContext": pod_security_context(settings.run_as_user),
+        "containers": [container],
+        "volumes": volumes,
+        **scheduling(job.spec.scheduling, t.resources.gpus()),
+    }
+    if settings.service_account_name:
+        pod_spec["serviceAccountName"] = settings.service_account_name
+    if replicas is None:
+        replicas = 0 if job.spec.suspend else t.nodes
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "StatefulSet",
+        "metadata": metadata(job, job.metadata.name, labels),
+        "spec": {
+            "replicas": replicas,
+            "serviceName": job.metadata.name,
+            "podManagementPolicy": "Parallel",  # all nodes start together; torchrun's rendezvous waits for them
+            "updateStrategy": {"type": "OnDelete"},  # the operator restarts the gang as a whole, never one by one
+            "selector": {"matchLabels": selector(job)},
+            "template": {
+                "metadata": {"labels": labels | {launch.LABEL_ROLE: "worker"}, "annotations": pod_annotations},
+                "spec": pod_spec,
+            },
+        },
+    }
+
+
+def storage_claim(job: api.TrainingJob) -> dict[str, Any] | None:
+    s = job.spec.storage
+    if s.claim_name or s.size is None:
+        return None
+    modes = list(s.access_modes) or (["ReadWriteMany"] if job.spec.topology.nodes > 1 else ["ReadWriteOnce"])
+    spec: dict[str, Any] = {"accessModes": modes, "resources": {"requests": {"storage": str(s.size)}}}
+    if s.storage_class_name:
+        spec["storageClassName"] = s.storage_class_name
+    name = claim_name(job)
+    assert name
+    return {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": metadata(job, name, job_labels(job)),
+        "spec": spec,
+    }
+
+
+def pod_group(job: api.TrainingJob) -> dict[str, Any] | None:
+    gang = job.spec.scheduling.gang
+    if not gang or gang.provider != api.GangProvider.volcano.value:
+        return None
+    min_member = gang.min_available or (job.spec.elastic.min_nodes if job.spec.elastic else job.spec.topology.nodes)
+    spec: dict[str, Any] = {"minMember": min_member}
+    if gang.queue:
+        spec["queue"] = gang.queue
+    if job.spec.scheduling.priority_class_name:
+        spec["priorityClassName"] = job.spec.scheduling.priority_class_name
+    return {
+        "apiVersion": "scheduling.volcano.sh/v1beta1",
+        "kind": "PodGroup",
+        "metadata": metadata(job, job.metadata.name, job_labels(job)),
+        "spec": spec,
+    }
+
+
+def render_trainingjob(
+    job: api.TrainingJob, settings: RenderSettings, replicas: int | None = None
+) -> list[dict[str, Any]]:
+    """Every child object of the job, in apply order. ``replicas`` overrides the StatefulSet's size (the
+    operator passes 0 for a suspended or finished job)."""
+    objs = [storage_claim(job), pod_group(job), headless_service(job), statefulset(job, settings, replicas)]
+    return [o for o in objs if o is not None]
