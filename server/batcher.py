@@ -1,0 +1,154 @@
+"""Dynamic batching: concurrent requests are stacked into one forward pass, run off the event loop.
+
+Policy (Triton's dynamic batcher, adapted to an asyncio server):
+
+* one worker runs one batch at a time in a dedicated thread; requests that arrive meanwhile queue up and form
+  the next batch, so under load batches grow by themselves and a lone request never waits for company;
+* when the model is idle the worker waits for more requests only while some are still being received by the
+  HTTP layer (``arriving``), and never longer than ``max_delay`` after the first one;
+* a batch holds at most ``max_batch_size`` samples (a single larger request runs alone) and only requests whose
+  per-sample shapes agree (variable-length inputs are batched with their own kind);
+* when a batch fails, each of its requests is retried alone, so one bad request cannot fail its neighbours.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+Outputs = dict[str, np.ndarray]
+
+
+@dataclass
+class _Item:
+    inputs: list[np.ndarray]
+    key: tuple[tuple[int, ...], ...]
+    rows: int
+    future: asyncio.Future[Outputs]
+
+
+class Batcher:
+    def __init__(
+        self,
+        run: Callable[[list[np.ndarray]], Outputs],
+        max_batch_size: int = 64,
+        max_delay: float = 0.005,
+        on_batch: Callable[[int], None] | None = None,
+    ) -> None:
+        self._run = run
+        self.max_batch_size = max(1, max_batch_size)
+        self.max_delay = max(0.0, max_delay)
+        self._on_batch = on_batch
+        self._queue: deque[_Item] = deque()
+        self._wakeup = asyncio.Event()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
+        self._task: asyncio.Task[None] | None = None
+        self.arriving = 0  # requests the HTTP layer is receiving that will be submitted soon
+        self._busy = False
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._work(), name="batcher")
+
+    async def stop(self) -> None:
+        """Finish the queued requests, then stop the worker."""
+        while self._queue or self._busy:
+            await asyncio.sleep(0.001)
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        self._executor.shutdown(wait=True)
+
+    async def submit(self, inputs: list[np.ndarray]) -> Outputs:
+        """Queue one request (arrays with the batch first) and wait for its slice of the outputs."""
+        future: asyncio.Future[Outputs] = asyncio.get_running_loop().create_future()
+        key = tuple(a.shape[1:] for a in inputs)
+        self._queue.append(_Item(inputs, key, int(inputs[0].shape[0]), future))
+        self._wakeup.set()
+        return await future
+
+    def _take_batch(self, first: _Item, batch: list[_Item], rows: int) -> int:
+        """Move queued items compatible with ``first`` into ``batch`` while they fit."""
+        skipped: list[_Item] = []
+        while self._queue and rows < self.max_batch_size:
+            item = self._queue.popleft()
+            if item.key != first.key or rows + item.rows > self.max_batch_size:
+                skipped.append(item)
+                continue
+            batch.append(item)
+            rows += item.rows
+        self._queue.extendleft(reversed(skipped))
+        return rows
+
+    async def _work(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            while not self._queue:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+            first = self._queue.popleft()
+            self._busy = True
+            try:
+                await self._collect_and_run(loop, first)
+            finally:
+                self._busy = False
+
+    async def _collect_and_run(self, loop: asyncio.AbstractEventLoop, first: _Item) -> None:
+        batch = [first]
+        rows = first.rows
+        # Let handlers that are ready to run submit their requests before the batch is closed.
+        await asyncio.sleep(0)
+        rows = self._take_batch(first, batch, rows)
+        deadline = time.monotonic() + self.max_delay
+        while rows < self.max_batch_size and self.arriving > 0:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            self._wakeup.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wakeup.wait(), remaining)
+            rows = self._take_batch(first, batch, rows)
+        batch = [item for item in batch if not item.future.cancelled()]
+        if batch:
+            await self._execute(loop, batch)
+
+    def _stack(self, batch: list[_Item]) -> list[np.ndarray]:
+        if len(batch) == 1:
+            # A read-only view of the request body (binary tensors) is copied: torch wants writable memory.
+            return [a if a.flags.writeable and a.flags.c_contiguous else a.copy() for a in batch[0].inputs]
+        return [np.concatenate(parts) for parts in zip(*(item.inputs for item in batch), strict=True)]
+
+    async def _execute(self, loop: asyncio.AbstractEventLoop, batch: list[_Item]) -> None:
+        try:
+            inputs = self._stack(batch)
+            if self._on_batch is not None:
+                self._on_batch(int(inputs[0].shape[0]))
+            outputs = await loop.run_in_executor(self._executor, self._run, inputs)
+        except Exception as e:  # a failure of the model, not of the event loop
+            if len(batch) > 1:
+                log.warning("a batch of %d requests failed (%s); retrying them one by one", len(batch), e)
+                for item in batch:
+                    await self._execute(loop, [item])
+                return
+            log.exception("inference failed")
+            if not batch[0].future.done():
+                batch[0].future.set_exception(e)
+            return
+        start = 0
+        for item in batch:
+            end = start + item.rows
+            if not item.future.done():
+                item.future.set_result({name: value[start:end] for name, value in outputs.items()})
+            start = end

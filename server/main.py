@@ -1,0 +1,130 @@
+"""``python -m aiaas.server``: open the port, load the model in the background, serve until SIGTERM.
+
+Lifecycle:
+
+1. the port opens at once: ``/v2/health/live`` answers 200, ``/v2/health/ready`` 503 while the model loads;
+2. the artifact is loaded (and warmed up) in a thread; then ``ready`` turns 200. If loading fails the reason is
+   logged and the process exits with status 1, so Kubernetes shows a crash with the reason in the log;
+3. on SIGTERM (or SIGINT) readiness turns 503, the listening socket closes, requests already received are
+   finished (up to ``--shutdown-timeout`` seconds), then the process exits with status 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+
+import prometheus_client
+from aiaas.contract.launch import MODEL_DIR, SERVER_PORT
+from aiohttp import web
+
+from .app import STATE_KEY, ServerConfig, build_app
+
+log = logging.getLogger("aiaas.server")
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m aiaas.server",
+        description="Serve an exported aiaas model over the Open Inference Protocol (KServe v2 REST).",
+    )
+    p.add_argument("--model", default=MODEL_DIR, help=f"artifact directory written by the trainer (default {MODEL_DIR})")
+    p.add_argument("--port", type=int, default=SERVER_PORT, help=f"HTTP port (default {SERVER_PORT}; 0 picks one)")
+    p.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
+    p.add_argument("--name", default=None, help="model name in the URLs (default: the name in the manifest)")
+    p.add_argument("--max-batch-size", type=int, default=64, help="most samples in one forward pass (default 64)")
+    p.add_argument(
+        "--max-batch-delay-ms", type=float, default=5.0,
+        help="longest wait for more requests to join a batch, in milliseconds (default 5; 0 disables waiting)",
+    )
+    p.add_argument(
+        "--max-request-bytes", type=int, default=16 * 1024 * 1024,
+        help="largest request body accepted; larger ones get 413 (default 16 MiB)",
+    )
+    p.add_argument(
+        "--threads", type=int, default=int(os.environ.get("AIAAS_SERVER_THREADS", "1")),
+        help="torch intra-op threads (default 1: small models are fastest single-threaded next to the event loop)",
+    )
+    p.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds to finish requests on SIGTERM")
+    p.add_argument("--access-log", action="store_true", help="log every request")
+    p.add_argument("--log-level", default=os.environ.get("AIAAS_LOG_LEVEL", "INFO"))
+    args = p.parse_args(argv)
+    if args.max_batch_size < 1:
+        p.error("--max-batch-size must be at least 1")
+    if args.max_batch_delay_ms < 0:
+        p.error("--max-batch-delay-ms must not be negative")
+    if args.max_request_bytes < 1024:
+        p.error("--max-request-bytes must be at least 1024")
+    if not 0 <= args.port <= 65535:
+        p.error("--port must be between 0 and 65535")
+    return args
+
+
+async def serve(args: argparse.Namespace) -> int:
+    from . import model as model_module
+
+    config = ServerConfig(
+        max_batch_size=args.max_batch_size,
+        max_batch_delay=args.max_batch_delay_ms / 1000.0,
+        max_request_bytes=args.max_request_bytes,
+        name=args.name,
+    )
+    app = build_app(config)
+    state = app[STATE_KEY]
+    runner = web.AppRunner(
+        app,
+        handle_signals=False,
+        access_log=logging.getLogger("aiaas.server.access") if args.access_log else None,
+        shutdown_timeout=args.shutdown_timeout,
+    )
+    await runner.setup()
+    site = web.TCPSite(runner, args.host, args.port, backlog=1024, reuse_address=True)
+    await site.start()
+    sockets = [s.getsockname() for s in (site._server.sockets if site._server else [])]  # type: ignore[attr-defined]
+    port = sockets[0][1] if sockets else args.port
+    log.info("listening on http://%s:%d (model loading from %s)", args.host, port, args.model)
+
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    exit_code = 0
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    async def load() -> None:
+        nonlocal exit_code
+        try:
+            served = await loop.run_in_executor(None, model_module.load, args.model, args.name, args.threads)
+        except Exception as e:
+            log.error("cannot load the model from %s: %s", args.model, e, exc_info=log.isEnabledFor(logging.DEBUG))
+            state.load_error = f"cannot load the model: {e}"
+            exit_code = 1
+            stop.set()
+            return
+        state.set_model(served)
+        log.info("model %s version %s is ready", served.name, served.version)
+
+    loader = asyncio.create_task(load())
+    await stop.wait()
+    state.shutting_down = True
+    log.info("shutting down: finishing requests in flight (at most %.0fs)", args.shutdown_timeout)
+    await runner.cleanup()
+    if not loader.done():
+        loader.cancel()
+    log.info("stopped")
+    return exit_code
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    prometheus_client.disable_created_metrics()  # no *_created series: they double the scrape for nothing
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    return asyncio.run(serve(args))
