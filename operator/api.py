@@ -471,6 +471,8 @@ def _gpu_error(job: TrainingJob) -> str | None:
 
 
 def _batch_error(job: TrainingJob) -> str | None:
+    if _topology_error(job):
+        return None  # one message per mistake: fix the topology first
     data = job.spec.topology.data_degree
     batch = job.spec.trainer.hyperparameters.batch_size
     if batch % data:
@@ -574,7 +576,8 @@ TRAININGJOB_RULES: tuple[Rule, ...] = (
     Rule(
         "spec",
         "spec.trainer.hyperparameters.batchSize",
-        f"({_WORLD}) % self.topology.parallelism.model != 0 || {_DATA} == 0 || "
+        f"({_WORLD}) % self.topology.parallelism.model != 0 || (has(self.topology.parallelism.data) && "
+        f"self.topology.parallelism.data * self.topology.parallelism.model != {_WORLD}) || {_DATA} == 0 || "
         f"self.trainer.hyperparameters.batchSize % {_DATA} == 0",
         "'spec.trainer.hyperparameters.batchSize: the global batch ' + "
         "string(self.trainer.hyperparameters.batchSize) + ' does not split evenly across ' + "
@@ -636,7 +639,11 @@ INFERENCESERVICE_RULES: tuple[Rule, ...] = (
 
 
 class RuleViolation(ValueError):
-    """A cross-field rule failed; ``str()`` is the user-facing message."""
+    """Cross-field rules failed; ``errors`` holds one user-facing message per rule."""
+
+    def __init__(self, errors: list[str]):
+        self.errors = errors
+        super().__init__("\n".join(errors))
 
 
 def check_rules(rules: tuple[Rule, ...], obj: Any) -> None:
@@ -646,4 +653,4 @@ def check_rules(rules: tuple[Rule, ...], obj: Any) -> None:
         if msg and msg not in errors:
             errors.append(msg)
     if errors:
-        raise RuleViolation("; ".join(errors))
+        raise RuleViolation(errors)

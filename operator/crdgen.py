@@ -40,9 +40,9 @@ def _resolve(node: Any, defs: dict[str, Any]) -> Any:
             del node["anyOf"]
             merged = dict(branches[0])
             merged.update(node)
-            node = merged
-            if node.get("default", 0) is None:
-                del node["default"]
+            if merged.get("default", 0) is None:
+                del merged["default"]
+            return _resolve(merged, defs)
     out: dict[str, Any] = {}
     for key, value in node.items():
         if key in ("title", "$defs") or (key == "additionalProperties" and value is False):

@@ -50,7 +50,7 @@ def format_errors(err: ValidationError) -> list[str]:
     for e in err.errors():
         where = _loc(e["loc"])
         if e["type"] == "value_error" and isinstance(e.get("ctx", {}).get("error"), api.RuleViolation):
-            messages.extend(str(e["ctx"]["error"]).split("; "))
+            messages.extend(e["ctx"]["error"].errors)
             continue
         msg = _HINTS.get(e["type"], e["msg"])
         if e["type"] not in _HINTS and "input" in e and not isinstance(e["input"], dict | list):

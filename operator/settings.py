@@ -1,0 +1,136 @@
+"""Operator settings: one frozen object built from flags, with environment variables as defaults.
+
+Every knob the e2e tests and the benchmark need (timers, the metrics URL of a training pod, leader election)
+lives here, so handlers never read the environment themselves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import uuid
+from dataclasses import dataclass, field
+
+from aiaas.contract import launch
+
+from .render.settings import DEFAULT_IMAGE, RenderSettings
+
+ENV_PREFIX = "AIAAS_OPERATOR_"
+FIELD_MANAGER = "aiaas-operator"
+SUCCESS_POLICIES = ("AllWorkers", "Rank0")
+
+
+def _env(name: str, default: str) -> str:
+    return os.environ.get(ENV_PREFIX + name, default)
+
+
+def _env_float(name: str, default: float) -> float:
+    return float(_env(name, str(default)))
+
+
+def _env_bool(name: str, default: bool) -> bool:
+    return _env(name, "1" if default else "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+@dataclass(frozen=True)
+class OperatorSettings:
+    """What the operator does and how often. Defaults suit a real cluster; tests shorten the timers."""
+
+    namespaces: tuple[str, ...] = ()  # empty: every namespace (cluster-wide)
+    render: RenderSettings = field(default_factory=RenderSettings)
+    field_manager: str = FIELD_MANAGER
+    # How often every unfinished TrainingJob is looked at again (progress scrape, deadlines, missed events).
+    resync_seconds: float = 10.0
+    # Base delay before retrying a reconcile that raised (doubles up to 5 minutes).
+    retry_seconds: float = 2.0
+    # Rank 0's Prometheus endpoint. Placeholders: {pod_ip} {port} {pod} {namespace} {job}. Tests point it at
+    # a loopback server, because fake (kwok) pods have IPs nobody listens on.
+    metrics_url_template: str = "http://{pod_ip}:{port}/metrics"
+    scrape_timeout_seconds: float = 2.0
+    # Completion: every worker pod's trainer reported Succeeded, or rank 0's alone.
+    success_policy: str = "AllWorkers"
+    # Own endpoints: /metrics, /healthz, /readyz. 0 disables the server.
+    metrics_port: int = 8080
+    metrics_host: str = "0.0.0.0"
+    # Leader election with a coordination.k8s.io Lease; standalone turns it off (one replica, tests).
+    standalone: bool = False
+    lease_name: str = "aiaas-operator"
+    lease_namespace: str = "default"
+    lease_duration_seconds: float = 15.0
+    renew_deadline_seconds: float = 10.0
+    retry_period_seconds: float = 2.0
+    identity: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}")
+    log_level: str = "INFO"
+
+    def metrics_url(self, *, pod_ip: str, pod: str, namespace: str, job: str,
+                    port: int = launch.METRICS_PORT) -> str:
+        return self.metrics_url_template.format(pod_ip=pod_ip, port=port, pod=pod, namespace=namespace, job=job)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of ``aiaas operator``; each defaults to ``$AIAAS_OPERATOR_<NAME>``."""
+    parser.add_argument("-n", "--namespace", action="append", default=None,
+                        help="watch only this namespace (repeatable; default: $AIAAS_OPERATOR_NAMESPACES, "
+                        "comma-separated, else all namespaces)")
+    parser.add_argument("-A", "--all-namespaces", action="store_true", help="watch every namespace")
+    parser.add_argument("--trainer-image", default=_env("TRAINER_IMAGE", DEFAULT_IMAGE),
+                        help="default trainer image")
+    parser.add_argument("--server-image", default=_env("SERVER_IMAGE", DEFAULT_IMAGE),
+                        help="default model server image")
+    parser.add_argument("--image-pull-policy", default=_env("IMAGE_PULL_POLICY", "IfNotPresent"))
+    parser.add_argument("--service-account", default=_env("SERVICE_ACCOUNT", "") or None,
+                        help="service account of training pods")
+    parser.add_argument("--resync-seconds", type=float, default=_env_float("RESYNC_SECONDS", 10.0),
+                        help="re-check every unfinished job this often (progress, deadlines)")
+    parser.add_argument("--retry-seconds", type=float, default=_env_float("RETRY_SECONDS", 2.0),
+                        help="first retry delay after a failed reconcile")
+    parser.add_argument("--metrics-url-template", default=_env("METRICS_URL_TEMPLATE", OperatorSettings.metrics_url_template),
+                        help="rank 0's metrics URL; placeholders {pod_ip} {port} {pod} {namespace} {job}")
+    parser.add_argument("--scrape-timeout", type=float, default=_env_float("SCRAPE_TIMEOUT", 2.0))
+    parser.add_argument("--success-policy", choices=SUCCESS_POLICIES, default=_env("SUCCESS_POLICY", "AllWorkers"),
+                        help="a job succeeded when all workers (default) or rank 0 reported Succeeded")
+    parser.add_argument("--metrics-port", type=int, default=int(_env("METRICS_PORT", "8080")),
+                        help="port of /metrics, /healthz and /readyz (0: off)")
+    parser.add_argument("--metrics-host", default=_env("METRICS_HOST", "0.0.0.0"))
+    parser.add_argument("--standalone", action="store_true", default=_env_bool("STANDALONE", False),
+                        help="no leader election (a single replica, or tests)")
+    parser.add_argument("--lease-name", default=_env("LEASE_NAME", "aiaas-operator"))
+    parser.add_argument("--lease-namespace",
+                        default=_env("LEASE_NAMESPACE", os.environ.get("POD_NAMESPACE", "default")))
+    parser.add_argument("--lease-duration", type=float, default=_env_float("LEASE_DURATION", 15.0))
+    parser.add_argument("--renew-deadline", type=float, default=_env_float("RENEW_DEADLINE", 10.0))
+    parser.add_argument("--retry-period", type=float, default=_env_float("RETRY_PERIOD", 2.0))
+    parser.add_argument("--log-level", default=_env("LOG_LEVEL", "INFO"))
+
+
+def from_args(args: argparse.Namespace) -> OperatorSettings:
+    if args.all_namespaces:
+        namespaces: tuple[str, ...] = ()
+    elif args.namespace:
+        namespaces = tuple(args.namespace)
+    else:
+        namespaces = tuple(n for n in _env("NAMESPACES", "").split(",") if n.strip())
+    return OperatorSettings(
+        namespaces=namespaces,
+        render=RenderSettings(
+            trainer_image=args.trainer_image,
+            server_image=args.server_image,
+            image_pull_policy=args.image_pull_policy,
+            service_account_name=args.service_account,
+        ),
+        resync_seconds=args.resync_seconds,
+        retry_seconds=args.retry_seconds,
+        metrics_url_template=args.metrics_url_template,
+        scrape_timeout_seconds=args.scrape_timeout,
+        success_policy=args.success_policy,
+        metrics_port=args.metrics_port,
+        metrics_host=args.metrics_host,
+        standalone=args.standalone,
+        lease_name=args.lease_name,
+        lease_namespace=args.lease_namespace,
+        lease_duration_seconds=args.lease_duration,
+        renew_deadline_seconds=args.renew_deadline,
+        retry_period_seconds=args.retry_period,
+        log_level=args.log_level,
+    )

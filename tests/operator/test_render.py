@@ -1,0 +1,190 @@
+"""Every example renders to valid Kubernetes objects, and the rendered pods honour the launch contract."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import kubernetes_validate
+import pytest
+
+from aiaas.contract import launch
+from aiaas.contract.config import TrainerConfig
+from aiaas.operator import api, load
+from aiaas.operator.render import RenderSettings, render_inferenceservice, render_trainingjob
+from aiaas.operator.render.trainingjob import artifact_uri
+
+REPO = Path(__file__).resolve().parents[2]
+EXAMPLES = sorted((REPO / "examples").glob("*.yaml"))
+K8S_VERSION = "1.36.0"
+SETTINGS = RenderSettings()
+
+
+def render_file(path: Path, namespace: str = "team-a") -> list[dict]:
+    objs = [i.obj for i in load.load_file(path)]
+    out: list[dict] = []
+    for obj in objs:
+        obj.metadata.namespace = namespace
+        obj.metadata.uid = "0f1e2d3c-4b5a-6978-8695-a4b3c2d1e0f9"
+        if isinstance(obj, api.TrainingJob):
+            out += render_trainingjob(obj, SETTINGS)
+        else:
+            out += render_inferenceservice(obj, SETTINGS, "pvc://models/cnn/artifacts")
+    return out
+
+
+def job(**spec) -> api.TrainingJob:
+    return api.TrainingJob.model_validate(
+        {"apiVersion": api.API_VERSION, "kind": "TrainingJob", "metadata": {"name": "demo", "namespace": "ns",
+                                                                              "uid": "u-1"}, "spec": spec}
+    )
+
+
+def by_kind(objs: list[dict]) -> dict[str, dict]:
+    return {o["kind"]: o for o in objs}
+
+
+def test_there_are_examples_of_every_kind() -> None:
+    names = [p.name for p in EXAMPLES]
+    assert len(names) >= 5 and names == sorted(names)
+    kinds = {i.obj.kind for p in EXAMPLES for i in load.load_file(p)}
+    assert kinds == {"TrainingJob", "InferenceService"}
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_example_renders_to_strictly_valid_objects(path: Path) -> None:
+    objs = render_file(path)
+    assert objs
+    for obj in objs:
+        if obj["apiVersion"].startswith("scheduling.volcano.sh"):
+            assert obj["kind"] == "PodGroup" and obj["spec"]["minMember"] >= 1
+            continue  # a CRD kind: kubernetes-validate has no schema for it
+        kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+        assert obj["metadata"]["ownerReferences"][0]["controller"] is True
+
+
+def test_statefulset_runs_torchrun_with_kubeflow_compatible_env() -> None:
+    j = job(topology={"nodes": 3, "nprocPerNode": 2, "parallelism": {"model": 2}},
+            trainer={"hyperparameters": {"batchSize": 30}})
+    objs = by_kind(render_trainingjob(j, SETTINGS))
+    svc, sts = objs["Service"], objs["StatefulSet"]
+    assert svc["spec"]["clusterIP"] == "None" and svc["spec"]["publishNotReadyAddresses"] is True
+    assert sts["spec"]["podManagementPolicy"] == "Parallel" and sts["spec"]["replicas"] == 3
+    assert sts["spec"]["serviceName"] == "demo"
+    c = sts["spec"]["template"]["spec"]["containers"][0]
+    assert c["command"] == ["torchrun"]
+    assert "--nnodes=3" in c["args"] and "--nproc-per-node=2" in c["args"]
+    assert "--rdzv-endpoint=demo-0.demo.ns.svc:29400" in c["args"] and c["args"][-2:] == ["-m", "aiaas.trainer"]
+    env = {e["name"]: e for e in c["env"]}
+    assert env["MASTER_ADDR"]["value"] == "demo-0.demo.ns.svc"
+    assert env["WORLD_SIZE"]["value"] == "6"
+    assert env["PET_NNODES"]["value"] == "3" and env["PET_NPROC_PER_NODE"]["value"] == "2"
+    assert env["PET_NODE_RANK"]["valueFrom"]["fieldRef"]["fieldPath"] == (
+        "metadata.labels['apps.kubernetes.io/pod-index']"
+    )
+    config = TrainerConfig.model_validate(json.loads(env[launch.ENV_CONFIG]["value"]))
+    assert (config.parallelism.data, config.parallelism.model) == (3, 2)
+    assert config.hyperparameters.batch_size == 30
+
+
+def test_pod_is_restricted_and_has_shm_and_storage() -> None:
+    sts = by_kind(render_trainingjob(job(topology={"shmSize": "2Gi"}), SETTINGS))["StatefulSet"]
+    pod = sts["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    c = pod["containers"][0]
+    assert c["securityContext"]["allowPrivilegeEscalation"] is False
+    mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
+    vols = {v["name"]: v for v in pod["volumes"]}
+    assert vols[mounts["/dev/shm"]["name"]]["emptyDir"] == {"medium": "Memory", "sizeLimit": "2Gi"}
+    assert launch.CHECKPOINT_DIR.startswith(next(m for m in mounts if m.startswith("/var/run/aiaas")))
+    assert c["terminationMessagePolicy"] == "FallbackToLogsOnError"
+
+
+def test_gpu_jobs_request_gpus_and_tolerate_the_gpu_taint() -> None:
+    j = job(topology={"nprocPerNode": 4, "resources": {"limits": {"nvidia.com/gpu": 4}}},
+            trainer={"hyperparameters": {"batchSize": 64}})
+    pod = by_kind(render_trainingjob(j, SETTINGS))["StatefulSet"]["spec"]["template"]["spec"]
+    assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "4"
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
+    cpu_pod = by_kind(render_trainingjob(job(), SETTINGS))["StatefulSet"]["spec"]["template"]["spec"]
+    assert "tolerations" not in cpu_pod
+
+
+def test_suspended_job_renders_zero_replicas_and_override_wins() -> None:
+    assert by_kind(render_trainingjob(job(suspend=True), SETTINGS))["StatefulSet"]["spec"]["replicas"] == 0
+    assert by_kind(render_trainingjob(job(), SETTINGS, replicas=0))["StatefulSet"]["spec"]["replicas"] == 0
+
+
+def test_elastic_job_uses_min_max_nnodes() -> None:
+    j = job(topology={"nodes": 2}, elastic={"minNodes": 1, "maxNodes": 4, "maxRestarts": 5})
+    c = by_kind(render_trainingjob(j, SETTINGS))["StatefulSet"]["spec"]["template"]["spec"]["containers"][0]
+    assert "--nnodes=1:4" in c["args"] and "--max-restarts=5" in c["args"]
+
+
+def test_storage_claim_and_artifact_uri() -> None:
+    j = job(topology={"nodes": 2}, storage={"size": "3Gi"})
+    objs = by_kind(render_trainingjob(j, SETTINGS))
+    pvc = objs["PersistentVolumeClaim"]
+    assert pvc["metadata"]["name"] == "demo-storage" and pvc["spec"]["accessModes"] == ["ReadWriteMany"]
+    assert artifact_uri(j) == "pvc://demo-storage/demo/artifacts"
+    existing = job(storage={"claimName": "shared"})
+    assert "PersistentVolumeClaim" not in by_kind(render_trainingjob(existing, SETTINGS))
+    assert artifact_uri(existing) == "pvc://shared/demo/artifacts"
+    assert artifact_uri(job()).startswith("file://")
+
+
+def test_gang_scheduling() -> None:
+    volcano = by_kind(render_trainingjob(job(topology={"nodes": 2}, scheduling={"gang": {"provider": "volcano",
+                                                                                           "queue": "q"}}), SETTINGS))
+    assert volcano["PodGroup"]["spec"] == {"minMember": 2, "queue": "q"}
+    assert volcano["StatefulSet"]["spec"]["template"]["spec"]["schedulerName"] == "volcano"
+    kueue = by_kind(render_trainingjob(job(scheduling={"gang": {"provider": "kueue", "queue": "team"}}), SETTINGS))
+    assert kueue["StatefulSet"]["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team"
+    assert "PodGroup" not in kueue
+
+
+def test_custom_command_keeps_the_env_contract() -> None:
+    j = job(trainer={"command": ["python", "train.py"], "args": ["--lr", "0.1"],
+                     "env": [{"name": "WORLD_SIZE", "value": "override"}, {"name": "EXTRA", "value": "1"}]})
+    c = by_kind(render_trainingjob(j, SETTINGS))["StatefulSet"]["spec"]["template"]["spec"]["containers"][0]
+    assert c["command"] == ["python", "train.py"] and c["args"] == ["--lr", "0.1"]
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    assert env["WORLD_SIZE"] == "override" and env["EXTRA"] == "1" and env["MASTER_ADDR"] == "demo-0.demo.ns.svc"
+
+
+def test_render_is_pure_and_deterministic() -> None:
+    j = job(topology={"nodes": 2})
+    assert render_trainingjob(j, SETTINGS) == render_trainingjob(j, SETTINGS)
+    assert render_trainingjob(j, RenderSettings(trainer_image="x/y:1"))[-1]["spec"]["template"]["spec"][
+        "containers"][0]["image"] == "x/y:1"
+
+
+def isvc(**spec) -> api.InferenceService:
+    return api.InferenceService.model_validate(
+        {"apiVersion": api.API_VERSION, "kind": "InferenceService",
+         "metadata": {"name": "digits", "namespace": "ns", "uid": "u-2"}, "spec": spec}
+    )
+
+
+def test_inferenceservice_renders_deployment_service_and_hpa() -> None:
+    s = isvc(model={"storageUri": "pvc://models/cnn/v1"}, minReplicas=1, maxReplicas=3)
+    objs = by_kind(render_inferenceservice(s, SETTINGS))
+    dep = objs["Deployment"]
+    pod = dep["spec"]["template"]["spec"]
+    c = pod["containers"][0]
+    assert c["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
+    assert c["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
+    assert {"name": "model", "mountPath": "/mnt/models", "readOnly": True, "subPath": "cnn/v1"} in c["volumeMounts"]
+    assert pod["volumes"][0]["persistentVolumeClaim"] == {"claimName": "models", "readOnly": True}
+    assert objs["HorizontalPodAutoscaler"]["spec"]["maxReplicas"] == 3
+    assert objs["Service"]["spec"]["ports"][0]["port"] == 80
+    fixed = by_kind(render_inferenceservice(isvc(model={"storageUri": "pvc://m/x"}, replicas=2), SETTINGS))
+    assert "HorizontalPodAutoscaler" not in fixed and fixed["Deployment"]["spec"]["replicas"] == 2
+
+
+def test_inferenceservice_waiting_for_its_job_renders_no_deployment() -> None:
+    objs = render_inferenceservice(isvc(model={"trainingJob": "train"}), SETTINGS)
+    assert [o["kind"] for o in objs] == ["Service"]
+    assert [o["kind"] for o in render_inferenceservice(isvc(model={"trainingJob": "train"}), SETTINGS,
+                                                       "pvc://c/train/artifacts")] == ["Service", "Deployment"]
