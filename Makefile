@@ -1,0 +1,20 @@
+# The two commands of the README, and a few conveniences. Everything runs through hack/*.sh.
+.PHONY: demo test lint crds cluster-up cluster-down
+
+demo:  ## set up and train LeNet-5 on digits locally (no cluster)
+	./hack/demo.sh
+
+test:  ## set up and run every check and test (starts a local control plane)
+	./hack/test.sh
+
+lint:
+	PATH="$$(./hack/setup.sh):$$PATH" sh -c 'ruff check . && mypy'
+
+crds:  ## regenerate crds/ from the API models
+	"$$(./hack/setup.sh)/aiaas" crds --write crds/
+
+cluster-up:
+	./hack/cluster.sh up
+
+cluster-down:
+	./hack/cluster.sh down

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Set up and run every check: lint (ruff), types (mypy), then the whole pytest suite — unit tests, real
+# torchrun trainings, real HTTP servers, and end-to-end tests against a real Kubernetes control plane that the
+# e2e fixture starts (hack/cluster.sh) and stops. Extra arguments go to pytest.
+set -euo pipefail
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+BIN=$("$ROOT/hack/setup.sh" --test)
+export PATH="$BIN:$("$ROOT/hack/cluster.sh" bin-dir):$PATH"
+cd "$ROOT"
+echo "== ruff"; ruff check .
+echo "== mypy"; mypy
+echo "== pytest"; exec python -m pytest "$@"
