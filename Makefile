@@ -8,7 +8,7 @@ test:  ## set up and run every check and test (starts a local control plane)
 	./hack/test.sh
 
 lint:
-	PATH="$$(./hack/setup.sh):$$PATH" sh -c 'ruff check . && mypy'
+	PATH="$$(./hack/setup.sh):$$PATH" sh -c 'ruff check . && ./hack/mypy.sh'
 
 crds:  ## regenerate crds/ from the API models
 	"$$(./hack/setup.sh)/aiaas" crds --write crds/

@@ -8,5 +8,5 @@ BIN=$("$ROOT/hack/setup.sh" --test)
 export PATH="$BIN:$("$ROOT/hack/cluster.sh" bin-dir):$PATH"
 cd "$ROOT"
 echo "== ruff"; ruff check .
-echo "== mypy"; mypy
+echo "== mypy"; "$ROOT/hack/mypy.sh"
 echo "== pytest"; exec python -m pytest "$@"
