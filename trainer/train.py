@@ -1,0 +1,258 @@
+"""The training loop: data -> model -> parallel engine -> optimizer -> resume -> steps -> eval -> artifact.
+
+One call of :func:`train` is one training process (one torchrun worker). Every rank runs the same loop;
+collectives keep them in lockstep:
+
+* after each optimizer step the ranks all-reduce one small tensor ``[stop, checkpoint_due, loss, correct,
+  count]``, so a SIGTERM on any rank, or rank 0's time-based checkpoint trigger, is acted on by all ranks at
+  the same step, and rank 0 can log the global loss/accuracy (in a pipeline only the last stage has them);
+* the position in the data is (epoch, batch within the epoch); with the sampler's per-epoch permutation it
+  fully determines the next batch, so resuming from a checkpoint repeats and skips nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import signal
+import time
+from dataclasses import dataclass
+from types import FrameType
+from typing import Any
+
+import torch
+from aiaas.contract.config import Architecture, OptimizerName, TrainerConfig
+
+from . import distributed as D
+from .checkpoint import Checkpointer
+from .config import check_config, config_hash
+from .data import Dataset, ShardedLoader, eval_batches, load_dataset
+from .errors import PermanentError, Preempted
+from .export import make_manifest, write_artifact
+from .metrics import TrainerMetrics
+from .models import build_model, count_parameters, max_stages
+from .parallel import Engine, make_engine, uses_bf16
+
+log = logging.getLogger("aiaas.trainer")
+
+EVAL_BATCH = 512
+
+
+# ------------------------------------------------------------------------------------------------ signals
+class StopFlag:
+    """Set by SIGTERM/SIGINT; the loop checkpoints and exits at the next step. A second signal exits at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.signum: int | None = None
+
+    def install(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.requested:
+            raise Preempted(f"received signal {signum} twice; stopping without a checkpoint")
+        self.requested = True
+        self.signum = signum
+
+
+STOP = StopFlag()
+
+
+@dataclass
+class Result:
+    step: int
+    artifact: str
+    metrics: dict[str, Any]
+
+
+def make_optimizer(params: Any, cfg: TrainerConfig) -> torch.optim.Optimizer:
+    hp = cfg.hyperparameters
+    name = OptimizerName(hp.optimizer)
+    if name == OptimizerName.sgd:
+        return torch.optim.SGD(params, lr=hp.learning_rate, momentum=hp.momentum, weight_decay=hp.weight_decay)
+    if name == OptimizerName.adamw:
+        return torch.optim.AdamW(params, lr=hp.learning_rate, weight_decay=hp.weight_decay)
+    return torch.optim.Adam(params, lr=hp.learning_rate, weight_decay=hp.weight_decay)
+
+
+def optimizer_step_count(optimizer: torch.optim.Optimizer) -> int | None:
+    """The optimizer's own step counter (Adam/AdamW), as a cross-check of the loop's step count."""
+    for state in optimizer.state.values():
+        if "step" in state:
+            s = state["step"]
+            s = s.full_tensor() if hasattr(s, "full_tensor") else s
+            return int(s.item()) if isinstance(s, torch.Tensor) else int(s)
+    return None
+
+
+def evaluate(engine: Engine, data: Dataset, env: D.DistEnv) -> dict[str, float]:
+    """Loss and accuracy on the eval split, every rank evaluating its share (collective)."""
+    engine.train(False)
+    stats = torch.zeros(3, device=env.device)
+    for x, y, w in eval_batches(data.eval_x, data.eval_y, env.dp_size, env.dp_rank, EVAL_BATCH):
+        stats += engine.eval_step(x, y, w)
+    D.all_reduce_sum(stats, env)
+    engine.train(True)
+    loss_sum, correct, count = stats.tolist()
+    return {"loss": loss_sum / max(count, 1), "accuracy": correct / max(count, 1), "evalSamples": int(count)}
+
+
+def _fmt_eta(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s" if m else f"{s}s"
+
+
+def train(cfg: TrainerConfig) -> Result:
+    """Run one training process to the end; raise :class:`PermanentError`, :class:`Preempted` or anything
+    else (retryable). Rank 0 writes the artifact."""
+    _, world_size, *_ = D.world_from_env()
+    check_config(cfg, world_size)
+    hp, par = cfg.hyperparameters, cfg.parallelism
+    arch = Architecture(cfg.model.architecture)
+
+    # ---- data and model (identical on every rank: same seed)
+    data = load_dataset(cfg.dataset, arch)
+    torch.manual_seed(hp.seed)
+    try:
+        model = build_model(cfg.model, data.inputs)
+    except ValueError as e:
+        raise PermanentError(str(e)) from e
+    if par.model > max_stages(model):  # type: ignore[arg-type]
+        raise PermanentError(
+            f"parallelism.model is {par.model}, but the {arch.value} model can be cut into at most "
+            f"{max_stages(model)} pipeline stages (one per layer with parameters); lower parallelism.model "  # type: ignore[arg-type]
+            "or add layers (model.numLayers)", reason="ParallelismMismatch")
+
+    # ---- processes
+    env = D.init_distributed(par.data, par.model)
+    torch.manual_seed(hp.seed + env.rank)  # dropout masks differ between replicas
+    engine = make_engine(model, env, par.strategy, cfg.precision, par.microbatches)
+    optimizer = make_optimizer(engine.parameters(), cfg)
+    loader = ShardedLoader(data.train_x, data.train_y, hp.batch_size, env.dp_size, env.dp_rank, hp.seed)
+    steps_per_epoch = loader.steps_per_epoch
+    total_steps = hp.epochs * steps_per_epoch
+    if hp.max_steps:
+        total_steps = min(total_steps, hp.max_steps)
+    metrics = TrainerMetrics(cfg.job_name, env.rank, cfg.metrics_port + env.local_rank if cfg.metrics_port else None)
+    metrics.total_steps.set(total_steps)
+    chash = config_hash(cfg)
+
+    if env.is_main:
+        log.info("job %s: %s (%d parameters) on %s %s | world %d = data %d x model %d (%s%s) | %s%s",
+                 cfg.job_name, arch.value, count_parameters(model), data.name, list(data.inputs.shape), world_size,
+                 par.data, par.model, par.strategy, f", {par.microbatches} micro-batches" if par.model > 1 else "",
+                 env.device, ", bf16" if uses_bf16(cfg.precision, env.device) else "")
+        log.info("train %d / eval %d samples, global batch %d (%d per replica), %d steps/epoch, %d steps in all",
+                 len(data.train_x), len(data.eval_x), hp.batch_size, loader.local_batch, steps_per_epoch,
+                 total_steps)
+
+    # ---- resume
+    step, epoch, batch_in_epoch, resumed_from = 0, 0, 0, None
+    ckpt = Checkpointer(cfg.checkpoint_dir, cfg.checkpoint.keep_last, env) if cfg.checkpoint.enabled else None
+    if ckpt is not None:
+        state = ckpt.resume(engine.state_module(), optimizer)
+        if state is not None:
+            step, epoch, batch_in_epoch = int(state["step"]), int(state["epoch"]), int(state["batchInEpoch"])
+            resumed_from = step
+            metrics.checkpointed(ckpt.last_saved_at or time.time())
+            if env.is_main:
+                log.info("resumed from checkpoint step %d (epoch %d, batch %d)", step, epoch, batch_in_epoch)
+                if state.get("configHash") not in (None, chash):
+                    log.warning("the config changed since this checkpoint was written; continuing with the new one")
+
+    def save() -> None:
+        assert ckpt is not None
+        ckpt.save(step, engine.state_module(), optimizer,
+                  {"epoch": epoch, "batchInEpoch": batch_in_epoch, "samplesSeen": step * hp.batch_size,
+                   "configHash": chash, "savedAt": time.time(), "worldSize": world_size,
+                   "parallelism": par.dump()})
+        metrics.checkpointed(time.time())
+
+    # ---- the loop
+    start_time = time.time()
+    window_t, window_steps = time.perf_counter(), 0
+    window = torch.zeros(3, device=env.device)
+    last_eval: dict[str, float] = {}
+    engine.train(True)
+    while step < total_steps:
+        metrics.epoch.set(epoch)
+        for x, y in loader.epoch(epoch, batch_in_epoch):
+            optimizer.zero_grad(set_to_none=True)
+            stats = engine.train_step(x, y)
+            optimizer.step()
+            step += 1
+            batch_in_epoch += 1
+            if batch_in_epoch == steps_per_epoch:
+                epoch, batch_in_epoch = epoch + 1, 0
+            due = ckpt is not None and cfg.checkpoint.interval_seconds is not None and env.is_main and \
+                time.time() - (ckpt.last_saved_at or start_time) >= cfg.checkpoint.interval_seconds
+            control = torch.cat([torch.tensor([float(STOP.requested), float(due)], device=env.device), stats])
+            D.all_reduce_sum(control, env)
+            window += control[2:]
+            window_steps += 1
+            if step % cfg.log_interval_steps == 0 or step == total_steps:
+                elapsed = time.perf_counter() - window_t
+                loss_sum, correct, count = window.tolist()
+                sps = window_steps * hp.batch_size / max(elapsed, 1e-9)
+                metrics.loss.set(loss_sum / max(count, 1))
+                metrics.samples_per_second.set(sps)
+                if env.is_main:
+                    log.info("epoch %d/%d step %d/%d (%d%%) loss %.4f acc %.4f | %.0f samples/s | eta %s",
+                             min(epoch + (batch_in_epoch > 0), hp.epochs), hp.epochs, step, total_steps,
+                             100 * step // total_steps, loss_sum / max(count, 1), correct / max(count, 1), sps,
+                             _fmt_eta((total_steps - step) * hp.batch_size / max(sps, 1e-9)))
+                window.zero_()
+                window_t, window_steps = time.perf_counter(), 0
+            metrics.step.set(step)
+            stop = control[0].item() > 0
+            if ckpt is not None and (stop or control[1].item() > 0 or step % cfg.checkpoint.interval_steps == 0):
+                save()
+            if stop:
+                raise Preempted(f"stopped by signal {STOP.signum or 'on a peer'} at step {step}; "
+                                f"{'checkpoint saved' if ckpt else 'checkpoints are disabled'}")
+            if batch_in_epoch == 0 or step >= total_steps:
+                break
+        if batch_in_epoch == 0 or step >= total_steps:  # an epoch ended (or the run did): evaluate
+            last_eval = evaluate(engine, data, env)
+            metrics.accuracy.set(last_eval["accuracy"])
+            if env.is_main:
+                log.info("eval after epoch %d: accuracy %.4f loss %.4f (%d samples)", epoch, last_eval["accuracy"],
+                         last_eval["loss"], last_eval["evalSamples"])
+    wall = time.time() - start_time
+
+    # ---- the end: final eval, checkpoint, artifact
+    if not last_eval:
+        last_eval = evaluate(engine, data, env)
+        metrics.accuracy.set(last_eval["accuracy"])
+    if ckpt is not None and ckpt.last_step != step:
+        save()
+    full = engine.full_state_dict()
+    opt_steps = optimizer_step_count(optimizer)
+    result_metrics: dict[str, Any] = {
+        **last_eval,
+        "steps": step,
+        "optimizerSteps": opt_steps,
+        "totalSteps": total_steps,
+        "epochs": epoch if batch_in_epoch == 0 else epoch + 1,
+        "trainSamples": len(data.train_x),
+        "globalBatchSize": hp.batch_size,
+        "resumedFromStep": resumed_from,
+        "wallSeconds": round(wall, 3),
+        "worldSize": world_size,
+        "parallelism": par.dump(),
+    }
+    if env.is_main:
+        assert full is not None
+        manifest = make_manifest(cfg.job_name, cfg.model, data.inputs, cfg.dataset.dump(),
+                                 training={"steps": step, "epochs": hp.epochs, "seed": hp.seed,
+                                           "parallelism": par.dump(), "configHash": chash})
+        write_artifact(cfg.artifact_dir, full, manifest, result_metrics)
+        log.info("done: %d steps, eval accuracy %.4f, artifact %s", step, last_eval["accuracy"], cfg.artifact_dir)
+    D.barrier(env)
+    D.shutdown(env)
+    return Result(step, cfg.artifact_dir, result_metrics)
