@@ -337,7 +337,7 @@ class TrainingJobStatus(Model):
 class TrainingJob(Model):
     """A distributed PyTorch training run: a torchrun StatefulSet with a headless Service."""
 
-    api_version: Literal["aiaas.dev/v1alpha1"] = Field(API_VERSION, description="aiaas.dev/v1alpha1")
+    api_version: Literal["aiaas.dev/v1alpha1"] = Field("aiaas.dev/v1alpha1", description="aiaas.dev/v1alpha1")
     kind: Literal["TrainingJob"] = Field("TrainingJob", description="TrainingJob")
     metadata: ObjectMeta = Field(description="Standard object metadata.")
     spec: TrainingJobSpec = Field(default_factory=TrainingJobSpec, description="Desired state.")
@@ -409,7 +409,7 @@ class InferenceServiceStatus(Model):
 class InferenceService(Model):
     """A model server answering the Open Inference Protocol: a Deployment, a Service and maybe an HPA."""
 
-    api_version: Literal["aiaas.dev/v1alpha1"] = Field(API_VERSION, description="aiaas.dev/v1alpha1")
+    api_version: Literal["aiaas.dev/v1alpha1"] = Field("aiaas.dev/v1alpha1", description="aiaas.dev/v1alpha1")
     kind: Literal["InferenceService"] = Field("InferenceService", description="InferenceService")
     metadata: ObjectMeta = Field(description="Standard object metadata.")
     spec: InferenceServiceSpec = Field(description="Desired state.")

@@ -142,8 +142,7 @@ def render_inferenceservice(
     """Children of the service. ``storage_uri`` is the resolved model location (for a TrainingJob source the
     operator passes the job's artifact URI); without it only the Service is rendered."""
     uri = storage_uri or svc.spec.model.storage_uri
-    objs = [service(svc)]
+    objs: list[dict[str, Any] | None] = [service(svc)]
     if uri:
-        objs.append(deployment(svc, settings, uri))
-        objs.append(autoscaler(svc))
+        objs += [deployment(svc, settings, uri), autoscaler(svc)]
     return [o for o in objs if o is not None]
