@@ -11,7 +11,7 @@ lint:
 	PATH="$$(./hack/setup.sh):$$PATH" sh -c 'ruff check . && ./hack/mypy.sh'
 
 crds:  ## regenerate crds/ from the API models
-	"$$(./hack/setup.sh)/aiaas" crds --write crds/
+	"$$(./hack/setup.sh)/aiaas" crds --write crds/ --reference docs/crd-reference.md
 
 cluster-up:
 	./hack/cluster.sh up

@@ -53,10 +53,13 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_crds(args: argparse.Namespace) -> int:
+    if args.reference:
+        Path(args.reference).write_text(crdgen.reference_markdown())
+        print(f"wrote {args.reference}")
     if args.write:
         for path in crdgen.write(Path(args.write)):
             print(f"wrote {path}")
-    else:
+    if not (args.write or args.reference):
         sys.stdout.write("---\n".join(crdgen.render_files().values()))
     return 0
 
@@ -91,6 +94,7 @@ def build_parser(plugged: str | None = None) -> argparse.ArgumentParser:
 
     p = sub.add_parser("crds", help="print the generated CustomResourceDefinitions")
     p.add_argument("--write", metavar="DIR", help="write them to DIR (the repo keeps them in crds/)")
+    p.add_argument("--reference", metavar="FILE", help="write the field reference as Markdown to FILE")
     p.set_defaults(func=cmd_crds)
 
     p = sub.add_parser("serve", help="serve a trained model artifact over the Open Inference Protocol")

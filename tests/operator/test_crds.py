@@ -68,3 +68,10 @@ def test_cel_rules_are_attached() -> None:
 def test_crd_yaml_parses_as_two_objects() -> None:
     docs = [yaml.safe_load(p.read_text()) for p in sorted((REPO / "crds").glob("aiaas.dev_*.yaml"))]
     assert {d["metadata"]["name"] for d in docs} == {"trainingjobs.aiaas.dev", "inferenceservices.aiaas.dev"}
+
+
+def test_crd_reference_doc_is_current() -> None:
+    path = REPO / "docs" / "crd-reference.md"
+    assert path.read_text() == crdgen.reference_markdown(), (
+        "docs/crd-reference.md drifted: run `aiaas crds --write crds/ --reference docs/crd-reference.md`"
+    )
