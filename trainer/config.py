@@ -14,9 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from aiaas.contract.config import Architecture, DatasetKind, TrainerConfig
-from aiaas.contract.launch import ENV_CONFIG, ENV_CONFIG_FILE
 from pydantic import ValidationError
+
+from aiaas.contract.config import Architecture, DatasetKind, TrainerConfig
+from aiaas.contract.launch import ENV_CONFIG, ENV_CONFIG_FILE, ENV_NNODES
 
 from .errors import PermanentError
 
@@ -63,6 +64,10 @@ def load_config(path: str | None = None, environ: dict[str, str] | None = None) 
 def check_config(cfg: TrainerConfig, world_size: int) -> None:
     """Cross-field checks that need the world: raise :class:`PermanentError` naming the problem."""
     par, ds, hp = cfg.parallelism, cfg.dataset, cfg.hyperparameters
+    if par.data * par.model != world_size and is_elastic() and world_size % par.model == 0:
+        # an elastic job re-forms with fewer or more nodes: the data-parallel degree follows the world (the
+        # global batch stays the same, so the trajectory does too; DCP checkpoints reshard on load)
+        par.data = world_size // par.model
     if par.data * par.model != world_size:
         raise PermanentError(
             f"parallelism.data ({par.data}) x parallelism.model ({par.model}) = {par.data * par.model}, but the "
@@ -91,6 +96,13 @@ def check_config(cfg: TrainerConfig, world_size: int) -> None:
             "model.architecture cnn cannot read the text dataset (character ids); use rnn, lstm or gru",
             reason="InvalidConfig",
         )
+
+
+def is_elastic(environ: dict[str, str] | None = None) -> bool:
+    """Whether torchrun runs this job elastically (``--nnodes=MIN:MAX``)."""
+    env = os.environ if environ is None else environ
+    nnodes = env.get(ENV_NNODES, "")
+    return ":" in nnodes and len(set(nnodes.split(":"))) > 1
 
 
 def config_hash(cfg: TrainerConfig) -> str:

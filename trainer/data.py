@@ -27,8 +27,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from aiaas.contract.config import Architecture, DatasetKind, DatasetSpec
 from torch.utils.data import DistributedSampler
+
+from aiaas.contract.config import Architecture, DatasetKind, DatasetSpec
 
 from .errors import PermanentError
 from .models import INPUT_IMAGE, INPUT_SEQUENCE, INPUT_TOKENS, InputSpec

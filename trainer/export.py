@@ -47,9 +47,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
+
 from aiaas.contract.artifact import DONE_FILE, MANIFEST_FILE, METRICS_FILE, WEIGHTS_FILE
 from aiaas.contract.config import ModelSpec
-from torch import nn
 
 from .models import INPUT_TOKENS, InputSpec, build_model
 

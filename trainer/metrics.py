@@ -9,8 +9,9 @@ from __future__ import annotations
 import logging
 import time
 
-from aiaas.contract import metrics as names
 from prometheus_client import CollectorRegistry, Gauge, start_http_server
+
+from aiaas.contract import metrics as names
 
 log = logging.getLogger(__name__)
 

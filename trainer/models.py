@@ -25,8 +25,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from aiaas.contract.config import Architecture, ModelSpec
 from torch import nn
+
+from aiaas.contract.config import Architecture, ModelSpec
 
 INPUT_IMAGE = "image"
 INPUT_SEQUENCE = "sequence"

@@ -23,10 +23,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from aiaas.contract.config import Precision, Strategy
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.nn.parallel import DistributedDataParallel
+
+from aiaas.contract.config import Precision, Strategy
 
 from .distributed import DistEnv
 from .models import split_stages

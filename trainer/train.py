@@ -21,6 +21,7 @@ from types import FrameType
 from typing import Any
 
 import torch
+
 from aiaas.contract.config import Architecture, OptimizerName, TrainerConfig
 
 from . import distributed as D
