@@ -85,7 +85,7 @@ find_go() {
 # + go version: a stamp per binary decides whether it must be rebuilt.
 stamp_of() { # <module dir> <version>
   local dir=$1 ver=$2
-  { echo "$ver"; "$GO_BIN" env GOVERSION; cat "$dir"/go.mod "$dir"/go.sum "$dir"/*.go 2>/dev/null; } | sha256sum | cut -c1-16
+  { echo "$ver"; "$GO_BIN" env GOVERSION; cat "$dir"/go.mod "$dir"/go.sum "$dir"/*.go 2>/dev/null || true; } | sha256sum | cut -c1-16
 }
 
 build_module() { # <name> <version> <ldflags> <package>...
@@ -113,7 +113,7 @@ build_module() { # <name> <version> <ldflags> <package>...
     helm) sed -i -E "s#(helm.sh/helm/v3) v[^ ]+#\1 $ver#" "$work/go.mod" ;;
   esac
   local t0=$SECONDS
-  log "building $name $ver ($*) — the first build of kubernetes takes a long while"
+  log "building $name $ver ($*)$([[ $name == kubernetes ]] && echo " — the first build takes several minutes")"
   (
     cd "$work"
     export CGO_ENABLED=0 GOFLAGS=-mod=mod
@@ -187,20 +187,33 @@ start() { # <component> <args...>
   log "started $c (pid $!, log $LOGS/$c.log)"
 }
 
-stop() { # <component>
-  local c=$1 pid i
-  pid=$(pid_of "$c")
-  [[ -n $pid ]] || return 0
-  if alive "$c"; then
-    kill -TERM "$pid" 2>/dev/null || true
-    for ((i = 0; i < 100; i++)); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    if kill -0 "$pid" 2>/dev/null; then
-      log "$c (pid $pid) did not stop on SIGTERM; sending SIGKILL"
-      kill -KILL "$pid" 2>/dev/null || true
+# running <pid>: the process exists and is not a zombie (the cluster's
+# processes are re-parented to init, which may be slow to reap them).
+running() {
+  kill -0 "$1" 2>/dev/null || return 1
+  [[ $(awk '{print $3}' "/proc/$1/stat" 2>/dev/null) != Z ]]
+}
+
+stop() { # <component>... : SIGTERM them together, wait, SIGKILL stragglers
+  local c pid i pids=() names=()
+  for c in "$@"; do
+    pid=$(pid_of "$c")
+    [[ -n $pid ]] || continue
+    if alive "$c"; then
+      kill -TERM "$pid" 2>/dev/null || true
+      pids+=("$pid"); names+=("$c")
     fi
-    log "stopped $c (pid $pid)"
-  fi
-  rm -f "$RUN/$c.pid"
+    rm -f "$RUN/$c.pid"
+  done
+  for ((i = 0; i < ${#pids[@]}; i++)); do
+    local n=0
+    while running "${pids[i]}" && ((n++ < 150)); do sleep 0.1; done
+    if running "${pids[i]}"; then
+      log "${names[i]} (pid ${pids[i]}) did not stop on SIGTERM within 15s; sending SIGKILL"
+      kill -KILL "${pids[i]}" 2>/dev/null || true
+    fi
+    log "stopped ${names[i]} (pid ${pids[i]})"
+  done
 }
 
 port_busy() { ss -Hltn "sport = :$1" 2>/dev/null | grep -q .; }
@@ -259,6 +272,15 @@ subjectAltName=IP:127.0.0.1,IP:10.96.0.1,DNS:localhost,DNS:kubernetes,DNS:kubern
     # kwok acts for many nodes (node status, leases, pod status) and needs more
     # than the Node authorizer grants to a single kubelet identity.
     cert kwok "/O=system:masters/CN=kwok-controller" "$client"
+    # Aggregation layer (front proxy): its own CA, as kubeadm does.
+    openssl req -x509 -newkey rsa:2048 -nodes -keyout front-proxy-ca.key -out front-proxy-ca.crt -days 3650 \
+      -subj "/CN=$CLUSTER_NAME-front-proxy-ca" 2>/dev/null
+    openssl req -newkey rsa:2048 -nodes -keyout front-proxy-client.key -out front-proxy-client.csr \
+      -subj "/CN=front-proxy-client" 2>/dev/null
+    printf '%s\n' "$client" > front-proxy-client.ext
+    openssl x509 -req -in front-proxy-client.csr -CA front-proxy-ca.crt -CAkey front-proxy-ca.key -CAcreateserial \
+      -out front-proxy-client.crt -days 3650 -extfile front-proxy-client.ext 2>/dev/null
+    rm -f front-proxy-client.csr front-proxy-client.ext front-proxy-ca.srl
     openssl genrsa -out sa.key 2048 2>/dev/null
     openssl rsa -in sa.key -pubout -out sa.pub 2>/dev/null
     rm -f ca.srl
@@ -410,6 +432,10 @@ do_up() {
     --endpoint-reconciler-type=none \
     --tls-cert-file="$PKI/apiserver.crt" --tls-private-key-file="$PKI/apiserver.key" \
     --client-ca-file="$PKI/ca.crt" \
+    --requestheader-client-ca-file="$PKI/front-proxy-ca.crt" --requestheader-allowed-names=front-proxy-client \
+    --requestheader-username-headers=X-Remote-User --requestheader-group-headers=X-Remote-Group \
+    --requestheader-extra-headers-prefix=X-Remote-Extra- \
+    --proxy-client-cert-file="$PKI/front-proxy-client.crt" --proxy-client-key-file="$PKI/front-proxy-client.key" \
     --authorization-mode=Node,RBAC \
     --service-account-issuer=https://kubernetes.default.svc.cluster.local \
     --service-account-key-file="$PKI/sa.pub" --service-account-signing-key-file="$PKI/sa.key" \
@@ -487,9 +513,10 @@ no_not_ready_taints() {
 do_down() {
   local keep_logs=0
   [[ ${1:-} == --keep-logs ]] && keep_logs=1
-  local i
-  # Reverse start order: clients first, etcd last.
-  for ((i = ${#COMPONENTS[@]} - 1; i >= 0; i--)); do stop "${COMPONENTS[i]}"; done
+  # Clients of the apiserver first, then the apiserver, etcd last.
+  stop kwok kube-scheduler kube-controller-manager
+  stop kube-apiserver
+  stop etcd
   if (( keep_logs )); then
     find "$CLUSTER_DIR" -mindepth 1 -maxdepth 1 ! -name logs -exec rm -rf {} + 2>/dev/null || true
   else

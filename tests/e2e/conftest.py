@@ -11,12 +11,15 @@ Which cluster
   started once per session and stopped at the end, unless it was already
   running before the session or ``AIAAS_KEEP_CLUSTER=1``.
 
-Either way the session applies ``crds/`` (server-side) and waits for the CRDs
-to be Established, and puts the built kubectl/helm (if present) first on PATH.
+Either way the session puts the built kubectl/helm (if present) first on PATH,
+and, for tests that ask for it, applies ``crds/`` (server-side) and waits for
+the CRDs to be Established.
 
 Fixtures
 --------
-``e2e_cluster``  session info: kubeconfig path, kubectl/helm paths, local or not
+``k8s_cluster``  session info: kubeconfig path, kubectl/helm paths, local or not
+``crds``         session: crds/ applied and Established (list of CRD documents)
+``e2e_cluster``  ``k8s_cluster`` with ``crds`` applied: what aiaas tests use
 ``kubectl``      ``kubectl(*args, check=True, input=None, namespace=None, timeout=120)``
                  -> CompletedProcess[str]; raises KubectlError (shows stderr) if check
 ``namespace``    a fresh namespace per test, deleted afterwards
@@ -93,7 +96,7 @@ def _cluster_sh(*args: str, timeout: float) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.fixture(scope="session")
-def e2e_cluster() -> Iterator[E2ECluster]:
+def k8s_cluster() -> Iterator[E2ECluster]:
     saved_env = {k: os.environ.get(k) for k in ("KUBECONFIG", "PATH")}
     started_here = False
     bin_dir = _bin_dir()
@@ -126,7 +129,6 @@ def e2e_cluster() -> Iterator[E2ECluster]:
 
     try:
         run([kubectl_bin, "version"], timeout=60)
-        _apply_crds(cluster)
         yield cluster
     finally:
         for k, v in saved_env.items():
@@ -138,9 +140,23 @@ def e2e_cluster() -> Iterator[E2ECluster]:
             _cluster_sh("down", timeout=300)
 
 
+@pytest.fixture(scope="session")
+def crds(k8s_cluster: E2ECluster) -> list[dict]:
+    """crds/ applied (server-side) and Established; returns the CRD documents."""
+    docs = crd_docs()
+    if not docs:
+        pytest.skip("no CustomResourceDefinitions in crds/")
+    _apply_crds(k8s_cluster)
+    return docs
+
+
+@pytest.fixture(scope="session")
+def e2e_cluster(k8s_cluster: E2ECluster, crds: list[dict]) -> E2ECluster:
+    """The session cluster with the aiaas CRDs installed."""
+    return k8s_cluster
+
+
 def _apply_crds(cluster: E2ECluster) -> None:
-    if not CRDS_DIR.is_dir() or not crd_docs():
-        return
     run(
         [cluster.kubectl, "apply", "--server-side", "--force-conflicts", "--field-manager=aiaas-e2e", "-f", str(CRDS_DIR)],
         timeout=120,
@@ -165,7 +181,7 @@ KubectlFn = Callable[..., subprocess.CompletedProcess[str]]
 
 
 @pytest.fixture(scope="session")
-def kubectl(e2e_cluster: E2ECluster) -> KubectlFn:
+def kubectl(k8s_cluster: E2ECluster) -> KubectlFn:
     """``kubectl("get", "pods", namespace=ns, check=True, input=None, timeout=120)``."""
 
     def _kubectl(
@@ -175,7 +191,7 @@ def kubectl(e2e_cluster: E2ECluster) -> KubectlFn:
         namespace: str | None = None,
         timeout: float = 120,
     ) -> subprocess.CompletedProcess[str]:
-        cmd = [e2e_cluster.kubectl, f"--kubeconfig={e2e_cluster.kubeconfig}"]
+        cmd = [k8s_cluster.kubectl, f"--kubeconfig={k8s_cluster.kubeconfig}"]
         if namespace:
             cmd.append(f"--namespace={namespace}")
         return run([*cmd, *args], check=check, input=input, timeout=timeout)
@@ -184,14 +200,15 @@ def kubectl(e2e_cluster: E2ECluster) -> KubectlFn:
 
 
 @pytest.fixture(scope="session")
-def helm(e2e_cluster: E2ECluster) -> KubectlFn:
+def helm(k8s_cluster: E2ECluster) -> KubectlFn:
     """``helm("install", ..., check=True)`` with the session kubeconfig."""
-    if e2e_cluster.helm is None:
+    if k8s_cluster.helm is None:
         pytest.skip("helm not found: run hack/cluster.sh build, or put helm on PATH")
-    helm_bin = e2e_cluster.helm
+    helm_bin = k8s_cluster.helm
+    kubeconfig = k8s_cluster.kubeconfig
 
     def _helm(*args: str, check: bool = True, input: str | None = None, timeout: float = 300):
-        return run([helm_bin, f"--kubeconfig={e2e_cluster.kubeconfig}", *args], check=check, input=input, timeout=timeout)
+        return run([helm_bin, f"--kubeconfig={kubeconfig}", *args], check=check, input=input, timeout=timeout)
 
     return _helm
 
@@ -221,10 +238,10 @@ def namespace(request: pytest.FixtureRequest, kubectl: KubectlFn) -> Iterator[st
 
 
 @pytest.fixture(scope="session")
-def k8s_api(e2e_cluster: E2ECluster):
+def k8s_api(k8s_cluster: E2ECluster):
     """``kubernetes.client.ApiClient`` for the session cluster."""
     kubernetes = pytest.importorskip("kubernetes")
-    api = kubernetes.config.new_client_from_config(config_file=e2e_cluster.kubeconfig)
+    api = kubernetes.config.new_client_from_config(config_file=k8s_cluster.kubeconfig)
     try:
         yield api
     finally:
