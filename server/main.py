@@ -20,8 +20,9 @@ import sys
 from collections.abc import Sequence
 
 import prometheus_client
-from aiaas.contract.launch import MODEL_DIR, SERVER_PORT
 from aiohttp import web
+
+from aiaas.contract.launch import MODEL_DIR, SERVER_PORT
 
 from .app import STATE_KEY, ServerConfig, build_app
 

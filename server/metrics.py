@@ -10,9 +10,10 @@
 
 from __future__ import annotations
 
-from aiaas.contract.metrics import SERVER_BATCH_SIZE, SERVER_LATENCY, SERVER_MODEL_LOAD, SERVER_REQUESTS
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from aiaas.contract.metrics import SERVER_BATCH_SIZE, SERVER_LATENCY, SERVER_MODEL_LOAD, SERVER_REQUESTS
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
@@ -57,6 +58,9 @@ class ServerMetrics:
         self.model = model
         self._request_children.clear()
         self.model_load.labels(model).set(load_seconds)
+        # Create the series now, so dashboards see zeros rather than nothing before the first request.
+        self.latency.labels(model)
+        self.batch_size.labels(model)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

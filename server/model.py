@@ -163,6 +163,7 @@ def load(model_dir: str | Path, name: str | None = None, threads: int | None = N
     """Load an artifact directory with the trainer's loader, and warm the model up with one batch."""
     start = time.perf_counter()
     import torch
+
     from aiaas.trainer.export import load_artifact
 
     if threads:

@@ -1,0 +1,144 @@
+"""Dynamic batching, graceful shutdown, readiness and load failures, with real server processes."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from artifacts import digits
+from conftest import ServerProcess, http
+
+X, Y = digits()
+
+
+def infer(url: str, x: np.ndarray, name: str = "digits", timeout: float = 60.0) -> tuple[int, dict[str, Any]]:
+    body = {"id": str(len(x)), "inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32",
+                                           "data": x.reshape(-1).tolist()}]}
+    status, _, raw = http("POST", f"{url}/v2/models/{name}/infer", body, timeout=timeout)
+    return status, json.loads(raw)
+
+
+def metric(url: str, pattern: str) -> float:
+    text = http("GET", url + "/metrics")[2].decode()
+    match = re.search(pattern + r" ([0-9.e+-]+)", text)
+    assert match, f"{pattern} not in\n{text}"
+    return float(match.group(1))
+
+
+def test_concurrent_requests_are_batched_and_answered(server: ServerProcess, reference: Any) -> None:
+    count_before = metric(server.url, r'aiaas_server_batch_size_count\{model="digits"\}')
+    sum_before = metric(server.url, r'aiaas_server_batch_size_sum\{model="digits"\}')
+    n = 96
+    samples = [X[i % len(X)].reshape(1, 1, 8, 8) for i in range(n)]
+    barrier = threading.Barrier(32)
+
+    def one(i: int) -> tuple[int, dict[str, Any]]:
+        if i < 32:
+            barrier.wait()
+        return infer(server.url, samples[i])
+
+    with ThreadPoolExecutor(32) as pool:
+        results = list(pool.map(one, range(n)))
+    _, expected = reference(np.concatenate(samples))
+    for i, (status, body) in enumerate(results):
+        assert status == 200, body
+        assert body["outputs"][1]["data"] == [int(expected[i])]
+    batches = metric(server.url, r'aiaas_server_batch_size_count\{model="digits"\}') - count_before
+    rows = metric(server.url, r'aiaas_server_batch_size_sum\{model="digits"\}') - sum_before
+    assert rows == n
+    assert batches < n, "no two concurrent requests shared a forward pass"
+
+
+def test_sigterm_finishes_requests_in_flight(cnn_artifact: Path, tmp_path: Path, reference: Any) -> None:
+    proc = ServerProcess(cnn_artifact, tmp_path / "server.log", "--max-batch-size", "8").wait_ready()
+    big = [X[i * 30 : i * 30 + 1500].reshape(-1, 1, 8, 8) for i in range(8)]
+    with ThreadPoolExecutor(len(big)) as pool:
+        futures = [pool.submit(infer, proc.url, x) for x in big]
+        time.sleep(0.3)  # the requests are sent; the model works through them one by one
+        in_flight = sum(not f.done() for f in futures)
+        proc.proc.send_signal(signal.SIGTERM)
+        results = [f.result() for f in futures]
+    code = proc.stop()
+    assert in_flight > 0, "the requests finished before SIGTERM; make them bigger"
+    for x, (status, body) in zip(big, results, strict=True):
+        assert status == 200, body
+        assert body["outputs"][1]["data"] == reference(x)[1].tolist()
+    assert code == 0, proc.log()
+    assert "shutting down" in proc.log()
+
+
+def test_not_ready_while_loading_then_ready(cnn_artifact: Path, tmp_path: Path) -> None:
+    proc = ServerProcess(cnn_artifact, tmp_path / "server.log")
+    try:
+        deadline = time.monotonic() + 60
+        seen: list[int] = []
+        while time.monotonic() < deadline:
+            try:
+                live = http("GET", proc.url + "/v2/health/live", timeout=2)[0]
+                ready = http("GET", proc.url + "/v2/health/ready", timeout=2)[0]
+            except OSError:
+                time.sleep(0.05)
+                continue
+            assert live == 200
+            seen.append(ready)
+            if ready == 200:
+                break
+            status, body = infer(proc.url, X[:1].reshape(1, 1, 8, 8))
+            if status != 200:  # the model may finish loading between the two calls
+                assert status == 503 and "loading" in body["error"], body
+            time.sleep(0.02)
+        assert seen and seen[-1] == 200
+        assert seen[0] == 503, "the port should open before the model is loaded"
+    finally:
+        assert proc.stop() == 0
+
+
+def test_incomplete_artifact_fails_with_a_reason(cnn_artifact: Path, tmp_path: Path) -> None:
+    broken = tmp_path / "artifact"
+    broken.mkdir()
+    for f in cnn_artifact.iterdir():
+        if f.name != "DONE":
+            (broken / f.name).write_bytes(f.read_bytes())
+    proc = ServerProcess(broken, tmp_path / "server.log")
+    assert proc.proc.wait(120) == 1
+    assert "incomplete" in proc.log() and "DONE" in proc.log()
+    proc.stop()
+
+
+def test_rnn_model(rnn_artifact: Path, tmp_path: Path) -> None:
+    from aiaas.trainer.export import load_artifact, predict
+
+    model, manifest = load_artifact(rnn_artifact)
+    proc = ServerProcess(rnn_artifact, tmp_path / "server.log", "--name", "seq").wait_ready()
+    try:
+        meta = json.loads(http("GET", proc.url + "/v2/models/seq")[2])
+        assert meta["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, 8, 8]}]
+        x = X[:32]
+        status, body = infer(proc.url, x, name="seq")
+        assert status == 200, body
+        expected = predict(model, manifest, x)
+        outputs = {o["name"]: o for o in body["outputs"]}
+        np.testing.assert_allclose(np.array(outputs["probabilities"]["data"]).reshape(32, 10),
+                                   expected["probabilities"].numpy(), atol=1e-5)
+        assert outputs["predicted_class"]["data"] == expected["predicted_class"].tolist()
+        status, body = infer(proc.url, X[:1].reshape(1, 1, 8, 8), name="seq")
+        assert status == 400 and "dimensions" in body["error"]
+        assert infer(proc.url, x, name="rnn-digits")[0] == 404
+    finally:
+        assert proc.stop() == 0
+
+
+@pytest.mark.parametrize("argv", [["--max-batch-size", "0"], ["--port", "70000"]])
+def test_cli_rejects_bad_flags(argv: list[str], cnn_artifact: Path, tmp_path: Path) -> None:
+    proc = ServerProcess(cnn_artifact, tmp_path / "server.log", *argv)
+    assert proc.proc.wait(60) == 2
+    assert "must" in proc.log()
+    proc.stop()
