@@ -1,0 +1,185 @@
+"""Run the operator: reconcile TrainingJobs and InferenceServices (kopf; leader election on a Lease).
+
+``aiaas operator [-n NAMESPACE ...] [--standalone]``. One replica leads at a time: a replica first takes the
+``coordination.k8s.io/v1`` Lease ``aiaas-operator`` (client-go's algorithm: expired or free -> take it with an
+optimistic-concurrency PUT), only then starts its watches, renews it every ``--retry-period`` seconds, and exits
+at once if it cannot renew within ``--renew-deadline`` (shorter than the lease, so a successor never overlaps).
+A standby replica serves /healthz and answers 503 on /readyz. ``--standalone`` skips the election.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+import threading
+import time
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+from . import settings as settings_mod
+from .k8s import Kube, KubeError, load_api_client
+from .metrics import Health, OperatorMetrics, serve
+from .settings import OperatorSettings
+
+log = logging.getLogger("aiaas.operator")
+
+MICROTIME = "%Y-%m-%dT%H:%M:%S.%fZ"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    settings_mod.add_arguments(parser)
+
+
+# -------------------------------------------------------------------------------------- leader election
+def _parse_microtime(s: str | None) -> datetime | None:
+    if not s:
+        return None
+    try:
+        return datetime.fromisoformat(s.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+
+
+def lease_is_free(spec: dict[str, Any], identity: str, now: datetime) -> bool:
+    """May ``identity`` take (or keep) a lease with this spec at ``now``? Pure."""
+    holder = spec.get("holderIdentity") or ""
+    if not holder or holder == identity:
+        return True
+    renewed = _parse_microtime(spec.get("renewTime")) or _parse_microtime(spec.get("acquireTime"))
+    duration = float(spec.get("leaseDurationSeconds") or 15)
+    return renewed is None or renewed + timedelta(seconds=duration) < now
+
+
+def lease_spec(prev: dict[str, Any], identity: str, now: datetime, duration: float) -> dict[str, Any]:
+    held = prev.get("holderIdentity") == identity
+    stamp = now.strftime(MICROTIME)
+    return {
+        **prev,
+        "holderIdentity": identity,
+        "leaseDurationSeconds": int(duration),
+        "acquireTime": prev.get("acquireTime") if held and prev.get("acquireTime") else stamp,
+        "renewTime": stamp,
+        "leaseTransitions": int(prev.get("leaseTransitions") or 0) + (0 if held else 1),
+    }
+
+
+class LeaderElector:
+    def __init__(self, kube: Kube, s: OperatorSettings) -> None:
+        self.kube, self.s = kube, s
+        self.stopped = threading.Event()
+
+    def try_acquire_or_renew(self) -> bool:
+        now = datetime.now(timezone.utc)
+        ns, name = self.s.lease_namespace, self.s.lease_name
+        try:
+            lease = self.kube.get_lease(ns, name)
+            if lease is None:
+                self.kube.create_lease({
+                    "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+                    "metadata": {"name": name, "namespace": ns},
+                    "spec": lease_spec({}, self.s.identity, now, self.s.lease_duration_seconds),
+                })
+                return True
+            spec = lease.get("spec") or {}
+            if not lease_is_free(spec, self.s.identity, now):
+                return False
+            lease["spec"] = lease_spec(spec, self.s.identity, now, self.s.lease_duration_seconds)
+            self.kube.replace_lease(lease)
+            return True
+        except KubeError as err:
+            if not err.conflict:
+                log.warning("leader election: %s", err)
+            return False
+
+    def acquire(self) -> None:
+        log.info("waiting to lead (Lease %s/%s, identity %s)", self.s.lease_namespace, self.s.lease_name,
+                 self.s.identity)
+        while not self.try_acquire_or_renew():
+            time.sleep(self.s.retry_period_seconds)
+        log.info("leading (Lease %s/%s)", self.s.lease_namespace, self.s.lease_name)
+
+    def renew_forever(self) -> None:
+        last = time.monotonic()
+        while not self.stopped.wait(self.s.retry_period_seconds):
+            if self.try_acquire_or_renew():
+                last = time.monotonic()
+            elif time.monotonic() - last > self.s.renew_deadline_seconds:
+                log.error("lost the lease %s/%s: exiting so that only the new leader acts",
+                          self.s.lease_namespace, self.s.lease_name)
+                logging.shutdown()
+                os._exit(1)
+
+    def release(self) -> None:
+        self.stopped.set()
+        try:
+            lease = self.kube.get_lease(self.s.lease_namespace, self.s.lease_name)
+            if lease and (lease.get("spec") or {}).get("holderIdentity") == self.s.identity:
+                lease["spec"] = {**lease["spec"], "holderIdentity": None, "leaseDurationSeconds": 1}
+                self.kube.replace_lease(lease)
+        except KubeError as err:
+            log.warning("could not release the lease: %s", err)
+
+
+# ------------------------------------------------------------------------------------------------- run
+def run(args: argparse.Namespace) -> int:
+    s = settings_mod.from_args(args)
+    logging.basicConfig(level=s.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("kubernetes", "urllib3", "aiohttp.access", "kopf.objects", "kopf.activities"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    return asyncio.run(operate(s))
+
+
+async def operate(s: OperatorSettings, stop_flag: asyncio.Event | None = None) -> int:
+    import kopf  # the operator's only kopf entry point; imported late so `aiaas --help` stays fast
+
+    from .handlers import Controller, register
+
+    kube = Kube(load_api_client(), s.field_manager)
+    health = Health(stale_after=max(60.0, 4 * s.resync_seconds))
+    ctl_ref: dict[str, Any] = {}
+    metrics = OperatorMetrics(jobs=lambda: dict(ctl_ref["c"].job_phases) if "c" in ctl_ref else {},
+                              services=lambda: dict(ctl_ref["c"].service_phases) if "c" in ctl_ref else {})
+    server = serve(metrics, health, s.metrics_host, s.metrics_port) if s.metrics_port else None
+    if server is not None:
+        log.info("metrics on http://%s:%d/metrics (also /healthz, /readyz)", s.metrics_host, server.server_address[1])
+
+    elector: LeaderElector | None = None
+    if not s.standalone:
+        elector = LeaderElector(kube, s)
+        await asyncio.to_thread(elector.acquire)
+        threading.Thread(target=elector.renew_forever, name="lease-renew", daemon=True).start()
+
+    ctl = Controller(s, kube, metrics, health)
+    ctl_ref["c"] = ctl
+    registry = kopf.OperatorRegistry()
+    register(registry, ctl)
+    ksettings = kopf.OperatorSettings()
+    ksettings.posting.enabled = False
+    ksettings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="kopf.aiaas.dev")
+    ksettings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix="kopf.aiaas.dev")
+    ksettings.watching.server_timeout = 300
+    ksettings.watching.client_timeout = 330
+    ksettings.networking.request_timeout = 60
+    ksettings.batching.worker_limit = None
+    scope = f"namespaces {', '.join(s.namespaces)}" if s.namespaces else "all namespaces"
+    log.info("aiaas operator starting: %s, resync %.1fs, success policy %s", scope, s.resync_seconds,
+             s.success_policy)
+    try:
+        await kopf.operator(
+            registry=registry,
+            settings=ksettings,
+            standalone=True,  # our Lease does the leader election; kopf's peering is not used
+            clusterwide=not s.namespaces,
+            namespaces=list(s.namespaces),
+            stop_flag=stop_flag,
+        )
+    finally:
+        if elector is not None:
+            await asyncio.to_thread(elector.release)
+        if server is not None:
+            server.shutdown()
+    return 0
