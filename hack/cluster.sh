@@ -22,6 +22,8 @@
 # $AIAAS_CPU_NODES CPU-only nodes. Pod lifecycle comes from kwok Stage files in
 # hack/kwok/stages/*.yaml (plus $AIAAS_KWOK_STAGES, a :-separated list of extra
 # files or directories). Containers never run: pods become Running/Ready.
+# PVCs of the default StorageClass kwok-volume are bound to fake volumes.
+# Objects in hack/kwok/manifests/*.yaml are applied after start.
 #
 # Environment (all optional):
 #   AIAAS_CACHE          cache root (default ~/.cache/aiaas); binaries go to
@@ -487,6 +489,8 @@ do_up() {
 
   nodes_yaml > "$CLUSTER_DIR/nodes.yaml"
   kctl apply -f "$CLUSTER_DIR/nodes.yaml" >/dev/null
+  # Cluster add-ons of the harness (default StorageClass, ...).
+  kctl apply -f "$ROOT/hack/kwok/manifests/" >/dev/null
   wait_for "the default service account" "$UP_TIMEOUT" kctl -n default get serviceaccount default
   wait_for "nodes to be Ready" "$UP_TIMEOUT" kctl wait --for=condition=Ready node --all --timeout=5s
   # Nodes start with the not-ready taint until the node lifecycle controller

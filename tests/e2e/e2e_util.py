@@ -6,6 +6,7 @@ against any cluster reachable with the kubeconfig the fixtures set up.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import time
 from collections.abc import Callable, Sequence
@@ -15,7 +16,8 @@ from typing import Any, TypeVar
 import yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-CRDS_DIR = REPO_ROOT / "crds"
+# AIAAS_E2E_CRDS_DIR: test another set of CRDs (e.g. a candidate fix) than crds/.
+CRDS_DIR = Path(os.environ.get("AIAAS_E2E_CRDS_DIR") or REPO_ROOT / "crds")
 EXAMPLES_DIR = REPO_ROOT / "examples"
 
 T = TypeVar("T")
