@@ -41,7 +41,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-
 from e2e_util import CRDS_DIR, REPO_ROOT, KubectlError, crd_docs, run, wait_for
 
 CLUSTER_SH = REPO_ROOT / "hack" / "cluster.sh"
