@@ -1,14 +1,21 @@
-"""Small trained artifacts for the server tests: real models trained on scikit-learn's digits in seconds.
+"""Small trained artifacts for the server tests, made by the real trainer (``python -m aiaas.trainer``).
 
-The artifact is written with the trainer's own export code (``aiaas.trainer.export``), so the server loads
-exactly what a TrainingJob would leave behind.
+Each trains on data that needs no network (scikit-learn's digits, a generated text file) in a few seconds and
+leaves exactly the artifact a TrainingJob would leave behind.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+
+TEXT = "the quick brown fox jumps over the lazy dog. pack my box with five dozen liquor jugs.\n" * 60
 
 
 def digits() -> tuple[np.ndarray, np.ndarray]:
@@ -18,35 +25,38 @@ def digits() -> tuple[np.ndarray, np.ndarray]:
     return data.images.astype(np.float32), data.target.astype(np.int64)
 
 
-def train_digits_artifact(out: Path, architecture: str = "cnn", name: str = "digits", steps: int = 150) -> Path:
-    """Train ``architecture`` (cnn: LeNet-5 on [1, 8, 8]; rnn/lstm/gru: 8 steps of 8 pixels) and export it."""
-    import torch
+def train(out: Path, name: str, model: dict[str, Any], dataset: dict[str, Any], epochs: int = 3,
+          max_steps: int | None = None) -> Path:
+    """Run the trainer on one process and return its artifact directory (``out/artifact``)."""
+    out.mkdir(parents=True, exist_ok=True)
+    hyper: dict[str, Any] = {"epochs": epochs, "batchSize": 64, "learningRate": 0.003, "seed": 0}
+    if max_steps:
+        hyper["maxSteps"] = max_steps
+    config = {
+        "jobName": name, "model": model, "dataset": dataset, "hyperparameters": hyper,
+        "checkpoint": {"enabled": False}, "checkpointDir": str(out / "checkpoints"),
+        "artifactDir": str(out / "artifact"), "metricsPort": 0,
+    }
+    env = {**os.environ, "AIAAS_TRAINER_CONFIG": json.dumps(config),
+           "AIAAS_TERMINATION_LOG": str(out / "termination-log")}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    result = subprocess.run([sys.executable, "-m", "aiaas.trainer"], env=env, capture_output=True, text=True,
+                            timeout=600)
+    if result.returncode != 0:
+        raise RuntimeError(f"the trainer failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return out / "artifact"
 
-    from aiaas.contract.config import DatasetSpec, ModelSpec
-    from aiaas.trainer.export import make_manifest, write_artifact
-    from aiaas.trainer.models import INPUT_IMAGE, INPUT_SEQUENCE, InputSpec, build_model
 
-    torch.manual_seed(0)
-    images, labels = digits()
-    kind = INPUT_IMAGE if architecture == "cnn" else INPUT_SEQUENCE
-    shape = (1, 8, 8) if architecture == "cnn" else (8, 8)
-    inputs = InputSpec(kind=kind, shape=shape, num_classes=10, mean=float(images.mean()),
-                       std=float(images.std()), labels=[str(i) for i in range(10)])
-    spec = ModelSpec(architecture=architecture, hidden_size=32)
-    model = build_model(spec, inputs)
-    x = torch.from_numpy(images.reshape(-1, *shape))
-    y = torch.from_numpy(labels)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    model.train()
-    gen = torch.Generator().manual_seed(0)
-    for _ in range(steps):
-        idx = torch.randint(0, len(x), (64,), generator=gen)
-        loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
-    with torch.no_grad():
-        accuracy = float((model(x).argmax(-1) == y).float().mean())
-    manifest = make_manifest(name, spec, inputs, DatasetSpec(kind="digits").dump(), {"steps": steps})
-    return write_artifact(out, model.state_dict(), manifest, {"accuracy": accuracy, "steps": steps})
+def train_digits_artifact(out: Path, architecture: str = "cnn", name: str = "digits") -> Path:
+    """cnn: LeNet-5 on [1, 8, 8] images; rnn/lstm/gru: 8 steps of 8 pixels."""
+    return train(out, name, {"architecture": architecture, "hiddenSize": 32}, {"kind": "digits"},
+                 epochs=3 if architecture == "cnn" else 5)
+
+
+def train_text_artifact(out: Path, name: str = "chars") -> Path:
+    """A GRU that predicts the next character from 8 character ids (INT64 input, a vocabulary)."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "text.txt").write_text(TEXT)
+    return train(out, name, {"architecture": "gru", "hiddenSize": 32},
+                 {"kind": "text", "path": str(out / "text.txt"), "seqLength": 8}, epochs=1, max_steps=30)

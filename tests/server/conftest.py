@@ -19,7 +19,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from artifacts import train_digits_artifact  # noqa: E402
+from artifacts import train_digits_artifact, train_text_artifact  # noqa: E402
 
 
 def free_port() -> int:
@@ -91,12 +91,17 @@ def http(
 
 @pytest.fixture(scope="session")
 def cnn_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return train_digits_artifact(tmp_path_factory.mktemp("cnn") / "artifact", "cnn", name="digits")
+    return train_digits_artifact(tmp_path_factory.mktemp("cnn"), "cnn", name="digits")
 
 
 @pytest.fixture(scope="session")
 def rnn_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return train_digits_artifact(tmp_path_factory.mktemp("rnn") / "artifact", "rnn", name="rnn-digits", steps=120)
+    return train_digits_artifact(tmp_path_factory.mktemp("rnn"), "rnn", name="rnn-digits")
+
+
+@pytest.fixture(scope="session")
+def text_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return train_text_artifact(tmp_path_factory.mktemp("text"), name="chars")
 
 
 @pytest.fixture(scope="session")

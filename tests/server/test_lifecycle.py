@@ -136,6 +136,40 @@ def test_rnn_model(rnn_artifact: Path, tmp_path: Path) -> None:
         assert proc.stop() == 0
 
 
+def test_text_model_with_token_ids(text_artifact: Path, tmp_path: Path) -> None:
+    """INT64 character ids: integers only, and only ids inside the vocabulary."""
+    from aiaas.trainer.export import load_artifact, predict
+
+    model, manifest = load_artifact(text_artifact)
+    labels = manifest["labels"]
+    ids = [[labels.index(c) for c in text] for text in ("the quic", "lazy do", "five doz")]
+    ids[1].insert(0, labels.index(" "))
+    proc = ServerProcess(text_artifact, tmp_path / "server.log").wait_ready()
+    try:
+        def post(data: Any, datatype: str = "INT64") -> tuple[int, dict[str, Any]]:
+            body = {"inputs": [{"name": "input", "shape": [len(data), 8], "datatype": datatype, "data": data}]}
+            status, _, raw = http("POST", proc.url + "/v2/models/chars/infer", body)
+            return status, json.loads(raw)
+
+        status, body = post(ids)
+        assert status == 200, body
+        expected = predict(model, manifest, np.array(ids))["predicted_class"].tolist()
+        assert body["outputs"][1]["data"] == expected
+        status, body = post([[0.5] * 8])
+        assert status == 400 and "only integer values" in body["error"]
+        status, body = post([[len(labels)] * 8])
+        assert status == 400 and f"[0, {len(labels)})" in body["error"]
+        status, body = post([[-1] * 8])
+        assert status == 400 and "token ids" in body["error"]
+        status, body = post([[2**63] * 8])
+        assert status == 400 and "does not fit datatype INT64" in body["error"]
+        status, body = post([ids[0]], "FP32")
+        assert status == 400 and "does not match the model's INT64" in body["error"]
+    finally:
+        assert proc.stop() == 0
+    assert "Traceback" not in proc.log()
+
+
 @pytest.mark.parametrize("argv", [["--max-batch-size", "0"], ["--port", "70000"]])
 def test_cli_rejects_bad_flags(argv: list[str], cnn_artifact: Path, tmp_path: Path) -> None:
     proc = ServerProcess(cnn_artifact, tmp_path / "server.log", *argv)
