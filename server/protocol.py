@@ -314,7 +314,7 @@ def parse_infer_request(
 
 def _requested_outputs(raw: Any, outputs: Sequence[TensorSpec], binary_default: bool) -> list[RequestedOutput]:
     names = [spec.name for spec in outputs]
-    if raw is None:
+    if raw is None or raw == []:  # like Triton: no outputs named means all of them
         return [RequestedOutput(name, binary_default) for name in names]
     if not isinstance(raw, list):
         raise bad_request(f"'outputs' must be a list of objects with a 'name', got {_describe(raw)}")
