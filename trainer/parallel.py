@@ -228,7 +228,7 @@ class PipelineEngine(Engine):
             if env.last_stage:
                 outputs[i].backward()
             else:
-                grad = torch.empty_like(outputs[i])
+                grad = torch.empty(outputs[i].shape, dtype=outputs[i].dtype, device=d)
                 dist.recv(grad, self.next)
                 torch.autograd.backward(outputs[i], grad)
             if not env.first_stage and inputs[i].grad is not None:

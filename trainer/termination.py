@@ -8,9 +8,10 @@ container status as ``state.terminated.message``::
     {"outcome": "PermanentError", "reason": "InvalidConfig", "message": "...", "exitCode": 78,
      "rank": 1, "step": 120, "artifact": null}
 
-Several workers share a pod and a file, so an outcome only replaces a less severe one already there
-(PermanentError > RetryableError > Preempted > Succeeded): the worker that caused a failure wins over the
-peers that torchrun then stops with SIGTERM. The worker's own exit code is one of the contract's
+Several workers share a pod and a file, so an outcome only replaces a strictly less severe one already
+there (PermanentError > RetryableError > Preempted > Succeeded): the first worker to fail (usually the root
+cause) wins over peers that fail after it ("connection closed by peer") or that torchrun then stops with
+SIGTERM. The file must start empty (the kubelet gives each container a fresh one; ``aiaas run`` too). The worker's own exit code is one of the contract's
 ``EXIT_*`` codes (torchrun reports it in its error summary; a plain ``python -m aiaas.trainer`` exits with it).
 """
 
@@ -95,7 +96,7 @@ def write_outcome(outcome: Outcome, path: Path | None = None) -> Path | None:
         return None
     try:
         current = read_outcome(path)
-        if current and SEVERITY.get(current.get("outcome", ""), -1) > SEVERITY[outcome.outcome]:
+        if current and SEVERITY.get(current.get("outcome", ""), -1) >= SEVERITY[outcome.outcome]:
             return None
         data = json.dumps(outcome.to_json(), separators=(",", ":")) + "\n"
         if path.parent.is_dir() and not str(path).startswith("/dev/"):
