@@ -200,3 +200,82 @@ def validate(obj: dict[str, Any]) -> None:
 
 # ------------------------------------------------------------------------------------------ metrics
 METRIC_NAME = re.compile(r"\baiaas_[a-z0-9_]+\b")
+
+
+# ------------------------------------------------------------------------------------- e2e helpers
+def wait_until(predicate: Any, *, timeout: float, what: str, interval: float = 0.3) -> Any:
+    """Poll until ``predicate()`` is truthy; raise TimeoutError naming ``what`` (and the last error)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while True:
+        try:
+            value = predicate()
+            if value:
+                return value
+            last = value
+        except Exception as err:  # noqa: BLE001 - polling
+            last = err
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout}s waiting for {what}; last: {last!r}")
+        time.sleep(interval)
+
+
+def service_account_kubeconfig(admin_kubeconfig: str, token: str, path: Path) -> Path:
+    """A kubeconfig for the same API server that authenticates with ``token`` (a ServiceAccount's)."""
+    cfg = yaml.safe_load(Path(admin_kubeconfig).read_text())
+    ctx_name = cfg.get("current-context") or cfg["contexts"][0]["name"]
+    ctx = next(c for c in cfg["contexts"] if c["name"] == ctx_name)["context"]
+    cluster = next(c for c in cfg["clusters"] if c["name"] == ctx["cluster"])
+    path.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config",
+        "clusters": [cluster],
+        "users": [{"name": "sa", "user": {"token": token}}],
+        "contexts": [{"name": "sa", "context": {"cluster": cluster["name"], "user": "sa"}}],
+        "current-context": "sa",
+    }))
+    path.chmod(0o600)
+    return path
+
+
+def http_get(url: str, timeout: float = 3) -> tuple[int, str]:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read().decode()
+    except OSError:
+        return 0, ""
+
+
+class Process:
+    """A child process with its output in a log file; ``stop()`` ends it (SIGTERM, then SIGKILL)."""
+
+    def __init__(self, cmd: list[str], log_path: Path, env: dict[str, str] | None = None,
+                 cwd: Path | None = None) -> None:
+        self.cmd, self.log_path = cmd, log_path
+        self._log = open(log_path, "ab")  # noqa: SIM115 - open for the child's lifetime
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=cwd or REPO)
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        self._log.close()
+
+    def log(self, tail: int = 8000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-tail:]
+        except OSError:
+            return ""

@@ -109,6 +109,7 @@ def test_defaults_render_the_operator_with_leader_election(tmp_path: Path) -> No
     kinds = sorted(o["kind"] for o in objs if not is_helm_hook(o))
     assert kinds == sorted([
         "CustomResourceDefinition", "CustomResourceDefinition", "ServiceAccount", "ClusterRole", "ClusterRole",
+        "ClusterRole", "ClusterRoleBinding",
         "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding", "Deployment", "Service", "PodDisruptionBudget",
     ])
     dep = one(objs, "Deployment")
@@ -166,7 +167,8 @@ def test_operator_flags_exist(tmp_path: Path) -> None:
 @needs_helm
 def test_namespaced_mode_gets_a_role_per_watched_namespace(tmp_path: Path) -> None:
     objs = render(VALUE_SETS["namespaced"], tmp_path)
-    assert not [o for o in objs if o["kind"] == "ClusterRole"]  # aggregateToDefaultRoles off, no cluster scope
+    # aggregateToDefaultRoles off: the only cluster-scoped permissions are kopf's scanning of namespaces and CRDs
+    assert [o["metadata"]["name"] for o in by_kind(objs, "ClusterRole")] == ["aiaas-operator-scanning"]
     roles = {o["metadata"]["namespace"]: o for o in by_kind(objs, "Role") if o["metadata"]["name"] == "aiaas-operator"}
     assert set(roles) == {"team-a", "team-b"}
     assert any(r["apiGroups"] == ["scheduling.volcano.sh"] for r in roles["team-a"]["rules"])
