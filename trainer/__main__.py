@@ -30,7 +30,6 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging()
     log = logging.getLogger("aiaas.trainer")
     rank = int(os.environ.get("RANK", "0"))
-    step: int | None = None
     try:
         from .config import load_config
         from .train import STOP, train
@@ -43,16 +42,16 @@ def main(argv: list[str] | None = None) -> int:
                           artifact=result.artifact, extra={"accuracy": result.metrics.get("accuracy")})
     except PermanentError as e:
         log.error("permanent error (%s): %s", e.reason, e)
-        outcome = Outcome(PERMANENT, e.reason, str(e), rank=rank, step=step)
+        outcome = Outcome(PERMANENT, e.reason, str(e), rank=rank, step=e.step)
     except Preempted as e:
         log.warning("%s", e)
-        outcome = Outcome(PREEMPTED, e.reason, str(e), rank=rank, step=step)
+        outcome = Outcome(PREEMPTED, e.reason, str(e), rank=rank, step=e.step)
     except RetryableError as e:
         log.error("retryable error (%s): %s", e.reason, e)
-        outcome = Outcome(RETRYABLE, e.reason, str(e), rank=rank, step=step)
+        outcome = Outcome(RETRYABLE, e.reason, str(e), rank=rank, step=e.step)
     except Exception as e:  # noqa: BLE001 - anything unexpected: restart from the last checkpoint
         traceback.print_exc()
-        outcome = Outcome(RETRYABLE, "TrainerFailed", f"{type(e).__name__}: {e}", rank=rank, step=step)
+        outcome = Outcome(RETRYABLE, "TrainerFailed", f"{type(e).__name__}: {e}", rank=rank)
     write_outcome(outcome)
     sys.stdout.flush()
     return outcome.exit_code

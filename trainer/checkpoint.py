@@ -20,12 +20,15 @@ of pipeline stages).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import shutil
 import time
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +45,14 @@ PREFIX = "step-"
 TMP_PREFIX = ".tmp-"
 MARKER = "COMPLETE"
 STATE_FILE = "trainer.json"
+
+
+@contextlib.contextmanager
+def _single_process_quiet() -> Iterator[None]:
+    """DCP warns when it runs without a process group (a world of one); that is intended here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
 
 
 def step_dir_name(step: int) -> str:
@@ -140,7 +151,8 @@ class Checkpointer:
             tmp.mkdir(parents=True)
         barrier(env)
         model_sd, optim_sd = get_state_dict(module, optimizer)
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+        with _single_process_quiet():
+            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
         rng: dict[str, Any] = {"cpu": torch.get_rng_state()}
         if env.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(env.device)
@@ -183,7 +195,8 @@ class Checkpointer:
         """Load checkpoint ``path`` into ``module`` and ``optimizer`` (collective). Returns the loop state."""
         model_sd, optim_sd = get_state_dict(module, optimizer)
         sd = {"model": model_sd, "optim": optim_sd}
-        dcp.load(sd, checkpoint_id=str(path))
+        with _single_process_quiet():
+            dcp.load(sd, checkpoint_id=str(path))
         set_state_dict(module, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
         rng_file = path / f"rng-rank{self.env.rank}.pt"
         if rng_file.exists():

@@ -8,10 +8,11 @@ class TrainerError(Exception):
 
     reason = "TrainerError"
 
-    def __init__(self, message: str, reason: str | None = None) -> None:
+    def __init__(self, message: str, reason: str | None = None, step: int | None = None) -> None:
         super().__init__(message)
         if reason:
             self.reason = reason
+        self.step = step
 
 
 class PermanentError(TrainerError):

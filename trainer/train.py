@@ -215,7 +215,7 @@ def train(cfg: TrainerConfig) -> Result:
                 save()
             if stop:
                 raise Preempted(f"stopped by signal {STOP.signum or 'on a peer'} at step {step}; "
-                                f"{'checkpoint saved' if ckpt else 'checkpoints are disabled'}")
+                                f"{'checkpoint saved' if ckpt else 'checkpoints are disabled'}", step=step)
             if batch_in_epoch == 0 or step >= total_steps:
                 break
         if batch_in_epoch == 0 or step >= total_steps:  # an epoch ended (or the run did): evaluate
