@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, cast
 
 import kopf
 from pydantic import ValidationError
@@ -567,21 +567,21 @@ def register(registry: kopf.OperatorRegistry, ctl: Controller) -> None:
         await ctl.stop()
 
     @kopf.on.event(group, version, "trainingjobs", registry=registry)
-    async def trainingjob_event(event: dict[str, Any], **_: Any) -> None:
-        ctl.observe_job(event.get("type"), event["object"])
+    async def trainingjob_event(event: kopf.RawEvent, **_: Any) -> None:
+        ctl.observe_job(event.get("type"), cast(Body, event["object"]))
 
     @kopf.on.event("", "v1", "pods", labels={launch.LABEL_JOB: kopf.PRESENT}, registry=registry)
-    async def pod_event(event: dict[str, Any], **_: Any) -> None:
-        ctl.observe_pod(event.get("type"), event["object"])
+    async def pod_event(event: kopf.RawEvent, **_: Any) -> None:
+        ctl.observe_pod(event.get("type"), cast(Body, event["object"]))
 
     @kopf.on.event("apps", "v1", "statefulsets", labels={launch.LABEL_JOB: kopf.PRESENT}, registry=registry)
-    async def statefulset_event(event: dict[str, Any], **_: Any) -> None:
-        ctl.observe_statefulset(event.get("type"), event["object"])
+    async def statefulset_event(event: kopf.RawEvent, **_: Any) -> None:
+        ctl.observe_statefulset(event.get("type"), cast(Body, event["object"]))
 
     @kopf.on.event(group, version, "inferenceservices", registry=registry)
-    async def inferenceservice_event(event: dict[str, Any], **_: Any) -> None:
-        ctl.observe_service(event.get("type"), event["object"])
+    async def inferenceservice_event(event: kopf.RawEvent, **_: Any) -> None:
+        ctl.observe_service(event.get("type"), cast(Body, event["object"]))
 
     @kopf.on.event("apps", "v1", "deployments", labels={launch.LABEL_ISVC: kopf.PRESENT}, registry=registry)
-    async def deployment_event(event: dict[str, Any], **_: Any) -> None:
-        ctl.observe_deployment(event.get("type"), event["object"])
+    async def deployment_event(event: kopf.RawEvent, **_: Any) -> None:
+        ctl.observe_deployment(event.get("type"), cast(Body, event["object"]))

@@ -446,11 +446,11 @@ def evaluate(job: api.TrainingJob, observed: Observed, now: datetime, *,
     by_rank = {p.ordinal: p for p in current}
     expected = spec.elastic.min_nodes if spec.elastic else nodes
     if success_policy == "Rank0":
-        done = 0 in by_rank and by_rank[0].termination is not None and by_rank[0].termination.succeeded
+        finished_ok = 0 in by_rank and by_rank[0].termination is not None and by_rank[0].termination.succeeded
     else:
-        done = len(current) >= expected and all(p.termination is not None and p.termination.succeeded
-                                                for p in current)
-    if done:
+        finished_ok = len(current) >= expected and all(p.termination is not None and p.termination.succeeded
+                                                       for p in current)
+    if finished_ok:
         rank0 = by_rank.get(0) or current[0]
         step = rank0.termination.step if rank0.termination else None
         uri = artifact_uri(job)
