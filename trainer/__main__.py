@@ -51,7 +51,9 @@ def main(argv: list[str] | None = None) -> int:
         outcome = Outcome(RETRYABLE, e.reason, str(e), rank=rank, step=e.step)
     except Exception as e:  # noqa: BLE001 - anything unexpected: restart from the last checkpoint
         traceback.print_exc()
-        outcome = Outcome(RETRYABLE, "TrainerFailed", f"{type(e).__name__}: {e}", rank=rank)
+        from .train import PROGRESS
+
+        outcome = Outcome(RETRYABLE, "TrainerFailed", f"{type(e).__name__}: {e}", rank=rank, step=PROGRESS["step"])
     write_outcome(outcome)
     sys.stdout.flush()
     return outcome.exit_code

@@ -194,7 +194,7 @@ class Checkpointer:
     def load(self, path: Path, module: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
         """Load checkpoint ``path`` into ``module`` and ``optimizer`` (collective). Returns the loop state."""
         model_sd, optim_sd = get_state_dict(module, optimizer)
-        sd = {"model": model_sd, "optim": optim_sd}
+        sd: dict[str, Any] = {"model": model_sd, "optim": optim_sd}
         with _single_process_quiet():
             dcp.load(sd, checkpoint_id=str(path))
         set_state_dict(module, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"])

@@ -221,8 +221,9 @@ class ShardedLoader:
         self.global_batch = global_batch
         self.local_batch = global_batch // dp_size
         self.steps_per_epoch = len(x) // global_batch
-        self.sampler = DistributedSampler(range(len(x)), num_replicas=dp_size, rank=dp_rank, shuffle=True,
-                                          seed=seed, drop_last=True)
+        self.sampler: DistributedSampler[int] = DistributedSampler(
+            range(len(x)),  # type: ignore[arg-type]  # only its length is used
+            num_replicas=dp_size, rank=dp_rank, shuffle=True, seed=seed, drop_last=True)
 
     def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         self.sampler.set_epoch(epoch)

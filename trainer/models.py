@@ -82,6 +82,9 @@ class Normalize(nn.Module):
     """``(x - mean) / std`` with the statistics of the training split stored as buffers (exported with the
     weights, so the served model takes raw inputs)."""
 
+    mean: torch.Tensor
+    std: torch.Tensor
+
     def __init__(self, mean: float, std: float) -> None:
         super().__init__()
         self.register_buffer("mean", torch.tensor(float(mean)))

@@ -140,7 +140,7 @@ class DataParallelEngine(Engine):
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         if self.env.dp_size > 1 and self.strategy == Strategy.fsdp:
             sd = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-            return sd if self.env.is_main else None
+            return {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)} if self.env.is_main else None
         if not self.env.is_main:
             return None
         return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
@@ -231,9 +231,10 @@ class PipelineEngine(Engine):
                 grad = torch.empty(outputs[i].shape, dtype=outputs[i].dtype, device=d)
                 dist.recv(grad, self.next)
                 torch.autograd.backward(outputs[i], grad)
-            if not env.first_stage and inputs[i].grad is not None:
+            grad_in = inputs[i].grad
+            if not env.first_stage and grad_in is not None:
                 assert self.prev is not None
-                dist.send(inputs[i].grad.contiguous(), self.prev)
+                dist.send(grad_in.contiguous(), self.prev)
         self._sync_grads()
         return stats
 
@@ -256,7 +257,7 @@ class PipelineEngine(Engine):
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         if self.sharded:  # every replica of the stage gets the full tensors (rank 0 of the world may not hold it)
             sd = get_model_state_dict(self.stage, options=StateDictOptions(full_state_dict=True))
-            sd = {k: v.detach().cpu() for k, v in sd.items()}
+            sd = {k: v.detach().cpu() for k, v in sd.items() if isinstance(v, torch.Tensor)}
         else:
             sd = {k: v.detach().cpu().clone() for k, v in self.stage.state_dict().items()}
         mine = sd if self.env.dp_rank == 0 else None

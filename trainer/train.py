@@ -59,6 +59,7 @@ class StopFlag:
 
 
 STOP = StopFlag()
+PROGRESS: dict[str, int | None] = {"step": None}  # the last optimizer step done, for the termination message of an unexpected error
 
 
 @dataclass
@@ -160,6 +161,7 @@ def train(cfg: TrainerConfig) -> Result:
         if state is not None:
             step, epoch, batch_in_epoch = int(state["step"]), int(state["epoch"]), int(state["batchInEpoch"])
             resumed_from = step
+            PROGRESS["step"] = step
             metrics.checkpointed(ckpt.last_saved_at or time.time())
             if env.is_main:
                 log.info("resumed from checkpoint step %d (epoch %d, batch %d)", step, epoch, batch_in_epoch)
@@ -187,6 +189,7 @@ def train(cfg: TrainerConfig) -> Result:
             stats = engine.train_step(x, y)
             optimizer.step()
             step += 1
+            PROGRESS["step"] = step
             batch_in_epoch += 1
             if batch_in_epoch == steps_per_epoch:
                 epoch, batch_in_epoch = epoch + 1, 0
