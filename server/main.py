@@ -128,4 +128,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    return asyncio.run(serve(args))
+    code = asyncio.run(serve(args))
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM while the interpreter exits changes nothing
+    return code

@@ -66,7 +66,8 @@ def test_sigterm_finishes_requests_in_flight(cnn_artifact: Path, tmp_path: Path,
         in_flight = sum(not f.done() for f in futures)
         proc.proc.send_signal(signal.SIGTERM)
         results = [f.result() for f in futures]
-    code = proc.stop()
+        code = proc.proc.wait(60)
+    proc.stop()
     assert in_flight > 0, "the requests finished before SIGTERM; make them bigger"
     for x, (status, body) in zip(big, results, strict=True):
         assert status == 200, body

@@ -1,0 +1,326 @@
+"""Model server benchmark: our Open Inference Protocol endpoints against a bare HTTP endpoint, same model, same run.
+
+    python bench/server_bench.py [--model DIR] [--requests 3000] [--concurrency 1 16]
+
+What runs (all on loopback, each server its own process, this process is the load generator):
+
+* ``baseline`` — the floor: a minimal asyncio HTTP/1.1 endpoint in this file that takes the raw float32 bytes
+  of one sample, calls the same torch module inline and returns the class as 8 bytes. No JSON, no validation,
+  no batching, no metrics: only HTTP framing and the forward pass.
+* ``v2-json`` — ``POST /v2/models/{name}/infer`` with a JSON tensor (what curl and most clients send).
+* ``v2-binary`` — the same with the binary tensor data extension (``tritonclient``'s default).
+* ``v1`` — ``POST /v1/models/{name}:predict`` with ``{"instances": [...]}``.
+
+Each request carries one digit (batch 1), so the server's dynamic batcher is what groups them at concurrency 16.
+The load generator speaks HTTP/1.1 keep-alive over raw asyncio streams with prebuilt requests, so it costs
+little next to the servers (it shares the machine's cores with them all the same). Every response is checked.
+For each endpoint and concurrency: mean/p50/p99 latency and requests/s, and the ratios against the baseline.
+Anchors: Seldon MLServer's v2 CI gates on a small model are mean < 5 ms, p99 < 10 ms, > 300 requests/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+# --- the baseline server ----------------------------------------------------------------------------------
+
+
+def baseline_serve(model_dir: str, port: int, threads: int) -> None:
+    """A bare HTTP/1.1 endpoint: body = one sample's float32 bytes, response = int64 class."""
+    import torch
+
+    from aiaas.trainer.export import load_artifact
+
+    torch.set_num_threads(threads)
+    model, manifest = load_artifact(model_dir)
+    sample_shape = tuple(manifest["inputs"][0]["shape"][1:])
+
+    def run(body: bytes) -> bytes:
+        x = torch.frombuffer(bytearray(body), dtype=torch.float32).reshape(-1, *sample_shape)
+        with torch.inference_mode():
+            return model(x).argmax(-1).numpy().astype("<i8").tobytes()
+
+    run(np.zeros(int(np.prod(sample_shape)), dtype=np.float32).tobytes())
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = 0
+                for line in head.split(b"\r\n"):
+                    if line[:15].lower() == b"content-length:":
+                        length = int(line[15:])
+                body = await reader.readexactly(length)
+                out = run(body) if head.startswith(b"POST") else b"ok"
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: "
+                             + str(len(out)).encode() + b"\r\n\r\n" + out)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    async def main() -> None:
+        server = await asyncio.start_server(handle, "127.0.0.1", port, backlog=1024)
+        async with server:
+            await server.serve_forever()
+
+    asyncio.run(main())
+
+
+# --- the load generator -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Endpoint:
+    name: str
+    port: int
+    requests: list[bytes]  # complete HTTP requests, used round-robin
+    check: Any  # (response body, index) -> bool
+
+
+async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+    head = await reader.readuntil(b"\r\n\r\n")
+    status = int(head[9:12])
+    length = 0
+    for line in head.split(b"\r\n"):
+        if line[:15].lower() == b"content-length:":
+            length = int(line[15:])
+    return status, await reader.readexactly(length)
+
+
+async def _load(endpoint: Endpoint, total: int, concurrency: int) -> tuple[list[float], float]:
+    latencies: list[float] = []
+    next_index = 0
+    failures: list[str] = []
+
+    async def worker() -> None:
+        nonlocal next_index
+        reader, writer = await asyncio.open_connection("127.0.0.1", endpoint.port)
+        writer.transport.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            while next_index < total:
+                i = next_index
+                next_index += 1
+                request = endpoint.requests[i % len(endpoint.requests)]
+                start = time.perf_counter()
+                writer.write(request)
+                status, body = await _read_response(reader)
+                latencies.append(time.perf_counter() - start)
+                if status != 200 or not endpoint.check(body, i % len(endpoint.requests)):
+                    failures.append(f"{endpoint.name} request {i}: {status} {body[:200]!r}")
+        finally:
+            writer.close()
+
+    start = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    elapsed = time.perf_counter() - start
+    if failures:
+        raise SystemExit(f"{len(failures)} wrong responses, e.g. {failures[0]}")
+    return latencies, elapsed
+
+
+def http_request(path: str, body: bytes, headers: dict[str, str] | None = None) -> bytes:
+    lines = [f"POST {path} HTTP/1.1", "Host: 127.0.0.1", f"Content-Length: {len(body)}",
+             "Content-Type: application/json"]
+    lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+def build_endpoints(model_name: str, ports: dict[str, int], x: np.ndarray, classes: np.ndarray) -> list[Endpoint]:
+    n = len(x)
+    v2_json = [http_request(f"/v2/models/{model_name}/infer", json.dumps(
+        {"inputs": [{"name": "input", "shape": [1, *x.shape[1:]], "datatype": "FP32", "data": x[i].reshape(-1).tolist()}],
+         "outputs": [{"name": "predicted_class"}]}).encode()) for i in range(n)]
+    v2_binary = []
+    for i in range(n):
+        raw = x[i].astype("<f4").tobytes()
+        header = json.dumps({"inputs": [{"name": "input", "shape": [1, *x.shape[1:]], "datatype": "FP32",
+                                         "parameters": {"binary_data_size": len(raw)}}],
+                             "outputs": [{"name": "predicted_class", "parameters": {"binary_data": True}}]}).encode()
+        v2_binary.append(http_request(f"/v2/models/{model_name}/infer", header + raw,
+                                      {"Inference-Header-Content-Length": str(len(header))}))
+    v1 = [http_request(f"/v1/models/{model_name}:predict",
+                       json.dumps({"instances": [x[i].reshape(-1).tolist()]}).encode()) for i in range(n)]
+    baseline = [http_request("/", x[i].astype("<f4").tobytes()) for i in range(n)]
+
+    def check_json(body: bytes, i: int) -> bool:
+        return bool(json.loads(body)["outputs"][0]["data"] == [int(classes[i])])
+
+    def check_binary(body: bytes, i: int) -> bool:
+        return int(np.frombuffer(body[-8:], dtype="<i8")[0]) == int(classes[i])
+
+    def check_v1(body: bytes, i: int) -> bool:
+        return bool(json.loads(body)["predictions"] == [int(classes[i])])
+
+    return [
+        Endpoint("baseline", ports["baseline"], baseline, check_binary),
+        Endpoint("v2-json", ports["server"], v2_json, check_json),
+        Endpoint("v2-binary", ports["server"], v2_binary, check_binary),
+        Endpoint("v1", ports["server"], v1, check_v1),
+    ]
+
+
+# --- orchestration ----------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"{url}: the server exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.1)
+    raise SystemExit(f"{url} not ready after {timeout}s")
+
+
+def train_model(out: Path) -> Path:
+    config = {"jobName": "digits", "model": {"architecture": "cnn"}, "dataset": {"kind": "digits"},
+              "hyperparameters": {"epochs": 3, "batchSize": 64, "learningRate": 0.003},
+              "checkpoint": {"enabled": False}, "checkpointDir": str(out / "ckpt"),
+              "artifactDir": str(out / "artifact"), "metricsPort": 0}
+    env = {**os.environ, "AIAAS_TRAINER_CONFIG": json.dumps(config), "AIAAS_TERMINATION_LOG": str(out / "term")}
+    print("training a LeNet-5 on digits with python -m aiaas.trainer ...", flush=True)
+    subprocess.run([sys.executable, "-m", "aiaas.trainer"], env=env, check=True, stdout=subprocess.DEVNULL)
+    return out / "artifact"
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (all its threads), from /proc; 0 where there is no /proc."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def summary(latencies: list[float], elapsed: float, cpu: float) -> dict[str, float]:
+    ms = sorted(v * 1000 for v in latencies)
+    return {
+        "server_cpu_us": cpu / len(ms) * 1e6,
+        "mean_ms": statistics.fmean(ms),
+        "p50_ms": ms[len(ms) // 2],
+        "p99_ms": ms[min(len(ms) - 1, int(len(ms) * 0.99))],
+        "rps": len(ms) / elapsed,
+    }
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", help="artifact directory (default: train one on digits first)")
+    p.add_argument("--requests", type=int, default=3000, help="requests per endpoint and concurrency")
+    p.add_argument("--warmup", type=int, default=300)
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
+    p.add_argument("--threads", type=int, default=1, help="torch threads of both servers")
+    p.add_argument("--server-arg", action="append", default=[], help="extra argument for aiaas.server")
+    p.add_argument("--json", help="also write the results to this file")
+    p.add_argument("--baseline-serve", nargs=2, metavar=("DIR", "PORT"), help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.baseline_serve:
+        baseline_serve(args.baseline_serve[0], int(args.baseline_serve[1]), args.threads)
+        return 0
+
+    from sklearn.datasets import load_digits
+
+    from aiaas.trainer.export import load_artifact, predict
+
+    tmp = tempfile.TemporaryDirectory(prefix="server-bench-")
+    model_dir = Path(args.model) if args.model else train_model(Path(tmp.name))
+    model, manifest = load_artifact(model_dir)
+    x = load_digits().images.astype(np.float32)[:256].reshape(-1, 1, 8, 8)
+    classes = predict(model, manifest, x)["predicted_class"].numpy()
+    name = manifest["name"]
+
+    ports = {"server": free_port(), "baseline": free_port()}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    procs = {
+        "server": subprocess.Popen(
+            [sys.executable, "-m", "aiaas.server", "--model", str(model_dir), "--host", "127.0.0.1",
+             "--port", str(ports["server"]), "--threads", str(args.threads), "--log-level", "WARNING",
+             *args.server_arg], env=env),
+        "baseline": subprocess.Popen(
+            [sys.executable, __file__, "--baseline-serve", str(model_dir), str(ports["baseline"]),
+             "--threads", str(args.threads)], env=env),
+    }
+    results: dict[str, dict[int, dict[str, float]]] = {}
+    try:
+        wait_http(f"http://127.0.0.1:{ports['server']}/v2/health/ready", procs["server"])
+        wait_http(f"http://127.0.0.1:{ports['baseline']}/", procs["baseline"])
+        endpoints = build_endpoints(name, ports, x, classes)
+        print(f"model {name} ({manifest['model']['architecture']}), {args.requests} requests of one sample per run, "
+              f"{os.cpu_count()} CPUs, torch threads {args.threads}", flush=True)
+        for concurrency in args.concurrency:
+            for endpoint in endpoints:
+                pid = procs["baseline" if endpoint.name == "baseline" else "server"].pid
+                asyncio.run(_load(endpoint, args.warmup, concurrency))
+                cpu = cpu_seconds(pid)
+                latencies, elapsed = asyncio.run(_load(endpoint, args.requests, concurrency))
+                cpu = cpu_seconds(pid) - cpu
+                results.setdefault(endpoint.name, {})[concurrency] = summary(latencies, elapsed, cpu)
+        with urllib.request.urlopen(f"http://127.0.0.1:{ports['server']}/metrics") as r:
+            metrics = r.read().decode()
+    finally:
+        for proc in procs.values():
+            proc.terminate()
+        for proc in procs.values():
+            proc.wait(30)
+        tmp.cleanup()
+
+    header = f"{'endpoint':<10} {'conc':>4} {'mean ms':>8} {'p50 ms':>8} {'p99 ms':>8} {'req/s':>8} " \
+             f"{'cpu us/req':>10}   {'p50 x':>6} {'p99 x':>6} {'req/s x':>7} {'cpu x':>6}"
+    print("\n" + header + "\n" + "-" * len(header))
+    for concurrency in args.concurrency:
+        base = results["baseline"][concurrency]
+        for endpoint in endpoints:
+            r = results[endpoint.name][concurrency]
+            print(f"{endpoint.name:<10} {concurrency:>4} {r['mean_ms']:>8.2f} {r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f} "
+                  f"{r['rps']:>8.0f} {r['server_cpu_us']:>10.0f}   {r['p50_ms'] / base['p50_ms']:>6.2f} "
+                  f"{r['p99_ms'] / base['p99_ms']:>6.2f} {r['rps'] / base['rps']:>7.2f} "
+                  f"{r['server_cpu_us'] / max(base['server_cpu_us'], 1e-9):>6.2f}")
+    print("(x = ratio to the baseline in this run: latency and cpu ratios > 1, req/s ratios < 1 are our protocol's "
+          "cost; cpu us/req is the server process's CPU time per request, the figure least disturbed by other load)")
+    batch_count = sum(float(line.split()[-1]) for line in metrics.splitlines()
+                      if line.startswith("aiaas_server_batch_size_count"))
+    batch_sum = sum(float(line.split()[-1]) for line in metrics.splitlines()
+                    if line.startswith("aiaas_server_batch_size_sum"))
+    if batch_count:
+        print(f"server: {batch_sum:.0f} samples in {batch_count:.0f} forward passes "
+              f"(mean batch {batch_sum / batch_count:.2f})")
+    v2 = results["v2-json"]
+    gates = [("mean < 5 ms", all(r["mean_ms"] < 5 for r in v2.values())),
+             ("p99 < 10 ms", all(r["p99_ms"] < 10 for r in v2.values())),
+             ("> 300 req/s", all(r["rps"] > 300 for r in v2.values()))]
+    print("MLServer's v2 CI gates for v2-json at every concurrency: "
+          + ", ".join(f"{gate}: {'met' if ok else 'MISSED'}" for gate, ok in gates))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
