@@ -50,21 +50,6 @@ def _dashboard_json() -> str:
     return str(module.render())
 
 
-class _Literal(str):
-    pass
-
-
-def _literal_dumper() -> type[yaml.SafeDumper]:
-    class Dumper(yaml.SafeDumper):
-        pass
-
-    def literal(dumper: yaml.SafeDumper, data: str) -> yaml.ScalarNode:
-        return dumper.represent_scalar("tag:yaml.org,2002:str", data, style="|" if "\n" in data else None)
-
-    Dumper.add_representer(_Literal, literal)
-    return Dumper
-
-
 def prometheus_rule(rules_text: str) -> str:
     groups = yaml.safe_load(rules_text)["groups"]
     obj = {
@@ -73,7 +58,7 @@ def prometheus_rule(rules_text: str) -> str:
         "metadata": PROMETHEUS_RULE_METADATA,
         "spec": {"groups": groups},
     }
-    return PROMETHEUS_RULE_HEADER + yaml.dump(obj, Dumper=_literal_dumper(), sort_keys=False, width=120)
+    return PROMETHEUS_RULE_HEADER + yaml.safe_dump(obj, sort_keys=False, width=120)
 
 
 def crd_kustomization(names: list[str]) -> str:

@@ -7,7 +7,6 @@ Importable as ``deploy_util`` from tests/deploy (pytest puts the directory on sy
 from __future__ import annotations
 
 import copy
-import json
 import re
 import shutil
 import socket
@@ -77,7 +76,7 @@ def helm_template(helm: str, *args: str, values: dict[str, Any] | None = None, t
         cmd.append("--include-crds")
     if values:
         assert tmp is not None
-        cmd += ["--values", str(write_values(tmp, values, f"values-{abs(hash(json.dumps(values, sort_keys=True)))}.yaml"))]
+        cmd += ["--values", str(write_values(tmp, values))]
     return docs(run([*cmd, *args]).stdout)
 
 

@@ -35,7 +35,7 @@ def _series_names(registry: Any) -> dict[str, set[str]]:
     """Series names a registry exposes (counter -> _total, histogram -> _bucket/_sum/_count) and their labels."""
     out: dict[str, set[str]] = {}
     for family in registry.collect():
-        labels = {lbl for s in family.samples for lbl in s.labels} | set(getattr(family, "_labelnames", ()))
+        labels = {lbl for s in family.samples for lbl in s.labels}
         suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_sum", "_count"],
                     "gauge": [""], "summary": ["_sum", "_count", ""]}[family.type]
         for suffix in suffixes:

@@ -33,6 +33,11 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
 PROMETHEUS = shutil.which("prometheus")
 JOB = "cnn-digits"
+TRAININGJOB = {"apiVersion": "aiaas.dev/v1alpha1", "kind": "TrainingJob", "metadata": {"name": JOB},
+               "spec": {"trainer": {"model": {"architecture": "cnn"}, "dataset": {"kind": "digits"},
+                                    "hyperparameters": {"epochs": 1, "batchSize": 32}},
+                        "topology": {"nodes": 1, "nprocPerNode": 1,
+                                     "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}}}}}
 
 TRAINER_SCRIPT = textwrap.dedent("""
     import sys, time
@@ -151,12 +156,7 @@ def send_traffic(port: int, n: int = 5) -> None:
 def test_prometheus_scrapes_operator_trainer_and_server(kubectl, namespace, stack):
     prom: Prom = stack["prom"]
     # a TrainingJob, so that the operator has something to count and time
-    job = {"apiVersion": "aiaas.dev/v1alpha1", "kind": "TrainingJob", "metadata": {"name": JOB},
-           "spec": {"trainer": {"model": {"architecture": "cnn"}, "dataset": {"kind": "digits"},
-                                "hyperparameters": {"epochs": 1, "batchSize": 32}},
-                    "topology": {"nodes": 1, "nprocPerNode": 1,
-                                 "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}}}}}
-    kubectl("apply", "-f", "-", input=json.dumps(job), namespace=namespace)
+    kubectl("apply", "-f", "-", input=json.dumps(TRAININGJOB), namespace=namespace)
     send_traffic(stack["server_port"])
 
     # every target of the three jobs is up
@@ -199,11 +199,7 @@ def test_prometheus_scrapes_operator_trainer_and_server(kubectl, namespace, stac
 def test_dashboard_queries_return_data(kubectl, namespace, stack):
     """Every dashboard query evaluates; those on the running components return series."""
     prom: Prom = stack["prom"]
-    kubectl("apply", "-f", "-", namespace=namespace, input=json.dumps(
-        {"apiVersion": "aiaas.dev/v1alpha1", "kind": "TrainingJob", "metadata": {"name": JOB},
-         "spec": {"trainer": {"model": {"architecture": "cnn"}, "dataset": {"kind": "digits"},
-                              "hyperparameters": {"epochs": 1, "batchSize": 32}},
-                  "topology": {"nodes": 1, "nprocPerNode": 1}}}))
+    kubectl("apply", "-f", "-", input=json.dumps(TRAININGJOB), namespace=namespace)
     dashboard = json.loads((DEPLOY / "grafana" / "aiaas.json").read_text())
 
     def expr_of(t: dict[str, Any]) -> str:

@@ -111,7 +111,7 @@ def install(helm, namespace: str, tmp_path: Path, values: dict[str, Any]) -> tup
 
 
 def start_operator(kubectl, e2e_cluster, namespace: str, release: str, dep: dict[str, Any], tmp_path: Path,
-                   metrics_url: str, drop_args: tuple[str, ...] = (), extra: tuple[str, ...] = ()) -> tuple[Process, int]:
+                   metrics_url: str, drop_args: tuple[str, ...] = (), extra: tuple[str, ...] = ()) -> Process:
     sa = dep["spec"]["template"]["spec"]["serviceAccountName"]
     token = kubectl("create", "token", sa, "--duration=1h", namespace=namespace).stdout.strip()
     kubeconfig = service_account_kubeconfig(e2e_cluster.kubeconfig, token, tmp_path / "sa.kubeconfig")
@@ -129,7 +129,7 @@ def start_operator(kubectl, e2e_cluster, namespace: str, release: str, dep: dict
     wait_until(lambda: http_get(f"http://127.0.0.1:{port}/readyz")[0] == 200 or not op.alive(), timeout=60,
                what="the operator to lead and be ready")
     assert op.alive(), op.log()
-    return op, port
+    return op
 
 
 def exercise(kubectl, namespace: str, op: Process, lease: str) -> None:
@@ -205,7 +205,7 @@ def test_cluster_wide_rbac_suffices_and_denies_secrets(kubectl, helm, namespace,
 
         # The operator itself, with the chart's flags. Other tests' operators share this cluster, so this one
         # watches only its namespace: --all-namespaces gives way to --namespace (the ClusterRole covers both).
-        op, _ = start_operator(kubectl, e2e_cluster, namespace, release, dep, tmp_path, trainer_metrics,
+        op = start_operator(kubectl, e2e_cluster, namespace, release, dep, tmp_path, trainer_metrics,
                                drop_args=("--all-namespaces",), extra=(f"--namespace={namespace}",))
         try:
             exercise(kubectl, namespace, op, lease=release)
@@ -229,7 +229,7 @@ def test_namespaced_rbac_suffices(kubectl, helm, namespace, e2e_cluster, tmp_pat
         assert not can_i(kubectl, sa, "get", "secrets", "-n", namespace)
         args = dep["spec"]["template"]["spec"]["containers"][0]["args"]
         assert f"--namespace={namespace}" in args and "--all-namespaces" not in args
-        op, _ = start_operator(kubectl, e2e_cluster, namespace, release, dep, tmp_path, trainer_metrics)
+        op = start_operator(kubectl, e2e_cluster, namespace, release, dep, tmp_path, trainer_metrics)
         try:
             exercise(kubectl, namespace, op, lease=release)
         finally:
