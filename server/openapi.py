@@ -172,8 +172,8 @@ def document(
         name_param["example"] = model_name
     if model_version:
         version_param["example"] = model_version
-    infer_body = _ref("InferenceRequest")
-    predict_body = _ref("PredictRequest")
+    infer_body: dict[str, Any] = _ref("InferenceRequest")
+    predict_body: dict[str, Any] = _ref("PredictRequest")
     if example_request is not None:
         infer_body = {"allOf": [infer_body], "example": example_request}
     if example_instances is not None:
