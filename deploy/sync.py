@@ -112,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
         for p in bad:
             print(f"out of date: {p.relative_to(ROOT)}", file=sys.stderr)
         if bad:
-            print("run `python deploy/sync.py` to update them", file=sys.stderr)
+            print("run `python deploy/sync.py` (with the venv of hack/setup.sh: `$(hack/setup.sh)/python deploy/sync.py`)",
+                  file=sys.stderr)
         return 1 if bad else 0
     for path, text in expected().items():
         if not path.exists() or path.read_text() != text:
