@@ -3,9 +3,10 @@
 One call of :func:`train` is one training process (one torchrun worker). Every rank runs the same loop;
 collectives keep them in lockstep:
 
-* after each optimizer step the ranks all-reduce one small tensor ``[stop, checkpoint_due, loss, correct,
-  count]``, so a SIGTERM on any rank, or rank 0's time-based checkpoint trigger, is acted on by all ranks at
-  the same step, and rank 0 can log the global loss/accuracy (in a pipeline only the last stage has them);
+* every ``SYNC_STEPS`` optimizer steps (and at each log line) the ranks all-reduce one small tensor
+  ``[stop, checkpoint_due, loss, correct, count]``, so a SIGTERM on any rank, or rank 0's time-based
+  checkpoint trigger, is acted on by all ranks at the same step, and rank 0 can log the global loss and
+  accuracy (in a pipeline only the last stage has them); in between, nothing waits on the host;
 * the position in the data is (epoch, batch within the epoch); with the sampler's per-epoch permutation it
   fully determines the next batch, so resuming from a checkpoint repeats and skips nothing.
 """
@@ -37,6 +38,8 @@ from .parallel import Engine, make_engine, uses_bf16
 log = logging.getLogger("aiaas.trainer")
 
 EVAL_BATCH = 512
+WARMUP_STEPS = 5
+SYNC_STEPS = 5  # how often the ranks agree on stopping (SIGTERM) and time-based checkpoints
 
 
 # ------------------------------------------------------------------------------------------------ signals
@@ -180,11 +183,14 @@ def train(cfg: TrainerConfig) -> Result:
     start_time = time.time()
     window_t, window_steps = time.perf_counter(), 0
     window = torch.zeros(3, device=env.device)
+    # steady-state throughput: training steps only (no eval, no checkpoints), after WARMUP_STEPS
+    train_time, timed_steps, first_step = 0.0, 0, step
     last_eval: dict[str, float] = {}
     engine.train(True)
     while step < total_steps:
         metrics.epoch.set(epoch)
         for x, y in loader.epoch(epoch, batch_in_epoch):
+            t_step = time.perf_counter()
             optimizer.zero_grad(set_to_none=True)
             stats = engine.train_step(x, y)
             optimizer.step()
@@ -193,15 +199,26 @@ def train(cfg: TrainerConfig) -> Result:
             batch_in_epoch += 1
             if batch_in_epoch == steps_per_epoch:
                 epoch, batch_in_epoch = epoch + 1, 0
+            if step - first_step > WARMUP_STEPS:
+                train_time += time.perf_counter() - t_step
+                timed_steps += 1
+            window += stats  # this rank's share; summed over the ranks when logged
+            window_steps += 1
+            metrics.step.set(step)
+            log_now = step % cfg.log_interval_steps == 0 or step == total_steps
+            if not (log_now or step % SYNC_STEPS == 0):
+                if ckpt is not None and step % cfg.checkpoint.interval_steps == 0:
+                    save()
+                continue
+            # every SYNC_STEPS steps (and when logging) the ranks agree on stopping and time-based checkpoints
             due = ckpt is not None and cfg.checkpoint.interval_seconds is not None and env.is_main and \
                 time.time() - (ckpt.last_saved_at or start_time) >= cfg.checkpoint.interval_seconds
-            control = torch.cat([torch.tensor([float(STOP.requested), float(due)], device=env.device), stats])
+            control = torch.cat([torch.tensor([float(STOP.requested), float(due)], device=env.device), window])
             D.all_reduce_sum(control, env)
-            window += control[2:]
-            window_steps += 1
-            if step % cfg.log_interval_steps == 0 or step == total_steps:
+            stop, due = control[0].item() > 0, control[1].item() > 0
+            if log_now:
                 elapsed = time.perf_counter() - window_t
-                loss_sum, correct, count = window.tolist()
+                loss_sum, correct, count = control[2:].tolist()
                 sps = window_steps * hp.batch_size / max(elapsed, 1e-9)
                 metrics.loss.set(loss_sum / max(count, 1))
                 metrics.samples_per_second.set(sps)
@@ -212,9 +229,7 @@ def train(cfg: TrainerConfig) -> Result:
                              _fmt_eta((total_steps - step) * hp.batch_size / max(sps, 1e-9)))
                 window.zero_()
                 window_t, window_steps = time.perf_counter(), 0
-            metrics.step.set(step)
-            stop = control[0].item() > 0
-            if ckpt is not None and (stop or control[1].item() > 0 or step % cfg.checkpoint.interval_steps == 0):
+            if ckpt is not None and (stop or due or step % cfg.checkpoint.interval_steps == 0):
                 save()
             if stop:
                 raise Preempted(f"stopped by signal {STOP.signum or 'on a peer'} at step {step}; "
@@ -247,6 +262,7 @@ def train(cfg: TrainerConfig) -> Result:
         "globalBatchSize": hp.batch_size,
         "resumedFromStep": resumed_from,
         "wallSeconds": round(wall, 3),
+        "samplesPerSecond": round(timed_steps * hp.batch_size / train_time, 2) if train_time > 0 else None,
         "worldSize": world_size,
         "parallelism": par.dump(),
     }
