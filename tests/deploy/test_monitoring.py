@@ -168,6 +168,36 @@ def test_dashboard_layout_and_contents() -> None:
     assert variables == {"datasource", "namespace", "trainingjob", "model"}
 
 
+def test_dashboard_matches_grafanas_schema() -> None:
+    """Grafana's own dashboard schema (grafana-foundation-sdk) knows every field the dashboard sets: a round
+    trip through its typed models keeps everything but two fields Grafana itself writes outside the schema."""
+    pytest.importorskip("grafana_foundation_sdk", reason="pip install grafana-foundation-sdk")
+    from grafana_foundation_sdk.cog import plugins
+    from grafana_foundation_sdk.models.dashboard import Dashboard
+
+    plugins.register_default_plugins()  # typed options/fieldConfig per panel type
+    src = dashboard()
+    out = json.loads(json.dumps(Dashboard.from_json(src).to_json(),
+                                default=lambda o: o.to_json() if hasattr(o, "to_json") else str(o)))
+    lost: list[str] = []
+
+    def compare(a: Any, b: Any, path: str) -> None:
+        if isinstance(a, dict) and isinstance(b, dict):
+            for k, v in a.items():
+                if k not in b:
+                    lost.append(f"{path}.{k}")
+                else:
+                    compare(v, b[k], f"{path}.{k}")
+        elif isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+            for x, y in zip(a, b, strict=True):
+                compare(x, y, f"{path}[]")
+        elif a != b:
+            lost.append(f"{path}: {a!r} -> {b!r}")
+
+    compare(src, out, "")
+    assert set(lost) <= {".templating.list[].definition", ".annotations.list[].builtIn"}, lost
+
+
 def test_dashboard_is_generated_from_its_source() -> None:
     import importlib.util
 
