@@ -215,6 +215,7 @@ class Controller:
         self.job_phases: dict[Key, str] = {}
         self.service_phases: dict[Key, str] = {}
         self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="reconcile")
+        self.event_executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="events")
         self.job_queue: KeyedQueue | None = None
         self.service_queue: KeyedQueue | None = None
         self._resync_task: asyncio.Task[None] | None = None
@@ -229,6 +230,7 @@ class Controller:
         if self._resync_task is not None:
             self._resync_task.cancel()
         self.executor.shutdown(wait=False, cancel_futures=True)
+        self.event_executor.shutdown(wait=False)
 
     def _enqueue_job(self, key: Key) -> None:
         if self.job_queue is not None:
@@ -415,23 +417,23 @@ class Controller:
         ev = evaluate(job, observed, now, success_policy=self.settings.success_policy)
         old = body.get("status") or {}
 
-        # 1. status first: a restart generation must be recorded before pods are deleted for it
+        # 1. children: render (pure) and apply when what we want differs from what we last applied
+        if not ev.delete_job:
+            self._apply_children(key, job, ev)
+
+        # 2. status, before any pod is deleted: a restart generation is recorded before pods go for it
         patch = status_patch(old, ev.status.dump(), now)
         if patch is not None:
             stored = self.kube.patch_status(api.API_VERSION, "TrainingJob", ns, name, patch)
             self._cache_job(key, stored)
             self._count(old, ev)
-        for e in ev.events:
-            self.kube.post_event(body, e.type, e.reason, e.message)
+        self._post_events(body, ev.events)
 
         if ev.delete_job:
             log.info("TrainingJob %s/%s finished %ss ago: deleting it (ttlSecondsAfterFinished)", ns, name,
                      job.spec.run_policy.ttl_seconds_after_finished)
             self.kube.delete(api.API_VERSION, "TrainingJob", ns, name, uid=job.metadata.uid)
             return None
-
-        # 2. children: render (pure) and apply when what we want differs from what we last applied
-        self._apply_children(key, job, ev)
 
         # 3. stale pods (an older restart generation): delete, the StatefulSet recreates them
         if ev.stale_pods:
@@ -442,6 +444,12 @@ class Controller:
                 log.info("TrainingJob %s/%s: deleting pods of an older restart generation: %s", ns, name, todo)
                 self.kube.delete_pods(ns, todo)
         return ev.requeue_after
+
+    def _post_events(self, body: Body, events: list[Any]) -> None:
+        """Events go out on their own small pool: they never delay a reconcile, and their order is kept."""
+        if events:
+            self.event_executor.submit(
+                lambda: [self.kube.post_event(body, e.type, e.reason, e.message) for e in events])
 
     def _apply_children(self, key: Key, job: api.TrainingJob, ev: Evaluation) -> None:
         manifests = stamp_restart(render_trainingjob(job, self.settings.render, replicas=ev.replicas),
@@ -456,7 +464,9 @@ class Controller:
         if self.applied.get(("TrainingJob", key)) == digest and not drifted:
             return
         for m in manifests:
-            self.kube.apply(m)
+            stored = self.kube.apply(m)
+            if m["kind"] == "StatefulSet" and stored and newer(self.statefulsets.get(key), stored):
+                self.statefulsets[key] = stored
         if not ev.keep_service:
             self.kube.delete("v1", "Service", key[0], key[1])
         self.applied[("TrainingJob", key)] = digest
@@ -538,8 +548,7 @@ class Controller:
             if stored and newer(self.services.get(key), stored):
                 self.services[key] = stored
                 self.service_phases[key] = str((stored.get("status") or {}).get("phase") or "")
-        for e in ev.events:
-            self.kube.post_event(body, e.type, e.reason, e.message)
+        self._post_events(body, ev.events)
 
 
 def _key(body: Body) -> Key:

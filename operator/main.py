@@ -165,6 +165,7 @@ async def operate(s: OperatorSettings, stop_flag: asyncio.Event | None = None) -
     ksettings.watching.client_timeout = 330
     ksettings.networking.request_timeout = 60
     ksettings.batching.worker_limit = None
+    ksettings.batching.batch_window = 0.01  # level-triggered: coalescing is done by our queue
     scope = f"namespaces {', '.join(s.namespaces)}" if s.namespaces else "all namespaces"
     log.info("aiaas operator starting: %s, resync %.1fs, success policy %s", scope, s.resync_seconds,
              s.success_policy)
