@@ -1,4 +1,35 @@
 """The aiaas model server: an exported artifact behind the Open Inference Protocol (KServe v2) REST API.
 
-Run it with ``python -m aiaas.server --model DIR [--port N] [--host H] [--name NAME]``.
+Run it as ``python -m aiaas.server --model DIR [--port 8080] [--host 0.0.0.0] [--name NAME]`` (``aiaas serve``
+and the InferenceService's Deployment run exactly this); ``--help`` lists the batching and limit flags.
+
+Endpoints (``{name}`` is ``--name`` or the manifest's name; ``{v}`` is the manifest's version):
+
+====================================================  =================================================
+``GET /v2/health/live``, ``GET /v2/health/ready``     200 ``{"live": true}`` / ``{"ready": true}``; ready
+                                                      is 503 until the model is loaded and after SIGTERM
+``GET /v2``                                           server metadata (name, version, extensions)
+``GET /v2/models/{name}[/versions/{v}]``              model metadata: versions, platform, inputs, outputs
+``GET /v2/models/{name}[/versions/{v}]/ready``        ``{"name", "ready"}``
+``POST /v2/models/{name}[/versions/{v}]/infer``       inference; JSON tensors (flat or nested ``data``) or
+                                                      the binary tensor data extension
+                                                      (``Inference-Header-Content-Length``), ``id`` echoed,
+                                                      ``outputs`` honoured (``binary_data`` per output,
+                                                      ``binary_data_output`` for all)
+``GET /v2/models/{name}/config``                      Triton's model configuration (``tritonclient``)
+``POST /v1/models/{name}:predict``                    KServe v1: ``{"instances": [...]}`` ->
+                                                      ``{"predictions": [class, ...]}``
+``GET /v1/models``, ``GET /v1/models/{name}``, ``/``  KServe v1 listing, status and liveness
+``GET /metrics``                                      Prometheus (names in ``aiaas.contract.metrics``)
+``GET /v2/openapi.json``                              the OpenAPI 3.0 description of all of the above
+====================================================  =================================================
+
+Errors are ``{"error": "<what is wrong and how to fix it>"}`` with the status KServe and MLServer use: 400 for
+anything wrong with the request (malformed JSON, missing fields, an input whose name, datatype, shape or
+values do not fit the model's signature, token ids outside the vocabulary), 404 for an unknown model, version
+or path, 405 for a wrong method, 413 for a body over ``--max-request-bytes`` (also after gzip/deflate
+decompression), 503 while the model loads. No client input produces a 5xx; a 500 means a bug (it is logged
+with its traceback).
+
+Requests are batched dynamically (:mod:`.batcher`) and the model runs in its own thread, off the event loop.
 """

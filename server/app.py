@@ -156,6 +156,9 @@ def build_app(config: ServerConfig) -> web.Application:
     async def live(request: web.Request) -> web.Response:
         return json_response({"live": True})
 
+    async def root(request: web.Request) -> web.Response:
+        return json_response({"status": "alive"})  # KServe's v1 liveness answer
+
     async def ready(request: web.Request) -> web.Response:
         if state.ready:
             return json_response({"ready": True})
@@ -275,6 +278,7 @@ def build_app(config: ServerConfig) -> web.Application:
     app[STATE_KEY] = state
     name = r"{name:[^/:]+}"
     routes = [
+        ("GET", "/", root, "root"),
         ("GET", "/v2/health/live", live, "health_live"),
         ("GET", "/v2/health/ready", ready, "health_ready"),
         ("GET", "/v2", server_metadata, "server_metadata"),

@@ -186,6 +186,13 @@ def document(
         "schema": {"type": "string", "format": "binary"},
     }
     paths: dict[str, Any] = {
+        "/": {
+            "get": _operation(
+                "root", "Is the server alive? (KServe v1)",
+                _json({"type": "object", "required": ["status"], "properties": {"status": {"type": "string"}}},
+                      "Alive."), (),
+            )
+        },
         "/v2/health/live": {"get": _operation("serverLive", "Is the server alive?", _json(_ref("Live"), "Alive."), ())},
         "/v2/health/ready": {
             "get": _operation(
