@@ -29,7 +29,7 @@ from deploy_util import (  # noqa: E402
     write_values,
 )
 
-pytestmark = [pytest.mark.e2e, pytest.mark.timeout(420)]
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(420), pytest.mark.usefixtures("e2e_cluster")]  # CRDs applied
 
 KWOK_EXIT = "fake.aiaas.dev/exit-code"  # hack/kwok/stages/pod-container-exit.yaml
 

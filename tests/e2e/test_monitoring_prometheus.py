@@ -29,7 +29,7 @@ from deploy_util import DEPLOY, Process, free_port, http_get, wait_until  # noqa
 
 from aiaas.contract import metrics as m  # noqa: E402
 
-pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300), pytest.mark.usefixtures("e2e_cluster")]  # CRDs applied
 
 PROMETHEUS = shutil.which("prometheus")
 JOB = "cnn-digits"
