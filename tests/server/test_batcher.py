@@ -1,0 +1,147 @@
+"""The dynamic batcher on its own: batching policy, limits, shape grouping and failure isolation."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from aiaas.server.batcher import Batcher
+
+
+class Recorder:
+    """A model that doubles its input and remembers the batch sizes it saw."""
+
+    def __init__(self, delay: float = 0.0, fail_on: float | None = None) -> None:
+        self.batches: list[int] = []
+        self.delay = delay
+        self.fail_on = fail_on
+        self.threads: set[str] = set()
+
+    def __call__(self, inputs: list[np.ndarray]) -> dict[str, np.ndarray]:
+        self.threads.add(threading.current_thread().name)
+        self.batches.append(int(inputs[0].shape[0]))
+        if self.fail_on is not None and (inputs[0] == self.fail_on).any():
+            raise ValueError("poisoned input")
+        time.sleep(self.delay)
+        return {"double": inputs[0] * 2, "sum": inputs[0].reshape(len(inputs[0]), -1).sum(axis=1)}
+
+
+def run(coro: object) -> object:
+    return asyncio.run(coro)  # type: ignore[arg-type]
+
+
+def rows(value: float, n: int = 1, width: int = 3) -> list[np.ndarray]:
+    return [np.full((n, width), value, dtype=np.float32)]
+
+
+def test_a_lone_request_does_not_wait_for_company() -> None:
+    model = Recorder()
+
+    async def main() -> float:
+        batcher = Batcher(model, max_batch_size=8, max_delay=0.5)
+        batcher.start()
+        start = time.perf_counter()
+        out = await batcher.submit(rows(1.0))
+        elapsed = time.perf_counter() - start
+        np.testing.assert_array_equal(out["double"], np.full((1, 3), 2.0))
+        await batcher.stop()
+        return elapsed
+
+    assert run(main()) < 0.25  # far below max_delay
+    assert model.batches == [1]
+    assert model.threads == {"model"}  # off the event loop
+
+
+def test_concurrent_requests_share_forward_passes_within_the_limit() -> None:
+    model = Recorder(delay=0.02)
+
+    async def main() -> list[dict[str, np.ndarray]]:
+        batcher = Batcher(model, max_batch_size=8, max_delay=0.005)
+        batcher.start()
+        results = await asyncio.gather(*(batcher.submit(rows(float(i))) for i in range(40)))
+        await batcher.stop()
+        return list(results)
+
+    results = run(main())
+    for i, out in enumerate(results):  # type: ignore[arg-type]
+        np.testing.assert_array_equal(out["double"], np.full((1, 3), 2.0 * i))
+        assert out["sum"].tolist() == [3.0 * i]
+    assert sum(model.batches) == 40
+    assert max(model.batches) <= 8
+    assert len(model.batches) < 40
+
+
+def test_large_requests_run_alone_and_shapes_are_not_mixed() -> None:
+    model = Recorder(delay=0.01)
+
+    async def main() -> None:
+        batcher = Batcher(model, max_batch_size=4, max_delay=0.005)
+        batcher.start()
+        big, a, b, c = await asyncio.gather(
+            batcher.submit(rows(1.0, n=10)), batcher.submit(rows(2.0)), batcher.submit(rows(3.0, width=5)),
+            batcher.submit(rows(4.0)),
+        )
+        assert big["double"].shape == (10, 3) and c["double"].shape == (1, 3)
+        assert b["double"].shape == (1, 5)
+        await batcher.stop()
+
+    run(main())
+    assert 10 in model.batches
+    assert sum(model.batches) == 13
+
+
+def test_a_failing_request_does_not_fail_its_batch_neighbours() -> None:
+    model = Recorder(delay=0.01, fail_on=13.0)
+
+    async def main() -> list[object]:
+        batcher = Batcher(model, max_batch_size=16, max_delay=0.005)
+        batcher.start()
+        results = await asyncio.gather(*(batcher.submit(rows(float(i))) for i in range(20)),
+                                       return_exceptions=True)
+        await batcher.stop()
+        return list(results)
+
+    results = run(main())
+    for i, result in enumerate(results):  # type: ignore[arg-type]
+        if i == 13:
+            assert isinstance(result, ValueError)
+        else:
+            assert isinstance(result, dict), result
+            assert result["sum"].tolist() == [3.0 * i]
+
+
+def test_waits_a_bounded_time_for_requests_still_arriving() -> None:
+    model = Recorder()
+
+    async def main() -> float:
+        batcher = Batcher(model, max_batch_size=8, max_delay=0.05)
+        batcher.start()
+        batcher.arriving = 1  # a request whose body is still being received
+
+        async def late() -> dict[str, np.ndarray]:
+            await asyncio.sleep(0.01)
+            batcher.arriving -= 1
+            return await batcher.submit(rows(2.0))
+
+        start = time.perf_counter()
+        await asyncio.gather(batcher.submit(rows(1.0)), late())
+        elapsed = time.perf_counter() - start
+        batcher.arriving = 1  # never arrives: the batch still goes after max_delay
+        start = time.perf_counter()
+        await batcher.submit(rows(3.0))
+        waited = time.perf_counter() - start
+        await batcher.stop()
+        assert waited >= 0.04
+        return elapsed
+
+    assert run(main()) < 0.05
+    assert model.batches == [2, 1]
+
+
+@pytest.mark.parametrize("size", [0, -3])
+def test_limits_are_clamped(size: int) -> None:
+    assert Batcher(Recorder(), max_batch_size=size, max_delay=-1).max_batch_size == 1
