@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections.abc import Coroutine
+from typing import Any, TypeVar
 
 import numpy as np
 import pytest
@@ -30,8 +32,11 @@ class Recorder:
         return {"double": inputs[0] * 2, "sum": inputs[0].reshape(len(inputs[0]), -1).sum(axis=1)}
 
 
-def run(coro: object) -> object:
-    return asyncio.run(coro)  # type: ignore[arg-type]
+T = TypeVar("T")
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    return asyncio.run(coro)
 
 
 def rows(value: float, n: int = 1, width: int = 3) -> list[np.ndarray]:
@@ -67,7 +72,7 @@ def test_concurrent_requests_share_forward_passes_within_the_limit() -> None:
         return list(results)
 
     results = run(main())
-    for i, out in enumerate(results):  # type: ignore[arg-type]
+    for i, out in enumerate(results):
         np.testing.assert_array_equal(out["double"], np.full((1, 3), 2.0 * i))
         assert out["sum"].tolist() == [3.0 * i]
     assert sum(model.batches) == 40
@@ -106,7 +111,7 @@ def test_a_failing_request_does_not_fail_its_batch_neighbours() -> None:
         return list(results)
 
     results = run(main())
-    for i, result in enumerate(results):  # type: ignore[arg-type]
+    for i, result in enumerate(results):
         if i == 13:
             assert isinstance(result, ValueError)
         else:
