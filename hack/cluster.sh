@@ -31,6 +31,8 @@
 #   AIAAS_CLUSTER_DIR    state, pki, kubeconfig and logs (default $AIAAS_CACHE/cluster)
 #   AIAAS_ETCD_PORT (12379) AIAAS_ETCD_PEER_PORT (12380) AIAAS_APISERVER_PORT (16443)
 #   AIAAS_KCM_PORT (17257) AIAAS_SCHEDULER_PORT (17259) AIAAS_KWOK_PORT (17247)
+#   AIAAS_PORT_OFFSET    added to every default port: a second cluster on the same
+#                        machine is AIAAS_CLUSTER_DIR=/tmp/c2 AIAAS_PORT_OFFSET=1000
 #   AIAAS_GPU_NODES (2) AIAAS_GPUS_PER_NODE (8) AIAAS_CPU_NODES (2)
 #   AIAAS_UP_TIMEOUT     seconds to wait for readiness (default 180)
 #   AIAAS_APISERVER_EXTRA_ARGS, AIAAS_KCM_EXTRA_ARGS, AIAAS_SCHEDULER_EXTRA_ARGS,
@@ -53,12 +55,13 @@ RUN=$CLUSTER_DIR/run
 KUBECONFIG_PATH=$CLUSTER_DIR/kubeconfig
 
 HOST=127.0.0.1
-ETCD_PORT=${AIAAS_ETCD_PORT:-12379}
-ETCD_PEER_PORT=${AIAAS_ETCD_PEER_PORT:-12380}
-APISERVER_PORT=${AIAAS_APISERVER_PORT:-16443}
-KCM_PORT=${AIAAS_KCM_PORT:-17257}
-SCHEDULER_PORT=${AIAAS_SCHEDULER_PORT:-17259}
-KWOK_PORT=${AIAAS_KWOK_PORT:-17247}
+OFF=${AIAAS_PORT_OFFSET:-0}
+ETCD_PORT=${AIAAS_ETCD_PORT:-$((12379 + OFF))}
+ETCD_PEER_PORT=${AIAAS_ETCD_PEER_PORT:-$((12380 + OFF))}
+APISERVER_PORT=${AIAAS_APISERVER_PORT:-$((16443 + OFF))}
+KCM_PORT=${AIAAS_KCM_PORT:-$((17257 + OFF))}
+SCHEDULER_PORT=${AIAAS_SCHEDULER_PORT:-$((17259 + OFF))}
+KWOK_PORT=${AIAAS_KWOK_PORT:-$((17247 + OFF))}
 GPU_NODES=${AIAAS_GPU_NODES:-2}
 GPUS_PER_NODE=${AIAAS_GPUS_PER_NODE:-8}
 CPU_NODES=${AIAAS_CPU_NODES:-2}
@@ -184,7 +187,8 @@ start() { # <component> <args...>
   local c=$1; shift
   mkdir -p "$RUN" "$LOGS"
   # setsid: own session, so ^C in the calling shell / pytest does not kill it.
-  setsid "$BIN_DIR/$c" "$@" >>"$LOGS/$c.log" 2>&1 </dev/null &
+  # 8>&- 9>&-: the daemons must not inherit (and so hold) the cluster and build locks.
+  setsid "$BIN_DIR/$c" "$@" >>"$LOGS/$c.log" 2>&1 </dev/null 8>&- 9>&- &
   echo $! > "$RUN/$c.pid"
   log "started $c (pid $!, log $LOGS/$c.log)"
 }
@@ -230,6 +234,22 @@ wait_for() { # <description> <timeout s> <command...>
     fi
     sleep 0.5
   done
+}
+
+# wait_up <component> <timeout s> <check...>: like wait_for, but fails at once
+# if the component's process has exited (a bad flag, a port taken, ...).
+wait_up() {
+  local c=$1 timeout=$2; shift 2
+  local deadline=$((SECONDS + timeout))
+  until "$@" >/dev/null 2>&1; do
+    alive "$c" || { log "$c exited during start-up (see $LOGS/$c.log)"; return 1; }
+    if (( SECONDS >= deadline )); then
+      log "timed out after ${timeout}s waiting for $c"
+      return 1
+    fi
+    sleep 0.5
+  done
+  alive "$c" || { log "$c exited during start-up (see $LOGS/$c.log)"; return 1; }
 }
 
 curl_ok() { curl -fsS --max-time 3 "$@"; }
@@ -391,8 +411,19 @@ print_env() {
   echo "export PATH=$BIN_DIR:\$PATH"
 }
 
+# One up/down at a time per cluster dir (e.g. two pytest sessions starting).
+lock_cluster() {
+  mkdir -p "$(dirname "$CLUSTER_DIR")"
+  exec 8>"$CLUSTER_DIR.lock"
+  if ! flock -n 8; then
+    log "waiting for another hack/cluster.sh on $CLUSTER_DIR"
+    flock -w 600 8 || die "timed out waiting for $CLUSTER_DIR.lock"
+  fi
+}
+
 do_up() {
   local t0=$SECONDS
+  lock_cluster
   if any_pidfile; then
     if all_alive && apiserver_ready; then
       log "cluster already up (apiserver https://$HOST:$APISERVER_PORT)"
@@ -425,7 +456,7 @@ do_up() {
     --initial-cluster="aiaas=http://$HOST:$ETCD_PEER_PORT" --initial-cluster-state=new \
     --unsafe-no-fsync=true --snapshot-count=10000 --quota-backend-bytes=$((2 * 1024 * 1024 * 1024)) \
     --log-level=warn
-  wait_for etcd 60 etcd_healthy
+  wait_up etcd 60 etcd_healthy
 
   # shellcheck disable=SC2086
   start kube-apiserver \
@@ -445,7 +476,7 @@ do_up() {
     --allow-privileged=true \
     --profiling=false \
     ${AIAAS_APISERVER_EXTRA_ARGS:-}
-  wait_for kube-apiserver 120 apiserver_ready
+  wait_up kube-apiserver 120 apiserver_ready
 
   # shellcheck disable=SC2086
   start kube-controller-manager \
@@ -483,9 +514,9 @@ do_up() {
     "${stages[@]}" \
     ${AIAAS_KWOK_EXTRA_ARGS:-}
 
-  wait_for kube-controller-manager 60 secure_healthz "$KCM_PORT"
-  wait_for kube-scheduler 60 secure_healthz "$SCHEDULER_PORT"
-  wait_for kwok 60 kwok_healthz
+  wait_up kube-controller-manager 60 secure_healthz "$KCM_PORT"
+  wait_up kube-scheduler 60 secure_healthz "$SCHEDULER_PORT"
+  wait_up kwok 60 kwok_healthz
 
   nodes_yaml > "$CLUSTER_DIR/nodes.yaml"
   kctl apply -f "$CLUSTER_DIR/nodes.yaml" >/dev/null
@@ -530,17 +561,20 @@ do_down() {
 }
 
 do_status() {
-  local c ok=0 pid
+  local c ok=0 pid rss total=0
   for c in "${COMPONENTS[@]}"; do
     pid=$(pid_of "$c")
     if alive "$c"; then
-      printf '%-24s running (pid %s, rss %s MiB)\n' "$c" "$pid" "$(( $(awk '/^VmRSS/{print $2}' "/proc/$pid/status") / 1024 ))"
+      rss=$(awk '/^VmRSS/{print $2}' "/proc/$pid/status" 2>/dev/null || echo 0)
+      total=$((total + rss))
+      printf '%-24s running (pid %s, rss %s MiB)\n' "$c" "$pid" "$((rss / 1024))"
     elif [[ -n $pid ]]; then
       printf '%-24s DEAD (pid %s; see %s)\n' "$c" "$pid" "$LOGS/$c.log"; ok=1
     else
       printf '%-24s not running\n' "$c"; ok=1
     fi
   done
+  ((total > 0)) && printf '%-24s %s MiB\n' "memory (rss total)" "$((total / 1024))"
   if [[ -f $PKI/admin.crt ]] && apiserver_ready; then
     echo "apiserver                https://$HOST:$APISERVER_PORT ready"
     echo "kubeconfig               $KUBECONFIG_PATH"
@@ -564,7 +598,7 @@ cmd=${1:-}
 shift || true
 case $cmd in
   up) do_up ;;
-  down) do_down "$@" ;;
+  down) lock_cluster; do_down "$@" ;;
   status) do_status ;;
   build) do_build ;;
   bin-dir) echo "$BIN_DIR" ;;
