@@ -42,7 +42,7 @@
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-# shellcheck source=k8s/versions.sh
+# shellcheck source=SCRIPTDIR/k8s/versions.sh
 source "$ROOT/hack/k8s/versions.sh"
 
 CACHE=${AIAAS_CACHE:-$HOME/.cache/aiaas}

@@ -5,7 +5,7 @@
 # requirements and runs `go mod tidy` everywhere. Commit the result.
 set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-# shellcheck source=versions.sh
+# shellcheck source=SCRIPTDIR/versions.sh
 source "$HERE/versions.sh"
 command -v go >/dev/null || PATH=/usr/local/go/bin:$PATH
 export GOFLAGS=-mod=mod
