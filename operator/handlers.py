@@ -128,6 +128,14 @@ def newer(a: Body | None, b: Body) -> bool:
     return True
 
 
+def same_object(cached: Body | None, body: Body) -> bool:
+    """Is ``body`` (e.g. a DELETED event) about the cached object, not a recreated namesake (a StatefulSet pod
+    is recreated under the same name, and kopf may deliver the old one's deletion after the new one's creation)?"""
+    if cached is None:
+        return True
+    return (cached.get("metadata") or {}).get("uid") == (body.get("metadata") or {}).get("uid")
+
+
 # ------------------------------------------------------------------------------------------------- queue
 @dataclass
 class _KeyState:
@@ -244,6 +252,8 @@ class Controller:
     def observe_job(self, event_type: str | None, body: Body) -> None:
         key = _key(body)
         if event_type == "DELETED":
+            if not same_object(self.jobs.get(key), body):
+                return  # a late event of an older namesake
             self.jobs.pop(key, None)
             self.job_phases.pop(key, None)
             self.progress.pop(key, None)
@@ -268,7 +278,8 @@ class Controller:
         key = (meta.get("namespace", ""), job)
         pods = self.pods.setdefault(key, {})
         if event_type == "DELETED":
-            pods.pop(meta.get("name", ""), None)
+            if same_object(pods.get(meta.get("name", "")), body):
+                pods.pop(meta.get("name", ""), None)
             if not pods:
                 self.pods.pop(key, None)
         elif newer(pods.get(meta.get("name", "")), body):
@@ -282,7 +293,8 @@ class Controller:
             return
         key = (meta.get("namespace", ""), job)
         if event_type == "DELETED":
-            self.statefulsets.pop(key, None)
+            if same_object(self.statefulsets.get(key), body):
+                self.statefulsets.pop(key, None)
         elif newer(self.statefulsets.get(key), body):
             self.statefulsets[key] = body
         self._enqueue_job(key)
@@ -290,6 +302,8 @@ class Controller:
     def observe_service(self, event_type: str | None, body: Body) -> None:
         key = _key(body)
         if event_type == "DELETED":
+            if not same_object(self.services.get(key), body):
+                return
             self.services.pop(key, None)
             self.service_phases.pop(key, None)
             self.applied.pop(("InferenceService", key), None)
@@ -308,7 +322,8 @@ class Controller:
             return
         key = (meta.get("namespace", ""), name)
         if event_type == "DELETED":
-            self.deployments.pop(key, None)
+            if same_object(self.deployments.get(key), body):
+                self.deployments.pop(key, None)
         elif newer(self.deployments.get(key), body):
             self.deployments[key] = body
         self._enqueue_service(key)

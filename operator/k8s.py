@@ -119,8 +119,16 @@ class Kube:
         """Server-side apply ``manifest`` (create or update; idempotent)."""
         meta = manifest["metadata"]
         path = resource_path(manifest["apiVersion"], manifest["kind"], meta.get("namespace"), meta["name"])
-        return self.call("PATCH", path, query={"fieldManager": self.field_manager, "force": "true"},
-                         body=manifest, content_type="application/apply-patch+yaml")
+        try:
+            return self.call("PATCH", path, query={"fieldManager": self.field_manager, "force": "true"},
+                             body=manifest, content_type="application/apply-patch+yaml")
+        except KubeError as err:
+            what = f"{manifest['kind']} {meta.get('namespace', '')}/{meta['name']}".replace(" /", " ")
+            if err.status == 404:
+                raise KubeError(404, f"cannot create {what}: the cluster does not serve {manifest['kind']} "
+                                f"({manifest['apiVersion']}); install the component that provides it "
+                                f"({err})", err.reason) from None
+            raise KubeError(err.status, f"cannot apply {what}: {err}", err.reason) from None
 
     def delete(self, api_version: str, kind: str, namespace: str | None, name: str, *,
                propagation: str = "Background", uid: str | None = None) -> bool:

@@ -544,3 +544,15 @@ def test_inferenceservice_waits_for_its_trainingjob(kubectl, namespace, operator
     kubectl("delete", "inferenceservices.aiaas.dev", "digits-svc", "--wait=true", namespace=namespace)
     wait_for(lambda: get(kubectl, namespace, "deployment", "digits-svc") is None
              and get(kubectl, namespace, "service", "digits-svc") is None, timeout=40, what="isvc children gone")
+
+
+def test_reconcile_errors_reach_status(kubectl, namespace, operator):
+    """A job asking for Volcano gang scheduling on a cluster without Volcano: the PodGroup cannot be created."""
+    op = operator()
+    apply(kubectl, namespace, trainingjob("gang", scheduling={"gang": {"provider": "volcano"}}))
+    st = wait_for(lambda: (s := job_status(kubectl, namespace, "gang")).get("reason") == "ReconcileError" and s,
+                  timeout=20, what="reason ReconcileError")
+    assert "PodGroup" in st["message"] and "scheduling.volcano.sh" in st["message"], st["message"]
+    assert condition(st, "Running")["reason"] == "ReconcileError"
+    assert "ReconcileError" in event_reasons(kubectl, namespace, "gang")
+    assert f'{m.OPERATOR_RECONCILE_ERRORS}_total{{kind="TrainingJob"}}' in op.metrics()
