@@ -21,7 +21,9 @@
 # nvidia.com/gpu.present=true, taint nvidia.com/gpu=present:NoSchedule) and
 # $AIAAS_CPU_NODES CPU-only nodes. Pod lifecycle comes from kwok Stage files in
 # hack/kwok/stages/*.yaml (plus $AIAAS_KWOK_STAGES, a :-separated list of extra
-# files or directories). Containers never run: pods become Running/Ready.
+# files or directories). Containers never run: pods become Running/Ready;
+# pods owned by a Job complete; a pod annotated fake.aiaas.dev/exit-code exits
+# with that code (see hack/kwok/stages/pod-container-exit.yaml).
 # PVCs of the default StorageClass kwok-volume are bound to fake volumes.
 # Objects in hack/kwok/manifests/*.yaml are applied after start.
 #
