@@ -125,7 +125,10 @@ def test_defaults_render_the_operator_with_leader_election(tmp_path: Path) -> No
     env = {e["name"]: e for e in c["env"]}
     assert env["POD_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"  # the Lease's ns
     assert c["livenessProbe"]["httpGet"]["path"] == "/healthz"
-    assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    # a standby replica answers 503 on /readyz: probing it would stall every rolling update (maxUnavailable 0)
+    # and let the PodDisruptionBudget (minAvailable 1) block every drain of the leader's node
+    assert c["readinessProbe"]["httpGet"]["path"] == "/healthz"
+    assert dep["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
     assert c["resources"]["requests"] and c["resources"]["limits"]["memory"]
     # restricted Pod Security Standard
     sc, psc = c["securityContext"], pod["securityContext"]
@@ -238,13 +241,16 @@ def test_every_value_has_a_comment() -> None:
         j = i - 1
         while j >= 0 and not lines[j].strip():
             j -= 1
-        comment = lines[j].strip() if j >= 0 else ""
+        comment: list[str] = []  # the comment block right above the key
+        while j >= 0 and lines[j].strip().startswith("#"):
+            comment.insert(0, lines[j].strip())
+            j -= 1
         covered = any(doc for _, doc in stack)
         is_header = not m.group(4).strip()
-        if not covered and not is_header and not comment.startswith("#"):
+        if not covered and not is_header and not comment:
             missing.append(f"{i + 1}: {line.strip()}")
         if is_header:
-            stack.append((indent, comment.startswith("# --")))
+            stack.append((indent, bool(comment) and comment[0].startswith("# --")))
     assert not missing, "values without a comment:\n" + "\n".join(missing)
 
 
