@@ -145,7 +145,10 @@ def crds(k8s_cluster: E2ECluster) -> list[dict]:
     docs = crd_docs()
     if not docs:
         pytest.skip("no CustomResourceDefinitions in crds/")
-    _apply_crds(k8s_cluster)
+    try:
+        _apply_crds(k8s_cluster)
+    except KubectlError as exc:
+        pytest.fail(f"the API server rejects {CRDS_DIR}:\n{exc.stderr}", pytrace=False)
     return docs
 
 
