@@ -401,7 +401,7 @@ class Controller:
 
     def _write_error(self, key: Key, body: Body, reason: str, message: str) -> None:
         old = body.get("status") or {}
-        new = error_status(None, old, reason, message, self.clock(), (body.get("metadata") or {}).get("generation"))
+        new = error_status(old, reason, message, self.clock(), (body.get("metadata") or {}).get("generation"))
         patch = status_patch(old, new, self.clock())
         if patch is None:
             return

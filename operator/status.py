@@ -10,6 +10,24 @@ Phases: Created -> Running -> (Restarting -> Running)* -> Succeeded | Failed, an
 Gang restarts are level-triggered. ``status.restartCount`` is the restart *generation*; the operator stamps it
 on the pod template (annotation ``aiaas.dev/restart-count``). Pods of another generation are stale: they are
 deleted and never counted, so a restart survives an operator crash at any point and is never done twice.
+
+Completion on a StatefulSet. A StatefulSet only allows ``restartPolicy: Always``, so a trainer that finished is
+restarted by the kubelet; its outcome survives in ``lastState.terminated`` (or ``state.terminated`` until the
+restart) as the JSON termination message the trainer writes (``outcome``, ``reason``, ``message``, ``step``).
+The job has Succeeded when every current-generation worker reported ``Succeeded`` (``--success-policy
+AllWorkers``, the default; at least minNodes of them for an elastic job) or rank 0 did (``Rank0``). Without a
+JSON message the exit code decides: 0 success, 78 permanent, 143 preempted, anything else retryable; OOMKilled
+is retryable and named as such. ``PermanentError`` (or exit code 78) fails the job at once.
+
+cleanPodPolicy, as it can work with a StatefulSet (there is no such thing as a finished pod that stays):
+
+* ``Running`` (default): scale the StatefulSet to 0 when the job finishes, so no pod restarts and holds its
+  GPUs. The StatefulSet (at 0) and the headless Service stay, the outcome of the pods is kept in the status,
+  its conditions and the Events; logs live on in the cluster's log pipeline.
+* ``All``: the same, and the headless Service is deleted too.
+* ``None``: keep the pods for inspection (``kubectl logs --previous``, ``kubectl exec``): the StatefulSet keeps
+  its size, the kubelet keeps restarting the trainer (which resumes from the final checkpoint and exits again,
+  backing off), and the pods keep their GPUs until the job is deleted (or ``ttlSecondsAfterFinished``).
 """
 
 from __future__ import annotations
@@ -514,12 +532,17 @@ def evaluate(job: api.TrainingJob, observed: Observed, now: datetime, *,
         if warn and prev.reason != reason:
             events.append(Event("Warning", reason, msg))
     else:
-        transition(api.Phase.created, reason if warn else REASON_CREATED, msg, "Warning" if warn else "Normal")
+        if prev.phase not in (api.Phase.created.value, api.Phase.suspended.value):
+            events.append(Event("Normal", REASON_CREATED,
+                                f"created headless Service and StatefulSet {job.metadata.name} ({nodes} pod(s))"))
+        if warn and prev.reason != reason:
+            events.append(Event("Warning", reason, msg))
+        st.phase, st.reason, st.message = api.Phase.created, (reason if warn else REASON_CREATED), msg
     return ev
 
 
-def error_status(job: api.TrainingJob | None, prev: dict[str, Any], reason: str, message: str,
-                 now: datetime, generation: int | None) -> dict[str, Any]:
+def error_status(prev: dict[str, Any], reason: str, message: str, now: datetime,
+                 generation: int | None) -> dict[str, Any]:
     """The stored status with a reconcile error written into it (phase unchanged), as a wire dict."""
     try:
         status = api.TrainingJobStatus.model_validate(prev or {})

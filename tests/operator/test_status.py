@@ -303,7 +303,7 @@ def test_unschedulable_pod_names_the_schedulers_reason():
     assert "lenet-0 cannot be scheduled" in ev.status.message
     assert "2 Insufficient nvidia.com/gpu" in ev.status.message
     assert cond(ev, "Running").reason == "Unschedulable"
-    assert [(e.type, e.reason) for e in ev.events] == [("Warning", "Unschedulable")]
+    assert [(e.type, e.reason) for e in ev.events] == [("Normal", "Created"), ("Warning", "Unschedulable")]
     again = step(then(j, ev), [unschedulable("lenet-0")])
     assert again.events == [], "one event per reason, not one per reconcile"
 
@@ -401,7 +401,7 @@ def test_conditions_keep_their_transition_time_while_unchanged():
 
 
 def test_reconcile_errors_reach_status_without_changing_the_phase():
-    out = error_status(None, {"phase": "Running", "restartCount": 1}, "ReconcileError",
+    out = error_status({"phase": "Running", "restartCount": 1}, "ReconcileError",
                        "reconcile failed (will retry): statefulsets.apps is forbidden", T0, 3)
     assert out["phase"] == "Running" and out["reason"] == "ReconcileError" and out["restartCount"] == 1
     assert "forbidden" in out["message"]
