@@ -12,6 +12,7 @@ lint:
 
 crds:  ## regenerate crds/ from the API models
 	"$$(./hack/setup.sh)/aiaas" crds --write crds/ --reference docs/crd-reference.md
+	"$$(./hack/setup.sh)/python" deploy/sync.py
 
 cluster-up:
 	./hack/cluster.sh up

@@ -89,9 +89,10 @@ def _attach_rules(schema: dict[str, Any], rules: tuple[api.Rule, ...]) -> None:
         node = schema
         for part in filter(None, rule.path.split(".")):
             node = node["properties"][part]
-        entry: dict[str, Any] = {"rule": rule.cel, "messageExpression": rule.message_expression}
-        if rule.path:  # fieldPath is relative to the node the rule sits on
+        entry: dict[str, Any] = {"rule": rule.cel, "message": rule.message}
+        if rule.path:  # fieldPath is relative to the node the rule sits on; the API server prints the field
             entry["fieldPath"] = rule.field.removeprefix(rule.path)
+            entry["message"] = rule.message.removeprefix(f"{rule.field}: ")
             entry["reason"] = "FieldValueInvalid"
         node.setdefault("x-kubernetes-validations", []).append(entry)
 
@@ -106,6 +107,8 @@ def openapi_schema(model: type[api.Model], rules: tuple[api.Rule, ...]) -> dict[
     for key in ("apiVersion", "kind"):
         schema["properties"][key] = {"type": "string", "description": schema["properties"][key]["description"]}
     schema["properties"]["status"].pop("default", None)
+    # The API server validates a default against the rules on the same node, before nested defaults apply.
+    schema["properties"]["spec"].pop("default", None)
     _attach_rules(schema, rules)
     return schema
 
@@ -236,6 +239,6 @@ def reference_markdown() -> str:
         for section in ("spec", "status"):
             out += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in _rows(schema["properties"][section], section)]
         out += ["", f"Rules checked by the API server (CEL) and by `aiaas validate`, on `{kind}`:", ""]
-        out += [f"- `{r.field}`: `{r.cel}`" for r in rules[kind]]
+        out += [f"- {r.message}  \n  `{r.cel}`" for r in rules[kind]]
         out.append("")
     return "\n".join(out)

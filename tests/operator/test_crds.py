@@ -58,7 +58,7 @@ def test_cel_rules_are_attached() -> None:
     schema = tj["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
     rules = schema["properties"]["spec"]["x-kubernetes-validations"]
     assert any("parallelism.data * self.topology.parallelism.model" in r["rule"] for r in rules)
-    assert all(r["messageExpression"] for r in rules)
+    assert all(r["message"] and r["fieldPath"].startswith(".") for r in rules)
     assert any("metadata.name" in r["rule"] for r in schema["x-kubernetes-validations"])
     # Nested objects default to {} so the API server fills in defaults the rules rely on.
     topology = schema["properties"]["spec"]["properties"]["topology"]
