@@ -90,15 +90,15 @@ find_go() {
 
 # Hash of the scaffolding of one module dir (go.mod, go.sum, *.go) + version
 # + go version: a stamp per binary decides whether it must be rebuilt.
-stamp_of() { # <module dir> <version>
-  local dir=$1 ver=$2
-  { echo "$ver"; "$GO_BIN" env GOVERSION; cat "$dir"/go.mod "$dir"/go.sum "$dir"/*.go 2>/dev/null || true; } | sha256sum | cut -c1-16
+stamp_of() { # <module dir> <version> [<stable ldflags>]
+  local dir=$1 ver=$2 flags=${3:-}
+  { echo "$ver"; echo "$flags"; "$GO_BIN" env GOVERSION; cat "$dir"/go.mod "$dir"/go.sum "$dir"/*.go 2>/dev/null || true; } | sha256sum | cut -c1-16
 }
 
 build_module() { # <name> <version> <ldflags> <package>...
   local name=$1 ver=$2 ldflags=$3; shift 3
   local src=$ROOT/hack/k8s/$name work=$TOOLS_DIR/work/$name
-  local stamp; stamp=$(stamp_of "$src" "$ver")
+  local stamp; stamp=$(stamp_of "$src" "$ver" "$([[ $name == kubernetes ]] || echo "$ldflags")")
   local need=0 p
   for p in "$@"; do
     local b=${p##*/}; [[ $b == . ]] && b=$name
@@ -161,9 +161,14 @@ do_build() {
     k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager \
     k8s.io/kubernetes/cmd/kube-scheduler k8s.io/kubernetes/cmd/kubectl
   build_module kwok "$KWOK_VERSION" "-X sigs.k8s.io/kwok/pkg/consts.Version=${KWOK_VERSION#v}" sigs.k8s.io/kwok/cmd/kwok
-  build_module helm "$HELM_VERSION" \
-    "-X helm.sh/helm/v3/internal/version.version=$HELM_VERSION -X helm.sh/helm/v3/internal/version.gitTreeState=clean" \
-    helm.sh/helm/v3/cmd/helm
+  # helm assumes Kubernetes v1.20 for `template`/`lint` unless told the version it was built against
+  local p kmajor=${KUBE_VERSION#v}; kmajor=${kmajor%%.*}
+  local kminor=${KUBE_VERSION#v*.}; kminor=${kminor%%.*}
+  local hv="-X helm.sh/helm/v3/internal/version.version=$HELM_VERSION -X helm.sh/helm/v3/internal/version.gitTreeState=clean"
+  for p in helm.sh/helm/v3/pkg/chartutil helm.sh/helm/v3/pkg/lint/rules; do
+    hv+=" -X $p.k8sVersionMajor=$kmajor -X $p.k8sVersionMinor=$kminor"
+  done
+  build_module helm "$HELM_VERSION" "$hv" helm.sh/helm/v3/cmd/helm
   flock -u 9
   local b
   for b in "${BINARIES[@]}"; do [[ -x $BIN_DIR/$b ]] || die "missing $BIN_DIR/$b"; done
