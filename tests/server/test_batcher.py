@@ -47,7 +47,7 @@ def test_a_lone_request_does_not_wait_for_company() -> None:
     model = Recorder()
 
     async def main() -> float:
-        batcher = Batcher(model, max_batch_size=8, max_delay=0.5)
+        batcher = Batcher(model, max_batch_size=8, max_delay=2.0)
         batcher.start()
         start = time.perf_counter()
         out = await batcher.submit(rows(1.0))
@@ -56,7 +56,7 @@ def test_a_lone_request_does_not_wait_for_company() -> None:
         await batcher.stop()
         return elapsed
 
-    assert run(main()) < 0.25  # far below max_delay
+    assert run(main()) < 1.0  # far below max_delay
     assert model.batches == [1]
     assert model.threads == {"model"}  # off the event loop
 
@@ -123,7 +123,7 @@ def test_waits_a_bounded_time_for_requests_still_arriving() -> None:
     model = Recorder()
 
     async def main() -> float:
-        batcher = Batcher(model, max_batch_size=8, max_delay=0.05)
+        batcher = Batcher(model, max_batch_size=8, max_delay=0.5)
         batcher.start()
         batcher.arriving = 1  # a request whose body is still being received
 
@@ -140,10 +140,10 @@ def test_waits_a_bounded_time_for_requests_still_arriving() -> None:
         await batcher.submit(rows(3.0))
         waited = time.perf_counter() - start
         await batcher.stop()
-        assert waited >= 0.04
+        assert waited >= 0.45
         return elapsed
 
-    assert run(main()) < 0.05
+    assert run(main()) < 0.4  # the late request joined well before max_delay
     assert model.batches == [2, 1]
 
 

@@ -8,6 +8,7 @@ import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from http.client import HTTPConnection
 from pathlib import Path
 from typing import Any
 
@@ -58,11 +59,28 @@ def test_concurrent_requests_are_batched_and_answered(server: ServerProcess, ref
 
 
 def test_sigterm_finishes_requests_in_flight(cnn_artifact: Path, tmp_path: Path, reference: Any) -> None:
+    """Requests the server has received when SIGTERM comes are all answered; then it exits 0."""
     proc = ServerProcess(cnn_artifact, tmp_path / "server.log", "--max-batch-size", "8").wait_ready()
-    big = [X[i * 30 : i * 30 + 1500].reshape(-1, 1, 8, 8) for i in range(8)]
-    with ThreadPoolExecutor(len(big)) as pool:
-        futures = [pool.submit(infer, proc.url, x) for x in big]
-        time.sleep(0.3)  # the requests are sent; the model works through them one by one
+    big = [X[i * 30 : i * 30 + 1500].reshape(-1, 1, 8, 8) for i in range(8)]  # ~8 x 0.1 s of work, one by one
+    bodies = [json.dumps({"inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32",
+                                      "data": x.reshape(-1).tolist()}]}).encode() for x in big]
+    sent = threading.Semaphore(0)
+
+    def call(body: bytes) -> tuple[int, dict[str, Any]]:
+        conn = HTTPConnection("127.0.0.1", proc.port, timeout=120)
+        try:
+            conn.request("POST", "/v2/models/digits/infer", body)  # returns once the body is written
+            sent.release()
+            response = conn.getresponse()
+            return response.status, json.loads(response.read())
+        finally:
+            conn.close()
+
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        futures = [pool.submit(call, body) for body in bodies]
+        for _ in bodies:
+            assert sent.acquire(timeout=60)
+        time.sleep(0.2)  # let the server read them; the model works through them one by one
         in_flight = sum(not f.done() for f in futures)
         proc.proc.send_signal(signal.SIGTERM)
         results = [f.result() for f in futures]
