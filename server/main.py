@@ -128,6 +128,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    # The event loop and the model thread share the GIL; a 1 ms switch interval (default 5 ms) keeps one
+    # from holding up the other for long under load (it lowered the p99 at concurrency 16 in our runs).
+    sys.setswitchinterval(0.001)
     code = asyncio.run(serve(args))
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM while the interpreter exits changes nothing
     return code
