@@ -6,8 +6,8 @@ from typing import Any
 
 import numpy as np
 import pytest
-from artifacts import digits
-from conftest import ServerProcess
+from server_artifacts import digits
+from server_harness import ServerProcess
 
 httpclient = pytest.importorskip("tritonclient.http")
 from tritonclient.utils import InferenceServerException  # noqa: E402

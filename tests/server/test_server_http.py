@@ -10,8 +10,8 @@ from typing import Any
 
 import numpy as np
 import pytest
-from artifacts import digits
-from conftest import ServerProcess, http
+from server_artifacts import digits
+from server_harness import ServerProcess, http
 
 X, Y = digits()
 INFER = "/v2/models/digits/infer"

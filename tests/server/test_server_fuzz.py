@@ -17,7 +17,7 @@ import math
 from typing import Any
 
 import pytest
-from conftest import ServerProcess, http
+from server_harness import ServerProcess, http
 
 schemathesis = pytest.importorskip("schemathesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
