@@ -28,6 +28,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+OPERATOR_ARGS: list[str] = []
 
 
 def _kubeconfig() -> str:
@@ -190,7 +191,8 @@ def run_phase(kind: str, n: int, timeout: float) -> dict[str, Any]:
         cmd = [sys.executable, __file__, "baseline-worker", "--namespace", ns]
     else:
         cmd = [sys.executable, "-m", "aiaas.operator", "operator", "--namespace", ns, "--standalone",
-               "--metrics-port", "0", "--metrics-url-template", "", "--log-level", "WARNING"]
+               "--metrics-port", "0", "--metrics-url-template", "", "--log-level", "WARNING",
+               *OPERATOR_ARGS]
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
     time.sleep(3)  # imports, watches established
     cpu0, _ = proc_stats(proc.pid)
@@ -245,7 +247,9 @@ def main() -> int:
     p.add_argument("--timeout", type=float, default=600, help="per phase")
     p.add_argument("--skip-baseline", action="store_true")
     p.add_argument("--json", action="store_true", help="also print the raw results as JSON")
+    p.add_argument("--operator-args", default="", help="extra flags for `aiaas operator`, e.g. '--workers 32'")
     args = p.parse_args()
+    OPERATOR_ARGS.extend(args.operator_args.split())
     os.environ["KUBECONFIG"] = _kubeconfig()
     if args.mode == "baseline-worker":
         return baseline_worker(args.namespace)

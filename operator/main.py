@@ -138,7 +138,7 @@ async def operate(s: OperatorSettings, stop_flag: asyncio.Event | None = None) -
 
     from .handlers import Controller, register
 
-    kube = Kube(load_api_client(), s.field_manager)
+    kube = Kube(load_api_client(pool_size=2 * s.workers + 8), s.field_manager)
     health = Health(stale_after=max(60.0, 4 * s.resync_seconds))
     ctl_ref: dict[str, Any] = {}
     metrics = OperatorMetrics(jobs=lambda: dict(ctl_ref["c"].job_phases) if "c" in ctl_ref else {},
@@ -153,7 +153,7 @@ async def operate(s: OperatorSettings, stop_flag: asyncio.Event | None = None) -
         await asyncio.to_thread(elector.acquire)
         threading.Thread(target=elector.renew_forever, name="lease-renew", daemon=True).start()
 
-    ctl = Controller(s, kube, metrics, health)
+    ctl = Controller(s, kube, metrics, health, workers=s.workers)
     ctl_ref["c"] = ctl
     registry = kopf.OperatorRegistry()
     register(registry, ctl)

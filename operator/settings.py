@@ -62,6 +62,8 @@ class OperatorSettings:
     retry_period_seconds: float = 2.0
     identity: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}")
     log_level: str = "INFO"
+    # Reconciles running at once (threads; each mostly waits on the API server).
+    workers: int = 32
 
     def metrics_url(self, *, pod_ip: str, pod: str, namespace: str, job: str,
                     port: int = launch.METRICS_PORT) -> str:
@@ -102,6 +104,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--renew-deadline", type=float, default=_env_float("RENEW_DEADLINE", 10.0))
     parser.add_argument("--retry-period", type=float, default=_env_float("RETRY_PERIOD", 2.0))
     parser.add_argument("--log-level", default=_env("LOG_LEVEL", "INFO"))
+    parser.add_argument("--workers", type=int, default=int(_env("WORKERS", "32")),
+                        help="reconciles running at once (threads; each mostly waits on the API server)")
 
 
 def from_args(args: argparse.Namespace) -> OperatorSettings:
@@ -133,4 +137,5 @@ def from_args(args: argparse.Namespace) -> OperatorSettings:
         renew_deadline_seconds=args.renew_deadline,
         retry_period_seconds=args.retry_period,
         log_level=args.log_level,
+        workers=args.workers,
     )
