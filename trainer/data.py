@@ -96,7 +96,7 @@ def _read_idx(path: Path) -> np.ndarray:
     if zero != 0 or dtype_code != 0x08:
         raise PermanentError(f"{path} is not an unsigned-byte IDX file", reason="DataInvalid")
     dims = struct.unpack(">" + "I" * ndim, data[4:4 + 4 * ndim])
-    arr = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+    arr = np.frombuffer(bytearray(data), dtype=np.uint8, offset=4 + 4 * ndim)  # writable for torch
     if arr.size != math.prod(dims):
         raise PermanentError(f"{path} is truncated: expected {math.prod(dims)} values, found {arr.size}",
                              reason="DataInvalid")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import subprocess
@@ -129,3 +130,40 @@ def test_aiaas_run_ctrl_c_checkpoints_and_resume_finishes(tmp_path: Path) -> Non
     out2, _ = resumed.communicate(timeout=240)
     assert resumed.returncode == 0, out2[-4000:]
     assert f"resumed from checkpoint step {stopped_at}" in out2
+
+
+def _trainer_worker_of(pod: str) -> int | None:
+    """The pid of the trainer process (a torchrun worker, which has LOCAL_RANK) of local pod ``pod``."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            env = (proc / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"POD_NAME={pod}".encode() in env and any(e.startswith(b"LOCAL_RANK=") for e in env):
+            return int(proc.name)
+    return None
+
+
+@pytest.mark.slow
+def test_aiaas_run_restarts_the_gang_after_a_sigkill(tmp_path: Path) -> None:
+    """A trainer killed mid-run is a retryable failure: the runner restarts both pods, which resume from the
+    last checkpoint and finish with the planned number of optimizer steps."""
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump(two_node_job("gang-restart", epochs=3)))
+    proc = aiaas("run", "-f", str(job), "--metrics-port", "0", cwd=tmp_path)
+    ckpts = tmp_path / "runs" / "gang-restart" / "volumes" / "storage" / "checkpoints"
+    deadline = time.monotonic() + 120
+    while not any((p / MARKER).exists() for p in list_checkpoints(ckpts)):
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    victim = _trainer_worker_of("gang-restart-1")
+    assert victim is not None
+    os.kill(victim, signal.SIGKILL)
+    out, _ = proc.communicate(timeout=240)
+    assert proc.returncode == 0, out[-4000:]
+    assert "restarting gang-restart from its last checkpoint (1/3)" in out
+    assert re.search(r"resumed from checkpoint step \d+", out)
+    metrics = read_metrics(tmp_path / "runs" / "gang-restart" / "volumes" / "storage" / "artifacts")
+    assert metrics["steps"] == metrics["optimizerSteps"] == 3 * 44 and metrics["resumedFromStep"] is not None

@@ -8,6 +8,7 @@ import socket
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -270,3 +271,34 @@ def test_metrics_endpoint() -> None:
                  names.TRAINER_CHECKPOINT_AGE):
         assert name in text
     TrainerMetrics("job-a", 4, port)  # a taken port is reported, not fatal
+
+
+def _write_idx(path: Path, arr: np.ndarray) -> None:
+    import gzip
+    import struct
+
+    header = struct.pack(">HBB", 0, 0x08, arr.ndim) + struct.pack(">" + "I" * arr.ndim, *arr.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + arr.astype("uint8").tobytes())
+
+
+def test_mnist_from_idx_and_npz(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    x, y = rng.integers(0, 256, (60, 28, 28)), rng.integers(0, 10, 60)
+    _write_idx(tmp_path / "train-images-idx3-ubyte.gz", x)
+    _write_idx(tmp_path / "train-labels-idx1-ubyte.gz", y)
+    _write_idx(tmp_path / "t10k-images-idx3-ubyte.gz", x[:20])
+    _write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", y[:20])
+    d = load_dataset(DatasetSpec(kind="mnist", path=str(tmp_path)), "cnn")
+    assert d.train_x.shape == (60, 1, 28, 28) and d.eval_x.shape == (20, 1, 28, 28)  # t10k is the eval split
+    assert torch.equal(d.train_y, torch.from_numpy(y))
+    model = build_model(ModelSpec(), d.inputs)
+    assert "pad" in dict(model.named_children())  # 28x28 is zero-padded to LeNet's 32x32
+    assert model(d.train_x[:2]).shape == (2, 10)
+    np.savez(tmp_path / "mnist.npz", x_train=x, y_train=y)
+    d2 = load_dataset(DatasetSpec(kind="mnist", path=str(tmp_path / "mnist.npz"), eval_fraction=0.25), "rnn")
+    assert d2.train_x.shape == (45, 28, 28) and len(d2.eval_x) == 15
+    (tmp_path / "bad.npz").write_bytes(b"")
+    np.savez(tmp_path / "bad.npz", images=x)
+    with pytest.raises(PermanentError, match="expected x_train/y_train"):
+        load_dataset(DatasetSpec(kind="mnist", path=str(tmp_path / "bad.npz")), "cnn")
