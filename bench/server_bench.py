@@ -1,6 +1,6 @@
 """Model server benchmark: our Open Inference Protocol endpoints against a bare HTTP endpoint, same model, same run.
 
-    python bench/server_bench.py [--model DIR] [--requests 3000] [--concurrency 1 16]
+    python bench/server_bench.py [--model DIR] [--requests 2000] [--repeat 3] [--concurrency 1 16]
 
 What runs (all on loopback, each server its own process, this process is the load generator):
 
@@ -159,14 +159,20 @@ def build_endpoints(model_name: str, ports: dict[str, int], x: np.ndarray, class
                        json.dumps({"instances": [x[i].reshape(-1).tolist()]}).encode()) for i in range(n)]
     baseline = [http_request("/", x[i].astype("<f4").tobytes()) for i in range(n)]
 
+    # Byte comparisons: the load generator shares the CPUs with the servers, so its checks must be cheap.
+    # (The formats are checked once, fully, by build_endpoints' caller; the tests check them exhaustively.)
+    want_json = [b'"data":[%d]' % c for c in classes]
+    want_binary = [int(c).to_bytes(8, "little", signed=True) for c in classes]
+    want_v1 = [b'{"predictions":[%d]}' % c for c in classes]
+
     def check_json(body: bytes, i: int) -> bool:
-        return bool(json.loads(body)["outputs"][0]["data"] == [int(classes[i])])
+        return body.endswith(want_json[i] + b"}]}")
 
     def check_binary(body: bytes, i: int) -> bool:
-        return int(np.frombuffer(body[-8:], dtype="<i8")[0]) == int(classes[i])
+        return body.endswith(want_binary[i])
 
     def check_v1(body: bytes, i: int) -> bool:
-        return bool(json.loads(body)["predictions"] == [int(classes[i])])
+        return body == want_v1[i]
 
     return [
         Endpoint("baseline", ports["baseline"], baseline, check_binary),
@@ -174,6 +180,30 @@ def build_endpoints(model_name: str, ports: dict[str, int], x: np.ndarray, class
         Endpoint("v2-binary", ports["server"], v2_binary, check_binary),
         Endpoint("v1", ports["server"], v1, check_v1),
     ]
+
+
+def check_formats(endpoints: list[Endpoint], classes: np.ndarray) -> None:
+    """Parse one response of each endpoint in full, so the byte checks of the load runs rest on real formats."""
+    import http.client
+
+    for endpoint in endpoints:
+        head, body = endpoint.requests[0].split(b"\r\n\r\n", 1)
+        lines = head.decode().split("\r\n")
+        headers = dict(line.split(": ", 1) for line in lines[1:])
+        conn = http.client.HTTPConnection("127.0.0.1", endpoint.port, timeout=30)
+        conn.request("POST", lines[0].split()[1], body, headers)
+        response = conn.getresponse()
+        raw = response.read()
+        conn.close()
+        assert response.status == 200, (endpoint.name, raw)
+        if endpoint.name == "v2-json":
+            assert json.loads(raw)["outputs"][0]["data"] == [int(classes[0])], raw
+        elif endpoint.name == "v1":
+            assert json.loads(raw) == {"predictions": [int(classes[0])]}, raw
+        elif endpoint.name == "v2-binary":
+            length = int(response.headers["Inference-Header-Content-Length"])
+            assert json.loads(raw[:length])["outputs"][0]["parameters"]["binary_data_size"] == 8, raw
+        assert endpoint.check(raw, 0), (endpoint.name, raw)
 
 
 # --- orchestration ----------------------------------------------------------------------------------------
@@ -233,8 +263,9 @@ def summary(latencies: list[float], elapsed: float, cpu: float) -> dict[str, flo
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="artifact directory (default: train one on digits first)")
-    p.add_argument("--requests", type=int, default=3000, help="requests per endpoint and concurrency")
-    p.add_argument("--warmup", type=int, default=300)
+    p.add_argument("--requests", type=int, default=2000, help="requests per endpoint, concurrency and repeat")
+    p.add_argument("--warmup", type=int, default=200)
+    p.add_argument("--repeat", type=int, default=3, help="runs of each measurement; the median is reported")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
     p.add_argument("--threads", type=int, default=1, help="torch threads of both servers")
     p.add_argument("--server-arg", action="append", default=[], help="extra argument for aiaas.server")
@@ -272,16 +303,24 @@ def main() -> int:
         wait_http(f"http://127.0.0.1:{ports['server']}/v2/health/ready", procs["server"])
         wait_http(f"http://127.0.0.1:{ports['baseline']}/", procs["baseline"])
         endpoints = build_endpoints(name, ports, x, classes)
+        check_formats(endpoints, classes)
         print(f"model {name} ({manifest['model']['architecture']}), {args.requests} requests of one sample per run, "
-              f"{os.cpu_count()} CPUs, torch threads {args.threads}", flush=True)
-        for concurrency in args.concurrency:
-            for endpoint in endpoints:
-                pid = procs["baseline" if endpoint.name == "baseline" else "server"].pid
-                asyncio.run(_load(endpoint, args.warmup, concurrency))
-                cpu = cpu_seconds(pid)
-                latencies, elapsed = asyncio.run(_load(endpoint, args.requests, concurrency))
-                cpu = cpu_seconds(pid) - cpu
-                results.setdefault(endpoint.name, {})[concurrency] = summary(latencies, elapsed, cpu)
+              f"median of {args.repeat} runs, {os.cpu_count()} CPUs (load average {os.getloadavg()[0]:.1f} before), "
+              f"torch threads {args.threads}", flush=True)
+        runs: dict[tuple[str, int], list[dict[str, float]]] = {}
+        for _ in range(args.repeat):  # interleaved, so a burst of other load hits every endpoint alike
+            for concurrency in args.concurrency:
+                for endpoint in endpoints:
+                    pid = procs["baseline" if endpoint.name == "baseline" else "server"].pid
+                    asyncio.run(_load(endpoint, args.warmup, concurrency))
+                    cpu = cpu_seconds(pid)
+                    latencies, elapsed = asyncio.run(_load(endpoint, args.requests, concurrency))
+                    cpu = cpu_seconds(pid) - cpu
+                    runs.setdefault((endpoint.name, concurrency), []).append(summary(latencies, elapsed, cpu))
+        for (endpoint_name, concurrency), summaries in runs.items():  # the median of each figure over the repeats
+            results.setdefault(endpoint_name, {})[concurrency] = {
+                key: statistics.median(s[key] for s in summaries) for key in summaries[0]
+            }
         with urllib.request.urlopen(f"http://127.0.0.1:{ports['server']}/metrics") as r:
             metrics = r.read().decode()
     finally:
