@@ -6,8 +6,9 @@ Policy (Triton's dynamic batcher, adapted to an asyncio server):
   the next batch, so under load batches grow by themselves and a lone request never waits for company;
 * when the model is idle the worker waits for more requests only while some are still being received by the
   HTTP layer (``arriving``), and never longer than ``max_delay`` after the first one;
-* a batch holds at most ``max_batch_size`` samples (a single larger request runs alone) and only requests whose
-  per-sample shapes agree (variable-length inputs are batched with their own kind);
+* a batch holds at most ``max_batch_size`` samples and only requests whose per-sample shapes agree
+  (variable-length inputs are batched with their own kind); a single larger request runs alone, in slices of
+  ``max_batch_size`` samples, so no forward pass is larger than that;
 * when a batch fails, each of its requests is retried alone, so one bad request cannot fail its neighbours.
 """
 
@@ -171,12 +172,24 @@ class Batcher:
             return [a if a.flags.writeable and a.flags.c_contiguous else a.copy() for a in batch[0].inputs]
         return [np.concatenate(parts) for parts in zip(*(item.inputs for item in batch), strict=True)]
 
+    async def _forward(self, inputs: list[np.ndarray]) -> Outputs:
+        """Forward passes of at most ``max_batch_size`` samples: a larger request is run in slices, which bounds
+        the memory a single forward pass takes."""
+        total = int(inputs[0].shape[0])
+        parts: list[Outputs] = []
+        for start in range(0, total, self.max_batch_size):
+            chunk = inputs if total <= self.max_batch_size else [a[start : start + self.max_batch_size] for a in inputs]
+            if self._on_batch is not None:
+                self._on_batch(int(chunk[0].shape[0]))
+            parts.append(await self._offload(chunk))
+        if len(parts) == 1:
+            return parts[0]
+        return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
+
     async def _execute(self, batch: list[_Item]) -> None:
         try:
             inputs = self._stack(batch)
-            if self._on_batch is not None:
-                self._on_batch(int(inputs[0].shape[0]))
-            outputs = await self._offload(inputs)
+            outputs = await self._forward(inputs)
         except Exception as e:  # a failure of the model, not of the event loop
             if len(batch) > 1:
                 log.warning("a batch of %d requests failed (%s); retrying them one by one", len(batch), e)

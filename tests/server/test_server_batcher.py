@@ -80,22 +80,24 @@ def test_concurrent_requests_share_forward_passes_within_the_limit() -> None:
     assert len(model.batches) < 40
 
 
-def test_large_requests_run_alone_and_shapes_are_not_mixed() -> None:
+def test_large_requests_run_in_slices_and_shapes_are_not_mixed() -> None:
     model = Recorder(delay=0.01)
 
     async def main() -> None:
         batcher = Batcher(model, max_batch_size=4, max_delay=0.005)
         batcher.start()
+        ramp = [np.arange(30, dtype=np.float32).reshape(10, 3)]
         big, a, b, c = await asyncio.gather(
-            batcher.submit(rows(1.0, n=10)), batcher.submit(rows(2.0)), batcher.submit(rows(3.0, width=5)),
+            batcher.submit(ramp), batcher.submit(rows(2.0)), batcher.submit(rows(3.0, width=5)),
             batcher.submit(rows(4.0)),
         )
-        assert big["double"].shape == (10, 3) and c["double"].shape == (1, 3)
+        np.testing.assert_array_equal(big["double"], ramp[0] * 2)
+        assert big["sum"].shape == (10,) and c["double"].shape == (1, 3)
         assert b["double"].shape == (1, 5)
         await batcher.stop()
 
     run(main())
-    assert 10 in model.batches
+    assert max(model.batches) <= 4  # the 10-sample request ran as 4 + 4 + 2
     assert sum(model.batches) == 13
 
 
