@@ -72,3 +72,28 @@ def test_errors_reach_the_client(client: Any) -> None:
         client.infer("mnist", [tensor])
     assert e.value.status() == "404"
     assert client.is_server_ready()
+
+
+def test_asyncio_client(server: ServerProcess, reference: Any) -> None:
+    """``tritonclient.http.aio`` (aiohttp underneath), many requests in flight at once."""
+    import asyncio
+
+    aio = pytest.importorskip("tritonclient.http.aio")
+
+    async def main() -> list[Any]:
+        client = aio.InferenceServerClient(server.url.removeprefix("http://"))
+        try:
+            assert await client.is_model_ready("digits")
+
+            async def one(i: int) -> Any:
+                tensor = aio.InferInput("input", [1, 1, 8, 8], "FP32")
+                tensor.set_data_from_numpy(X[i : i + 1].reshape(1, 1, 8, 8))
+                result = await client.infer("digits", [tensor])
+                return result.as_numpy("predicted_class")[0]
+
+            return list(await asyncio.gather(*(one(i) for i in range(48))))
+        finally:
+            await client.close()
+
+    classes = asyncio.run(main())
+    assert classes == reference(X[:48].reshape(48, 1, 8, 8))[1].tolist()
