@@ -240,7 +240,8 @@ def plan(job: api.TrainingJob, run_dir: Path, mounts: dict[str, str] | None = No
 
 
 # ----------------------------------------------------------------------------------------------- execution
-_PROGRESS = re.compile(r"step (\d+)/(\d+)")
+# torchrun's own chatter, shown only with --verbose
+QUIET_LINES = ("OMP_NUM_THREADS", "node_rank is only used for static rdzv_backend")
 
 
 class Runner:
@@ -270,7 +271,8 @@ class Runner:
                 if not line:
                     continue
                 noisy = line.startswith("W") and "torch/distributed" in line and not self.verbose
-                if noisy or (not self.verbose and "OMP_NUM_THREADS" in line) or set(line.split()[-1:]) == {"*" * 41}:
+                quiet = not self.verbose and any(w in line for w in QUIET_LINES)
+                if noisy or quiet or set(line.split()[-1:]) == {"*" * 41}:
                     continue
                 self._print(f"{pod.name:<{width}} | {line}")
 

@@ -195,3 +195,17 @@ def test_world_that_does_not_fit_the_parallelism_is_permanent(tmp_path: Path) ->
     run = train(tmp_path, nproc=2, parallelism={"data": 1, "model": 3})
     assert_permanent(run, "parallelism.data (1) x parallelism.model (3) = 3", "2 processes")
     assert "exitcode  : 78" in run.log or "exitcode: 78" in run.log.replace("  ", " ")
+
+
+def test_checkpoint_reshards_from_ddp_to_a_pipeline(tmp_path: Path, ddp: Run, digits_cnn: dict[str, Any]) -> None:
+    """DCP stores tensors by name, so a DDP checkpoint resumes into a 2-stage pipeline (as when an elastic or
+    edited job comes back with another layout) and training continues from the same step."""
+    import shutil
+
+    shutil.copytree(ddp.checkpoints, tmp_path / "checkpoints")
+    hp = {**digits_cnn["hyperparameters"], "epochs": 7}
+    run = train(tmp_path, nproc=2, parallelism={"data": 1, "model": 2}, model=digits_cnn["model"],
+                dataset=digits_cnn["dataset"], hyperparameters=hp)
+    m = assert_succeeded(run, 7 * 44)
+    assert m["resumedFromStep"] == 264 and "resumed from checkpoint step 264 (epoch 6, batch 0)" in run.log
+    assert held_out_accuracy(run.artifact) >= 0.93  # one more epoch at a constant learning rate: it wobbles
