@@ -207,7 +207,7 @@ def build_app(config: ServerConfig) -> web.Application:
         model = state.require_model(request)
         batcher = state.batcher
         assert batcher is not None
-        batcher.arriving += 1
+        token = batcher.arrival_started()
         try:
             body = await request.read()
             parsed = protocol.parse_infer_request(
@@ -215,7 +215,7 @@ def build_app(config: ServerConfig) -> web.Application:
             )
             model.check(parsed.inputs)
         finally:
-            batcher.arriving -= 1
+            batcher.arrival_ended(token)
         try:
             results = await run_batched(parsed.inputs)
             payload, header_length = protocol.encode_infer_response(
@@ -239,12 +239,12 @@ def build_app(config: ServerConfig) -> web.Application:
         class_outputs = [s.name for s in model.outputs if output_kind(s) == "class"]
         batcher = state.batcher
         assert batcher is not None
-        batcher.arriving += 1
+        token = batcher.arrival_started()
         try:
             array = protocol.v1_instances(await request.read(), model.inputs[0])
             model.check([array])
         finally:
-            batcher.arriving -= 1
+            batcher.arrival_ended(token)
         try:
             results = await run_batched([array])
             if class_outputs:

@@ -5,7 +5,8 @@ Policy (Triton's dynamic batcher, adapted to an asyncio server):
 * one worker runs one batch at a time in a dedicated thread; requests that arrive meanwhile queue up and form
   the next batch, so under load batches grow by themselves and a lone request never waits for company;
 * when the model is idle the worker waits for more requests only while some are still being received by the
-  HTTP layer (``arriving``), and never longer than ``max_delay`` after the first one;
+  HTTP layer (:meth:`Batcher.arrival_started`) and began less than ``max_delay`` ago (a stalled upload is not
+  waited for), and never longer than ``max_delay`` after the first one;
 * a batch holds at most ``max_batch_size`` samples and only requests whose per-sample shapes agree
   (variable-length inputs are batched with their own kind); a single larger request runs alone, in slices of
   ``max_batch_size`` samples, so no forward pass is larger than that;
@@ -67,7 +68,8 @@ class Batcher:
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task[None] | None = None
-        self.arriving = 0  # requests the HTTP layer is receiving that will be submitted soon
+        self._arrivals: dict[int, float] = {}  # requests the HTTP layer is receiving -> when they began
+        self._next_token = 0
         self._busy = False
 
     def start(self) -> None:
@@ -112,6 +114,21 @@ class Batcher:
             await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
             self._thread = None
 
+    def arrival_started(self) -> int:
+        """The HTTP layer began receiving a request that it will submit; returns a token for arrival_ended."""
+        token = self._next_token
+        self._next_token += 1
+        self._arrivals[token] = time.monotonic()
+        return token
+
+    def arrival_ended(self, token: int) -> None:
+        self._arrivals.pop(token, None)
+
+    def _expecting(self) -> bool:
+        """Is a request being received that began recently enough to be worth waiting for?"""
+        now = time.monotonic()
+        return any(now - began < self.max_delay for began in self._arrivals.values())
+
     async def submit(self, inputs: list[np.ndarray]) -> Outputs:
         """Queue one request (arrays with the batch first) and wait for its slice of the outputs."""
         future: asyncio.Future[Outputs] = asyncio.get_running_loop().create_future()
@@ -154,7 +171,7 @@ class Batcher:
         await asyncio.sleep(0)
         rows = self._take_batch(first, batch, rows)
         deadline = time.monotonic() + self.max_delay
-        while rows < self.max_batch_size and self.arriving > 0:
+        while rows < self.max_batch_size and self._expecting():
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break

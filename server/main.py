@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import os
 import signal
@@ -54,6 +55,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds to finish requests on SIGTERM")
     p.add_argument("--access-log", action="store_true", help="log every request")
     p.add_argument("--log-level", default=os.environ.get("AIAAS_LOG_LEVEL", "INFO"))
+    p.add_argument(
+        "--print-openapi", action="store_true",
+        help="print the OpenAPI description of the HTTP API (as served at /v2/openapi.json) and exit",
+    )
     args = p.parse_args(argv)
     if args.max_batch_size < 1:
         p.error("--max-batch-size must be at least 1")
@@ -122,6 +127,11 @@ async def serve(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.print_openapi:
+        from .openapi import document
+
+        print(json.dumps(document(args.name), indent=2))
+        return 0
     prometheus_client.disable_created_metrics()  # no *_created series: they double the scrape for nothing
     logging.basicConfig(
         level=args.log_level.upper(),

@@ -127,26 +127,30 @@ def test_waits_a_bounded_time_for_requests_still_arriving() -> None:
     async def main() -> float:
         batcher = Batcher(model, max_batch_size=8, max_delay=0.5)
         batcher.start()
-        batcher.arriving = 1  # a request whose body is still being received
+        token = batcher.arrival_started()  # a request whose body is still being received
 
         async def late() -> dict[str, np.ndarray]:
             await asyncio.sleep(0.01)
-            batcher.arriving -= 1
+            batcher.arrival_ended(token)
             return await batcher.submit(rows(2.0))
 
         start = time.perf_counter()
         await asyncio.gather(batcher.submit(rows(1.0)), late())
         elapsed = time.perf_counter() - start
-        batcher.arriving = 1  # never arrives: the batch still goes after max_delay
+        batcher.arrival_started()  # never arrives: the batch still goes after max_delay
         start = time.perf_counter()
         await batcher.submit(rows(3.0))
         waited = time.perf_counter() - start
-        await batcher.stop()
         assert waited >= 0.45
+        # a stalled upload that began long ago is not waited for at all
+        start = time.perf_counter()
+        await batcher.submit(rows(4.0))
+        assert time.perf_counter() - start < 0.4
+        await batcher.stop()
         return elapsed
 
     assert run(main()) < 0.4  # the late request joined well before max_delay
-    assert model.batches == [2, 1]
+    assert model.batches == [2, 1, 1]
 
 
 @pytest.mark.parametrize("size", [0, -3])

@@ -215,3 +215,15 @@ def test_metrics_and_openapi(server: ServerProcess) -> None:
     example = doc["paths"]["/v2/models/{model_name}/infer"]["post"]["requestBody"]["content"]["application/json"]
     status, _, _ = http("POST", server.url + INFER, example["schema"]["example"])
     assert status == 200
+
+
+def test_print_openapi_matches_the_served_document(server: ServerProcess) -> None:
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "aiaas.server", "--print-openapi"], capture_output=True, text=True,
+                         check=True, timeout=60)
+    printed = json.loads(out.stdout)
+    served = json.loads(http("GET", server.url + "/v2/openapi.json")[2])
+    assert printed["paths"].keys() == served["paths"].keys()
+    assert printed["components"] == served["components"]
