@@ -22,6 +22,7 @@ Endpoints (``{name}`` is ``--name`` or the manifest's name; ``{v}`` is the manif
 ``GET /v1/models``, ``GET /v1/models/{name}``, ``/``  KServe v1 listing, status and liveness
 ``GET /metrics``                                      Prometheus (names in ``aiaas.contract.metrics``)
 ``GET /v2/openapi.json``                              the OpenAPI 3.0 description of all of the above
+                                                      (also ``python -m aiaas.server --print-openapi``)
 ====================================================  =================================================
 
 Errors are ``{"error": "<what is wrong and how to fix it>"}`` with the status KServe and MLServer use: 400 for
