@@ -3,7 +3,8 @@
 * ``aiaas_server_requests_total{model, endpoint, status}`` — every HTTP request; ``endpoint`` is the route's
   name (``infer``, ``predict``, ``model_metadata``, ``health_ready``, …, ``unknown`` for unmatched paths), never
   the raw path, so a scan of random URLs cannot blow up the series count;
-* ``aiaas_server_request_duration_seconds{model}`` — latency of inference requests (v2 infer and v1 predict);
+* ``aiaas_server_request_duration_seconds{model}`` — latency of inference requests (v2 infer and v1 predict) that
+  passed validation, from the start of the request to the response (refused ones are only counted);
 * ``aiaas_server_batch_size{model}`` — samples per forward pass of the dynamic batcher;
 * ``aiaas_server_model_load_seconds{model}`` — how long loading the artifact took.
 """
