@@ -222,10 +222,9 @@ def plan_pods(sts: dict[str, Any], run_dir: Path, mounts: dict[str, str] | None 
 def plan(job: api.TrainingJob, run_dir: Path, mounts: dict[str, str] | None = None,
          metrics_base: int | None = None, settings: RenderSettings | None = None) -> LocalPlan:
     """Render ``job`` and plan its pods under ``run_dir``."""
-    manifests = render_trainingjob(job, settings or RenderSettings(), replicas=None)
+    # locally every pod is this machine: run topology.nodes pods even when the job is elastic or suspended
+    manifests = render_trainingjob(job, settings or RenderSettings(), replicas=job.spec.topology.nodes)
     sts = next(m for m in manifests if m["kind"] == "StatefulSet")
-    if job.spec.elastic:  # locally the gang is the maximum size: every node is this machine
-        sts["spec"]["replicas"] = job.spec.topology.nodes
     pods, mount_map = plan_pods(sts, run_dir, mounts, metrics_base, job.metadata.namespace or "default")
     cfg = json.loads(pods[0].env[launch.ENV_CONFIG]) if pods and launch.ENV_CONFIG in pods[0].env else {}
     return LocalPlan(
