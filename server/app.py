@@ -11,6 +11,8 @@ from typing import Any
 
 import numpy as np
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestPayloadError
 
 from aiaas import __version__
 
@@ -145,6 +147,9 @@ def build_app(config: ServerConfig) -> web.Application:
             for header in ("Allow",):
                 if header in e.headers:
                     response.headers[header] = e.headers[header]
+        except (HttpProcessingError, RequestPayloadError) as e:  # a broken body: bad chunking or content encoding
+            reason = str(e).strip().splitlines()[-1].strip() if str(e).strip() else type(e).__name__
+            response = error_response(400, f"the request body cannot be read: {reason}")
         except (ConnectionResetError, asyncio.CancelledError):
             raise
         except Exception:

@@ -22,12 +22,24 @@ from collections.abc import Sequence
 
 import prometheus_client
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestPayloadError
 
 from aiaas.contract.launch import MODEL_DIR, SERVER_PORT
 
 from .app import STATE_KEY, ServerConfig, build_app
 
 log = logging.getLogger("aiaas.server")
+
+
+class QuietClientErrors(logging.Filter):
+    """Drop aiohttp's tracebacks for what clients do wrong (malformed HTTP, connections closed mid-request):
+    aiohttp already answered them with a 400 or had no one left to answer, and a client must not be able to
+    fill the log with tracebacks. Everything else aiohttp logs passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        return not isinstance(error, (HttpProcessingError, RequestPayloadError, ConnectionResetError))
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -138,6 +150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    logging.getLogger("aiohttp.server").addFilter(QuietClientErrors())
     # The event loop and the model thread share the GIL; a 1 ms switch interval (default 5 ms) keeps one
     # from holding up the other for long under load (it lowered the p99 at concurrency 16 in our runs).
     sys.setswitchinterval(0.001)

@@ -129,3 +129,38 @@ def test_server_survived_the_fuzzing(server: ServerProcess) -> None:
     assert server.alive()
     assert http("GET", server.url + "/v2/health/ready")[0] == 200
     assert "Traceback" not in server.log(), server.log()
+
+
+RAW_REQUESTS = [
+    b"GARBAGE\r\n\r\n",
+    b"GET /v2/health/ready HTTP/9.9\r\n\r\n",
+    b"POST /v2/models/digits/infer HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n",
+    b"POST /v2/models/digits/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n{\"in",  # body cut short
+    b"POST /v2/models/digits/infer HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+    b"POST /v2/models/digits/infer HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+    b"5\r\n{\"inp\r\n0\r\n\r\n",
+    b"GET /" + b"a" * 20000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"b" * 20000 + b"\r\n\r\n",
+    b"GET /v2/health/ready HTTP/1.1\r\nHost: x\r\n\r\nGET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n",  # pipelined
+    b"POST /v2/models/digits/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nContent-Encoding: gzip\r\n\r\nzz",
+    b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03",  # a TLS client hello
+]
+
+
+@pytest.mark.parametrize("raw", RAW_REQUESTS, ids=range(len(RAW_REQUESTS)))
+def test_malformed_http_is_refused_and_harmless(server: ServerProcess, raw: bytes) -> None:
+    """Broken HTTP gets a 4xx (or the connection closed), never a 5xx, and the server keeps serving."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(raw)
+        sock.shutdown(socket.SHUT_WR)
+        response = b""
+        try:
+            while chunk := sock.recv(65536):
+                response += chunk
+        except (ConnectionResetError, TimeoutError):
+            pass
+    for status_line in [line for line in response.split(b"\r\n") if line.startswith(b"HTTP/1.")]:
+        assert int(status_line.split()[1]) < 500, response[:300]
+    assert http("GET", server.url + "/v2/health/ready")[0] == 200

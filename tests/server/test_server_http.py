@@ -112,6 +112,8 @@ def test_gzip_request_body(server: ServerProcess, reference: Any) -> None:
     status, _, out = http("POST", server.url + INFER, body, {"Content-Encoding": "gzip"})
     assert status == 200
     assert json.loads(out)["outputs"][1]["data"] == reference(x)[1].tolist()
+    status, _, out = http("POST", server.url + INFER, b"not gzip at all", {"Content-Encoding": "gzip"})
+    assert status == 400 and "cannot be read" in json.loads(out)["error"], out
 
 
 GOOD = infer_body(X[:1].reshape(1, 1, 8, 8))
