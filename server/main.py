@@ -64,7 +64,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--threads", type=int, default=int(os.environ.get("AIAAS_SERVER_THREADS", "1")),
         help="torch intra-op threads (default 1: small models are fastest single-threaded next to the event loop)",
     )
-    p.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds to finish requests on SIGTERM")
+    p.add_argument(
+        "--shutdown-timeout", type=float, default=25.0,
+        help="seconds to finish requests on SIGTERM (default 25: inside Kubernetes' default 30 s grace period)",
+    )
     p.add_argument("--access-log", action="store_true", help="log every request")
     p.add_argument("--log-level", default=os.environ.get("AIAAS_LOG_LEVEL", "INFO"))
     p.add_argument(
