@@ -462,9 +462,12 @@ class Controller:
 
     def _post_events(self, body: Body, events: list[Any]) -> None:
         """Events go out on their own small pool: they never delay a reconcile, and their order is kept."""
+        def post() -> None:
+            for e in events:
+                self.kube.post_event(body, e.type, e.reason, e.message)
+
         if events:
-            self.event_executor.submit(
-                lambda: [self.kube.post_event(body, e.type, e.reason, e.message) for e in events])
+            self.event_executor.submit(post)
 
     def _apply_children(self, key: Key, job: api.TrainingJob, ev: Evaluation) -> None:
         manifests = stamp_restart(render_trainingjob(job, self.settings.render, replicas=ev.replicas),

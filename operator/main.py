@@ -123,6 +123,23 @@ class LeaderElector:
             log.warning("could not release the lease: %s", err)
 
 
+def _no_diffbase(kopf: Any) -> Any:
+    """kopf deep-copies every watched object on every event to diff it for on.create/on.update handlers. This
+    operator has none (it is level-triggered over on.event), so the copy is pure cost (~2 ms per event)."""
+
+    class NoDiffBaseStorage(kopf.AnnotationsDiffBaseStorage):  # type: ignore[misc, name-defined]
+        def build(self, *, body: Any, extra_fields: Any = None) -> Any:
+            return {}
+
+        def fetch(self, *, body: Any) -> Any:
+            return None
+
+        def store(self, *, body: Any, patch: Any, essence: Any) -> None:
+            return None
+
+    return NoDiffBaseStorage(prefix="kopf.aiaas.dev")
+
+
 # ------------------------------------------------------------------------------------------------- run
 def run(args: argparse.Namespace) -> int:
     s = settings_mod.from_args(args)
@@ -160,7 +177,7 @@ async def operate(s: OperatorSettings, stop_flag: asyncio.Event | None = None) -
     ksettings = kopf.OperatorSettings()
     ksettings.posting.enabled = False
     ksettings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="kopf.aiaas.dev")
-    ksettings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix="kopf.aiaas.dev")
+    ksettings.persistence.diffbase_storage = _no_diffbase(kopf)
     ksettings.watching.server_timeout = 300
     ksettings.watching.client_timeout = 330
     ksettings.networking.request_timeout = 60
