@@ -492,7 +492,7 @@ class Controller:
     def _count(self, old: Body, ev: Evaluation) -> None:
         m = self.metrics
         before, after = old.get("phase"), ev.status.phase
-        if not before:
+        if before in (None, api.Phase.pending.value) and after != api.Phase.pending.value:
             m.jobs_created.inc()
         if (ev.status.restart_count or 0) > int(old.get("restartCount") or 0):
             m.jobs_restarted.inc()
