@@ -9,9 +9,11 @@
 # torch that PyPI serves for Linux is installed once per machine. A stamp of pyproject.toml skips pip when
 # nothing changed.
 set -euo pipefail
+# The repo's operator/ folder would shadow the standard library's `operator` for any Python started here with
+# the current directory on sys.path: -I (isolated mode) keeps it off.
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 PYTHON=${PYTHON:-python3}
-PYVER=$("$PYTHON" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+PYVER=$("$PYTHON" -I -c 'import sys; print("%d.%d" % sys.version_info[:2])')
 CACHE=${AIAAS_CACHE:-$HOME/.cache/aiaas}
 VENV=${AIAAS_VENV:-$CACHE/venv-py$PYVER}
 EXTRAS=${AIAAS_EXTRAS:-operator,trainer,server,dev}
@@ -26,15 +28,15 @@ stamp="$VENV/.aiaas-stamp"
 want="$(cat "$ROOT/pyproject.toml" | sha256sum | cut -c1-16)-$EXTRAS"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   log "installing aiaas[$EXTRAS] into $VENV (the first time this downloads torch: a few minutes)"
-  "$VENV/bin/python" -m pip install -q --disable-pip-version-check --upgrade pip >&2
-  "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e "$ROOT[$EXTRAS]" >&2
+  "$VENV/bin/python" -I -m pip install -q --disable-pip-version-check --upgrade pip >&2
+  "$VENV/bin/python" -I -m pip install -q --disable-pip-version-check -e "$ROOT[$EXTRAS]" >&2
   echo "$want" > "$stamp"
 fi
 # The editable install points at one checkout; re-point it when this is another clone (cheap, no deps).
-where=$("$VENV/bin/python" -c 'import aiaas.operator, os; print(os.path.dirname(os.path.dirname(aiaas.operator.__file__)))' 2>/dev/null || true)
+where=$("$VENV/bin/python" -I -c 'import aiaas.operator, os; print(os.path.dirname(os.path.dirname(aiaas.operator.__file__)))' 2>/dev/null || true)
 if [ "$where" != "$ROOT" ]; then
   log "pointing the editable install at $ROOT"
-  "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-deps -e "$ROOT" >&2
+  "$VENV/bin/python" -I -m pip install -q --disable-pip-version-check --no-deps -e "$ROOT" >&2
 fi
 
 if [ "${1:-}" = "--test" ]; then
