@@ -3,10 +3,12 @@
 One call of :func:`train` is one training process (one torchrun worker). Every rank runs the same loop;
 collectives keep them in lockstep:
 
-* every ``SYNC_STEPS`` optimizer steps (and at each log line) the ranks all-reduce one small tensor
-  ``[stop, checkpoint_due, loss, correct, count]``, so a SIGTERM on any rank, or rank 0's time-based
+* about every ``SYNC_SECONDS`` (and at each log line) the ranks all-reduce one small tensor
+  ``[stop, checkpoint_due, next_sync, loss, correct, count]``, so a SIGTERM on any rank, or rank 0's time-based
   checkpoint trigger, is acted on by all ranks at the same step, and rank 0 can log the global loss and
-  accuracy (in a pipeline only the last stage has them); in between, nothing waits on the host;
+  accuracy (in a pipeline only the last stage has them); rank 0 turns the measured step time into the
+  number of steps until the next such sync and sends it along, so all ranks agree on it; in between, nothing
+  waits on the host;
 * the position in the data is (epoch, batch within the epoch); with the sampler's per-epoch permutation it
   fully determines the next batch, so resuming from a checkpoint repeats and skips nothing.
 """
@@ -39,7 +41,8 @@ log = logging.getLogger("aiaas.trainer")
 
 EVAL_BATCH = 512
 WARMUP_STEPS = 5
-SYNC_STEPS = 5  # how often the ranks agree on stopping (SIGTERM) and time-based checkpoints
+SYNC_SECONDS = 0.5  # how often the ranks agree on stopping (SIGTERM) and time-based checkpoints
+MAX_SYNC_STEPS = 100
 
 
 # ------------------------------------------------------------------------------------------------ signals
@@ -185,6 +188,7 @@ def train(cfg: TrainerConfig) -> Result:
     window = torch.zeros(3, device=env.device)
     # steady-state throughput: training steps only (no eval, no checkpoints), after WARMUP_STEPS
     train_time, timed_steps, first_step = 0.0, 0, step
+    next_sync, sync_t, sync_step = step + 1, time.perf_counter(), step
     last_eval: dict[str, float] = {}
     engine.train(True)
     while step < total_steps:
@@ -206,19 +210,26 @@ def train(cfg: TrainerConfig) -> Result:
             window_steps += 1
             metrics.step.set(step)
             log_now = step % cfg.log_interval_steps == 0 or step == total_steps
-            if not (log_now or step % SYNC_STEPS == 0):
+            if not (log_now or step >= next_sync):
                 if ckpt is not None and step % cfg.checkpoint.interval_steps == 0:
                     save()
                 continue
-            # every SYNC_STEPS steps (and when logging) the ranks agree on stopping and time-based checkpoints
+            # every ~SYNC_SECONDS (and when logging) the ranks agree on stopping and time-based checkpoints
             due = ckpt is not None and cfg.checkpoint.interval_seconds is not None and env.is_main and \
                 time.time() - (ckpt.last_saved_at or start_time) >= cfg.checkpoint.interval_seconds
-            control = torch.cat([torch.tensor([float(STOP.requested), float(due)], device=env.device), window])
-            D.all_reduce_sum(control, env)
+            gap = 0.0
+            if env.is_main:  # steps until the next sync, from the time per step since the last one
+                now = time.perf_counter()
+                per_step = (now - sync_t) / max(step - sync_step, 1)
+                gap = float(min(MAX_SYNC_STEPS, max(1, int(SYNC_SECONDS / max(per_step, 1e-6)))))
+                sync_t, sync_step = now, step
+            flags = torch.tensor([float(STOP.requested), float(due), gap], device=env.device)
+            control = D.all_reduce_sum(torch.cat([flags, window]), env)
             stop, due = control[0].item() > 0, control[1].item() > 0
+            next_sync = step + int(control[2].item())
             if log_now:
                 elapsed = time.perf_counter() - window_t
-                loss_sum, correct, count = control[2:].tolist()
+                loss_sum, correct, count = control[3:].tolist()
                 sps = window_steps * hp.batch_size / max(elapsed, 1e-9)
                 metrics.loss.set(loss_sum / max(count, 1))
                 metrics.samples_per_second.set(sps)
