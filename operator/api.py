@@ -257,8 +257,10 @@ class RunPolicy(Model):
     )
     clean_pod_policy: CleanPodPolicy = Field(
         CleanPodPolicy.running,
-        description="Pods removed when the job finishes: Running (default: stop what still runs, keep "
-        "finished pods' logs), All, or None (keep everything for inspection).",
+        description="What happens to the pods when the job finishes. Running (default): the StatefulSet is "
+        "scaled to 0 so nothing holds GPUs; it and the headless Service stay, and each pod's outcome stays in "
+        "status and Events. All: the Service is deleted too. None: the pods stay for `kubectl logs --previous` "
+        "and exec until the job is deleted or its TTL passes (they keep their GPUs).",
     )
 
 
