@@ -228,7 +228,9 @@ def matmul_peak(n: int = 1024, seconds: float = 2.0) -> float:
 
 # -------------------------------------------------------------------------------------------- subprocesses
 def _python(args: list[str], env: dict[str, str]) -> str:
-    out = subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=900)
+    env = dict(env, PYTHONSAFEPATH="1")  # the repo root must not be on sys.path (operator/ vs the stdlib)
+    out = subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=900,
+                         cwd=tempfile.gettempdir())
     if out.returncode != 0:
         raise RuntimeError(f"{args} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
     return out.stdout

@@ -282,6 +282,7 @@ class Runner:
             env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
             env.update(pod.env)
             env.setdefault("PYTHONUNBUFFERED", "1")
+            env.setdefault("PYTHONSAFEPATH", "1")  # a repo checkout's operator/ must not shadow the stdlib
             proc = subprocess.Popen(pod.argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL, start_new_session=True, cwd=str(self.plan.run_dir))
             self.procs.append(proc)

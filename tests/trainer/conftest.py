@@ -66,10 +66,11 @@ def start(run_dir: Path, cfg: dict[str, Any], nproc: int) -> tuple[subprocess.Po
     env[ENV_CONFIG] = json.dumps(cfg)
     env[ENV_TERMINATION_LOG] = str(run_dir / "termination-log")
     env["PYTHONUNBUFFERED"] = "1"
+    env["PYTHONSAFEPATH"] = "1"  # never the repo root on sys.path: operator/ would shadow the stdlib's operator
     log = run_dir / "output.log"
     with open(log, "ab") as out:
         proc = subprocess.Popen(trainer_command(nproc), env=env, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+                                start_new_session=True, cwd=run_dir)
     return proc, log
 
 

@@ -41,7 +41,8 @@ def two_node_job(name: str = "two-nodes", epochs: int = 4, **dataset: str) -> di
 
 
 def aiaas(*args: str, cwd: Path) -> subprocess.Popen[str]:
-    return subprocess.Popen([sys.executable, "-m", "aiaas.operator.cli", *args], cwd=cwd, text=True,
+    env = dict(os.environ, PYTHONSAFEPATH="1")
+    return subprocess.Popen([sys.executable, "-m", "aiaas.operator.cli", *args], cwd=cwd, text=True, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
 
 
