@@ -23,6 +23,7 @@ from . import settings as settings_mod
 from .k8s import Kube, KubeError, load_api_client
 from .metrics import Health, OperatorMetrics, serve
 from .settings import OperatorSettings
+from .status import parse_time
 
 log = logging.getLogger("aiaas.operator")
 
@@ -34,13 +35,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 # -------------------------------------------------------------------------------------- leader election
-def _parse_microtime(s: str | None) -> datetime | None:
-    if not s:
-        return None
-    try:
-        return datetime.fromisoformat(s.replace("Z", "+00:00"))
-    except ValueError:
-        return None
 
 
 def lease_is_free(spec: dict[str, Any], identity: str, now: datetime) -> bool:
@@ -48,7 +42,7 @@ def lease_is_free(spec: dict[str, Any], identity: str, now: datetime) -> bool:
     holder = spec.get("holderIdentity") or ""
     if not holder or holder == identity:
         return True
-    renewed = _parse_microtime(spec.get("renewTime")) or _parse_microtime(spec.get("acquireTime"))
+    renewed = parse_time(spec.get("renewTime")) or parse_time(spec.get("acquireTime"))
     duration = float(spec.get("leaseDurationSeconds") or 15)
     return renewed is None or renewed + timedelta(seconds=duration) < now
 
