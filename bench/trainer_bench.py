@@ -286,11 +286,10 @@ def main() -> None:
     ap.add_argument("--plain", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--ddp-interleaved", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.plain:
-        print(json.dumps(plain_loop(args.steps, args.batch)))
-        return
-    if args.ddp_interleaved:
-        print(json.dumps(ddp_interleaved(args.batch)))
+    if args.plain or args.ddp_interleaved:
+        result = plain_loop(args.steps, args.batch) if args.plain else ddp_interleaved(args.batch)
+        if result["rank"] == 0:  # one line on stdout, from rank 0
+            print(json.dumps(result), flush=True)
         return
 
     import torch
