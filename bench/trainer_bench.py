@@ -112,9 +112,8 @@ def interleaved_step_ratio(batch: int, blocks: int = 30, steps: int = 20) -> tup
     window = torch.zeros(3)
 
     def trainer_step() -> None:
-        nonlocal window
         opt_a.zero_grad(set_to_none=True)
-        window += engine.train_step(x, y)
+        engine.train_step(x, y, window)
         opt_a.step()
 
     def plain_step() -> None:
@@ -161,9 +160,9 @@ def ddp_interleaved(batch: int, blocks: int = 20, steps: int = 20) -> dict[str, 
     window, count = torch.zeros(3), 0
 
     def trainer_step() -> None:
-        nonlocal window, count
+        nonlocal count
         opt_a.zero_grad(set_to_none=True)
-        window += engine.train_step(x, y)
+        engine.train_step(x, y, window)
         opt_a.step()
         count += 1
         if count % 20 == 0:  # the trainer syncs about twice a second; at ~15 ms/step that is every ~30 steps

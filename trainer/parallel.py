@@ -10,8 +10,9 @@
   ``data > 1`` this is the 2-D data x pipeline layout: each stage's replicas average their gradients over
   the ``dp`` mesh dimension (all-reduce for ddp, FSDP2 reduce-scatter for fsdp).
 
-Every engine returns step statistics as a tensor ``[loss_sum, correct, count]`` over this rank's samples;
-only ranks holding the last stage have non-zero statistics, so summing over the world gives the global ones.
+A training step adds its statistics into the caller's tensor ``[loss_sum, correct, count]`` (in place, no host
+sync); an eval step returns them. Only ranks holding the last stage have non-zero statistics, so summing over
+the world gives the global ones.
 """
 
 from __future__ import annotations
@@ -86,7 +87,9 @@ class Engine:
     def train(self, mode: bool = True) -> None:
         self.module.train(mode)
 
-    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, stats: torch.Tensor) -> None:
+        """Forward and backward of one batch (gradients ready for the optimizer); adds
+        ``[loss_sum, correct, count]`` of this rank's samples into ``stats``."""
         raise NotImplementedError
 
     def eval_step(self, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -117,15 +120,16 @@ class DataParallelEngine(Engine):
         else:
             self.module = model
 
-    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, stats: torch.Tensor) -> None:
         x, y = x.to(self.env.device, non_blocking=True), y.to(self.env.device, non_blocking=True)
         with self.amp():
             logits = self.module(x)
         loss = F.cross_entropy(logits.float(), y)
         loss.backward()
         with torch.no_grad():
-            correct = (logits.argmax(dim=1) == y).sum().float()
-        return torch.stack([loss.detach() * len(y), correct, torch.tensor(float(len(y)), device=y.device)])
+            stats[0] += loss.detach() * len(y)
+            stats[1] += (logits.argmax(dim=1) == y).sum()
+            stats[2] += len(y)
 
     @torch.no_grad()
     def eval_step(self, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -197,13 +201,12 @@ class PipelineEngine(Engine):
             g.copy_(flat[offset:offset + g.numel()].view_as(g))
             offset += g.numel()
 
-    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, stats: torch.Tensor) -> None:
         env, d = self.env, self.env.device
         n = len(y)
         x_mbs, y_mbs = x.to(d).chunk(self.microbatches), y.to(d).chunk(self.microbatches)
         inputs: list[torch.Tensor] = []
         outputs: list[torch.Tensor] = []
-        stats = torch.zeros(3, device=d)
         for i in range(len(y_mbs)):  # forward all micro-batches
             if env.first_stage:
                 inp = x_mbs[i]
@@ -236,7 +239,6 @@ class PipelineEngine(Engine):
                 assert self.prev is not None
                 dist.send(grad_in.contiguous(), self.prev)
         self._sync_grads()
-        return stats
 
     @torch.no_grad()
     def eval_step(self, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

@@ -196,7 +196,7 @@ def train(cfg: TrainerConfig) -> Result:
         for x, y in loader.epoch(epoch, batch_in_epoch):
             t_step = time.perf_counter()
             optimizer.zero_grad(set_to_none=True)
-            stats = engine.train_step(x, y)
+            engine.train_step(x, y, window)  # adds this rank's [loss_sum, correct, count]; summed when logged
             optimizer.step()
             step += 1
             PROGRESS["step"] = step
@@ -206,7 +206,6 @@ def train(cfg: TrainerConfig) -> Result:
             if step - first_step > WARMUP_STEPS:
                 train_time += time.perf_counter() - t_step
                 timed_steps += 1
-            window += stats  # this rank's share; summed over the ranks when logged
             window_steps += 1
             metrics.step.set(step)
             log_now = step % cfg.log_interval_steps == 0 or step == total_steps
