@@ -49,7 +49,7 @@ class DistEnv:
     pp_size: int = 1
     pp_rank: int = 0
     mesh: DeviceMesh | None = None
-    dp_group: Any = None  # ProcessGroup of the replicas of this pipeline stage (None: no data parallelism)
+    dp_group: Any = None  # ProcessGroup of the replicas of this pipeline stage (None: the default group)
 
     @property
     def is_main(self) -> bool:
@@ -106,7 +106,7 @@ def init_distributed(data: int, model: int, timeout_s: int = DEFAULT_TIMEOUT_S) 
                             device_id=device if device.type == "cuda" else None)
     env.backend = backend
     env.mesh = init_device_mesh(device.type, (data, model), mesh_dim_names=("dp", "pp"))
-    if data > 1:
+    if data > 1 and model > 1:  # with model == 1 the replicas are the whole world: the default group
         env.dp_group = env.mesh.get_group("dp")
     log.debug("rank %d/%d: dp %d/%d pp %d/%d on %s (%s)", rank, world, env.dp_rank, data, env.pp_rank, model,
               device, backend)
