@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import Run, finish, job_config, start, train, worker_pids, worker_rank
+from trainer_helpers import Run, finish, job_config, start, train, worker_pids, worker_rank
 
 from aiaas.contract.launch import EXIT_PERMANENT
 from aiaas.trainer.checkpoint import MARKER, list_checkpoints
