@@ -33,6 +33,11 @@ class OptimizerName(str, Enum):
     adamw = "adamw"
 
 
+class LRSchedule(str, Enum):
+    constant = "constant"
+    cosine = "cosine"
+
+
 class Strategy(str, Enum):
     ddp = "ddp"
     fsdp = "fsdp"
@@ -86,6 +91,11 @@ class Hyperparameters(Model):
     optimizer: OptimizerName = Field(OptimizerName.adam, description="Optimizer: sgd, adam or adamw.")
     momentum: float = Field(0.9, ge=0.0, lt=1.0, description="Momentum (sgd only).")
     weight_decay: float = Field(0.0, ge=0.0, le=1.0, description="Weight decay.")
+    lr_schedule: LRSchedule = Field(
+        LRSchedule.cosine,
+        description="constant, or cosine: decay from learningRate to a tenth of it over the run, after warmupSteps.",
+    )
+    warmup_steps: int = Field(0, ge=0, description="Steps of linear learning-rate warm-up from zero.")
     seed: int = Field(42, ge=0, description="Random seed; the same seed gives the same run.")
     max_steps: int | None = Field(
         None, ge=1, description="Stop after this many optimizer steps (overrides epochs when reached first)."

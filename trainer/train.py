@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from aiaas.contract.config import Architecture, OptimizerName, TrainerConfig
+from aiaas.contract.config import Architecture, LRSchedule, OptimizerName, TrainerConfig
 
 from . import distributed as D
 from .checkpoint import Checkpointer
@@ -83,6 +83,19 @@ def make_optimizer(params: Any, cfg: TrainerConfig) -> torch.optim.Optimizer:
     if name == OptimizerName.adamw:
         return torch.optim.AdamW(params, lr=hp.learning_rate, weight_decay=hp.weight_decay)
     return torch.optim.Adam(params, lr=hp.learning_rate, weight_decay=hp.weight_decay)
+
+
+def learning_rate_at(step: int, total_steps: int, cfg: TrainerConfig) -> float:
+    """The learning rate of optimizer step ``step`` (0-based): a pure function of the step, so a resumed run
+    continues the same schedule without keeping scheduler state."""
+    hp = cfg.hyperparameters
+    if hp.warmup_steps and step < hp.warmup_steps:
+        return hp.learning_rate * (step + 1) / hp.warmup_steps
+    if LRSchedule(hp.lr_schedule) is LRSchedule.constant or total_steps <= hp.warmup_steps:
+        return hp.learning_rate
+    progress = min(1.0, (step - hp.warmup_steps) / max(1, total_steps - hp.warmup_steps))
+    floor = hp.learning_rate / 10
+    return floor + (hp.learning_rate - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def optimizer_step_count(optimizer: torch.optim.Optimizer) -> int | None:
@@ -197,6 +210,9 @@ def train(cfg: TrainerConfig) -> Result:
             t_step = time.perf_counter()
             optimizer.zero_grad(set_to_none=True)
             engine.train_step(x, y, window)  # adds this rank's [loss_sum, correct, count]; summed when logged
+            lr = learning_rate_at(step, total_steps, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
             optimizer.step()
             step += 1
             PROGRESS["step"] = step

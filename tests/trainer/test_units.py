@@ -302,3 +302,18 @@ def test_mnist_from_idx_and_npz(tmp_path: Path) -> None:
     np.savez(tmp_path / "bad.npz", images=x)
     with pytest.raises(PermanentError, match="expected x_train/y_train"):
         load_dataset(DatasetSpec(kind="mnist", path=str(tmp_path / "bad.npz")), "cnn")
+
+
+def test_learning_rate_schedule_is_a_pure_function_of_the_step() -> None:
+    from aiaas.contract.config import Hyperparameters, TrainerConfig
+    from aiaas.trainer.train import learning_rate_at
+
+    cfg = TrainerConfig(hyperparameters=Hyperparameters(learning_rate=0.1, warmup_steps=10))
+    lrs = [learning_rate_at(s, 110, cfg) for s in range(110)]
+    assert lrs[0] == pytest.approx(0.01) and lrs[9] == pytest.approx(0.1)  # linear warm-up
+    assert lrs[10] == pytest.approx(0.1)  # cosine starts at the base rate...
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:], strict=False))  # ...decays monotonically...
+    assert lrs[-1] == pytest.approx(0.01, rel=0.01)  # ...to a tenth of it
+    assert learning_rate_at(57, 110, cfg) == lrs[57]  # resuming at any step gives the same rate
+    constant = TrainerConfig(hyperparameters=Hyperparameters(learning_rate=0.1, lr_schedule="constant"))
+    assert {learning_rate_at(s, 50, constant) for s in range(50)} == {0.1}
