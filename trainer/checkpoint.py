@@ -21,7 +21,6 @@ of pipeline stages).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -38,6 +37,7 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from .distributed import DistEnv, all_reduce_sum, barrier, broadcast_object
+from .fsio import fsync_path, sha256_file, write_synced
 
 log = logging.getLogger(__name__)
 
@@ -59,34 +59,6 @@ def step_dir_name(step: int) -> str:
     return f"{PREFIX}{step:08d}"
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _fsync(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _write_synced(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def verify(path: Path) -> str | None:
     """Why the checkpoint at ``path`` cannot be trusted (None when it is complete and intact)."""
     marker = path / MARKER
@@ -103,7 +75,7 @@ def verify(path: Path) -> str | None:
             return f"file {name} is missing"
         if f.stat().st_size != info["size"]:
             return f"file {name} has {f.stat().st_size} bytes, expected {info['size']}"
-        if _sha256(f) != info["sha256"]:
+        if sha256_file(f) != info["sha256"]:
             return f"file {name} does not match its checksum"
     return None
 
@@ -162,15 +134,15 @@ class Checkpointer:
             os.fsync(f.fileno())
         barrier(env)
         if env.is_main:
-            _write_synced(tmp / STATE_FILE, json.dumps({**state, "step": step}, indent=1).encode())
-            files = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir())
+            write_synced(tmp / STATE_FILE, json.dumps({**state, "step": step}, indent=1).encode())
+            files = {p.name: {"size": p.stat().st_size, "sha256": sha256_file(p)} for p in sorted(tmp.iterdir())
                      if p.is_file()}
-            _write_synced(tmp / MARKER, json.dumps({"step": step, "files": files}, indent=1).encode())
-            _fsync(tmp)
+            write_synced(tmp / MARKER, json.dumps({"step": step, "files": files}, indent=1).encode())
+            fsync_path(tmp)
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
-            _fsync(self.dir)
+            fsync_path(self.dir)
             self._prune()
         barrier(env)
         self.last_saved_at = time.time()

@@ -38,7 +38,6 @@ Public API (stable, used by ``aiaas.server``)::
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
 import os
 from collections.abc import Mapping
@@ -52,6 +51,7 @@ from torch import nn
 from aiaas.contract.artifact import DONE_FILE, MANIFEST_FILE, METRICS_FILE, WEIGHTS_FILE
 from aiaas.contract.config import ModelSpec
 
+from .fsio import fsync_path, sha256_file, write_atomic
 from .models import INPUT_TOKENS, InputSpec, build_model
 
 PLATFORM = "pytorch"
@@ -95,36 +95,6 @@ def make_manifest(name: str, spec: ModelSpec, inputs: InputSpec, dataset: Mappin
     }
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def write_artifact(directory: str | os.PathLike[str], state_dict: Mapping[str, torch.Tensor],
                    manifest: Mapping[str, Any], metrics: Mapping[str, Any]) -> Path:
     """Write an artifact into ``directory`` (created if needed; an older artifact there is replaced).
@@ -142,12 +112,12 @@ def write_artifact(directory: str | os.PathLike[str], state_dict: Mapping[str, t
         os.fsync(f.fileno())
     os.replace(tmp, weights)
     manifest = dict(manifest)
-    manifest["weights"] = {"file": WEIGHTS_FILE, "sha256": _sha256(weights)}
-    _write_atomic(out / MANIFEST_FILE, (json.dumps(manifest, indent=2) + "\n").encode())
-    _write_atomic(out / METRICS_FILE, (json.dumps(dict(metrics), indent=2) + "\n").encode())
-    _fsync_dir(out)
-    _write_atomic(out / DONE_FILE, (manifest.get("createdAt", "") + "\n").encode())
-    _fsync_dir(out)
+    manifest["weights"] = {"file": WEIGHTS_FILE, "sha256": sha256_file(weights)}
+    write_atomic(out / MANIFEST_FILE, (json.dumps(manifest, indent=2) + "\n").encode())
+    write_atomic(out / METRICS_FILE, (json.dumps(dict(metrics), indent=2) + "\n").encode())
+    fsync_path(out)
+    write_atomic(out / DONE_FILE, (manifest.get("createdAt", "") + "\n").encode())
+    fsync_path(out)
     return out
 
 
@@ -194,7 +164,7 @@ def load_artifact(path: str | os.PathLike[str], map_location: str | torch.device
     if not weights.exists():
         raise ArtifactError(f"model artifact {root}: {WEIGHTS_FILE} is missing")
     expected = (manifest.get("weights") or {}).get("sha256")
-    if verify and expected and _sha256(weights) != expected:
+    if verify and expected and sha256_file(weights) != expected:
         raise ArtifactError(f"model artifact {root}: {WEIGHTS_FILE} does not match its sha256 in {MANIFEST_FILE}")
     try:
         spec = ModelSpec.model_validate(manifest["model"])
