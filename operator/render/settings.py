@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from aiaas import __version__
 
-DEFAULT_IMAGE = f"ghcr.io/aiaas-dev/aiaas-trainer:{__version__}"
+DEFAULT_IMAGE = f"localhost/aiaas-trainer:{__version__}"
 
 
 @dataclass(frozen=True)

@@ -116,12 +116,12 @@ def test_defaults_render_the_operator_with_leader_election(tmp_path: Path) -> No
     assert dep["spec"]["replicas"] == 2
     pod = dep["spec"]["template"]["spec"]
     c = pod["containers"][0]
-    assert c["image"] == f"ghcr.io/aiaas-dev/aiaas-operator:{aiaas.__version__}"
+    assert c["image"] == f"localhost/aiaas-operator:{aiaas.__version__}"
     assert c["command"] == ["aiaas", "operator"]
     args = c["args"]
     assert "--all-namespaces" in args and "--standalone" not in args
     assert "--lease-name=aiaas-operator" in args and "--metrics-port=8080" in args
-    assert f"--trainer-image=ghcr.io/aiaas-dev/aiaas-trainer:{aiaas.__version__}" in args
+    assert f"--trainer-image=localhost/aiaas-trainer:{aiaas.__version__}" in args
     env = {e["name"]: e for e in c["env"]}
     assert env["POD_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"  # the Lease's ns
     assert c["livenessProbe"]["httpGet"]["path"] == "/healthz"

@@ -29,7 +29,7 @@ from aiaas.operator.status import (
 from aiaas.operator.status_progress import parse_progress, scrape
 
 T0 = datetime(2026, 5, 1, 12, 0, 0, tzinfo=timezone.utc)
-IMAGE = "ghcr.io/aiaas-dev/aiaas-trainer:0.1.0"
+IMAGE = "localhost/aiaas-trainer:0.1.0"
 
 
 # ------------------------------------------------------------------------------------------- recorded pods
@@ -91,9 +91,9 @@ def unschedulable(name: str, gen: int = 0) -> dict[str, Any]:
 
 def image_pull_backoff(name: str, gen: int = 0) -> dict[str, Any]:
     return _pod(name, gen, phase="Pending", ready=False, container={
-        "name": "trainer", "image": "ghcr.io/aiaas-dev/aiaas-trainer:typo", "ready": False, "restartCount": 0,
+        "name": "trainer", "image": "localhost/aiaas-trainer:typo", "ready": False, "restartCount": 0,
         "state": {"waiting": {"reason": "ImagePullBackOff",
-                              "message": 'Back-off pulling image "ghcr.io/aiaas-dev/aiaas-trainer:typo"'}}})
+                              "message": 'Back-off pulling image "localhost/aiaas-trainer:typo"'}}})
 
 
 def exited(name: str, exit_code: int, message: str | dict[str, Any] = "", gen: int = 0, reason: str | None = None,
@@ -311,7 +311,7 @@ def test_unschedulable_pod_names_the_schedulers_reason():
 def test_image_pull_failure_names_the_image():
     ev = step(job(nodes=1), [image_pull_backoff("lenet-0")])
     assert ev.status.reason == "ImagePullBackOff"
-    assert "ghcr.io/aiaas-dev/aiaas-trainer:typo" in ev.status.message and "Back-off pulling" in ev.status.message
+    assert "localhost/aiaas-trainer:typo" in ev.status.message and "Back-off pulling" in ev.status.message
 
 
 def test_running_job_losing_a_pod_stays_running_and_says_why():

@@ -54,7 +54,7 @@ app.kubernetes.io/component: operator
 {{- end }}
 
 {{- define "aiaas.trainerImage" -}}
-{{- default (printf "ghcr.io/aiaas-dev/aiaas-trainer:%s" .Chart.AppVersion) .Values.operator.trainerImage }}
+{{- default (printf "localhost/aiaas-trainer:%s" .Chart.AppVersion) .Values.operator.trainerImage }}
 {{- end }}
 
 {{- define "aiaas.leaseName" -}}
