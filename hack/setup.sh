@@ -5,9 +5,10 @@
 #   hack/setup.sh --test    also what the tests need outside Python: promtool/prometheus (Debian package
 #                           `prometheus`) and the Kubernetes binaries (hack/cluster.sh build)
 #
-# The venv lives outside the clone, keyed by Python version (AIAAS_VENV overrides), so the large CUDA build of
-# torch that PyPI serves for Linux is installed once per machine. A stamp of pyproject.toml skips pip when
-# nothing changed.
+# The venv lives outside the clone, keyed by Python version (AIAAS_VENV overrides; `AIAAS_VENV=/tmp/new
+# hack/setup.sh` makes a brand-new one), so the large CUDA build of torch that PyPI serves for Linux is installed
+# once per machine. Versions come from constraints.txt (the tested lock; hack/lock.sh updates it), so every
+# machine gets what CI tested. A stamp of pyproject.toml and constraints.txt skips pip when nothing changed.
 set -euo pipefail
 # The repo's operator/ folder would shadow the standard library's `operator` for any Python started here with
 # the current directory on sys.path: -I (isolated mode) keeps it off.
@@ -25,11 +26,11 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PYTHON" -m venv "$VENV"
 fi
 stamp="$VENV/.aiaas-stamp"
-want="$(cat "$ROOT/pyproject.toml" | sha256sum | cut -c1-16)-$EXTRAS"
+want="$(cat "$ROOT/pyproject.toml" "$ROOT/setup.py" "$ROOT/constraints.txt" | sha256sum | cut -c1-16)-$EXTRAS"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   log "installing aiaas[$EXTRAS] into $VENV (the first time this downloads torch: a few minutes)"
   "$VENV/bin/python" -I -m pip install -q --disable-pip-version-check --upgrade pip >&2
-  "$VENV/bin/python" -I -m pip install -q --disable-pip-version-check -e "$ROOT[$EXTRAS]" >&2
+  "$VENV/bin/python" -I -m pip install -q --disable-pip-version-check -c "$ROOT/constraints.txt" -e "$ROOT[$EXTRAS]" >&2
   echo "$want" > "$stamp"
 fi
 # The editable install points at one checkout; re-point it when this is another clone (cheap, no deps).

@@ -49,8 +49,11 @@ def pod_security_context(run_as_user: int) -> dict[str, Any]:
 
 
 def container_security_context() -> dict[str, Any]:
+    """Restricted Pod Security Standard, and a read-only root filesystem: training and model server pods write
+    only to their volumes (/tmp, /dev/shm, /var/run/aiaas)."""
     return {
         "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
         "capabilities": {"drop": ["ALL"]},
         "runAsNonRoot": True,
         "seccompProfile": {"type": "RuntimeDefault"},

@@ -65,7 +65,7 @@ def deployment(svc: api.InferenceService, settings: RenderSettings, storage_uri:
         "livenessProbe": _probe("/v2/health/live", 10, 3),
         "startupProbe": _probe("/v2/health/live", 2, 60),
         "volumeMounts": [mount, {"name": "tmp", "mountPath": "/tmp"}],
-        "securityContext": container_security_context() | {"readOnlyRootFilesystem": True},
+        "securityContext": container_security_context(),
     }
     res = resources(s.resources)
     if res:
