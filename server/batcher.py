@@ -61,7 +61,7 @@ class Batcher:
         max_batch_size: int = 64,
         max_delay: float = 0.005,
         on_batch: Callable[[int], None] | None = None,
-        max_queue_samples: int = 1024,
+        max_queue_samples: int = 16384,
     ) -> None:
         self._run = run
         self.max_batch_size = max(1, max_batch_size)

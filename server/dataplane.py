@@ -42,7 +42,7 @@ class ServerConfig:
     # Load shedding: beyond these the server answers 503 with Retry-After instead of queueing.
     max_inflight_requests: int = 256  # data-plane requests being received, queued or run
     max_inflight_bytes: int = 64 * 1024 * 1024  # their declared body sizes, together
-    max_queue_samples: int = 1024  # samples waiting for the model
+    max_queue_samples: int = 16384  # samples waiting for the model (about a second of work for the small models here)
     body_timeout: float = 30.0  # seconds to receive a whole request body; slower ones get 408
     auth_token: str | None = None  # when set, every non-health endpoint wants "Authorization: Bearer <token>"
     explain_method: str | None = None  # "integrated-gradients" enables the explain endpoints

@@ -64,8 +64,8 @@ def add_limit_flags(p: argparse.ArgumentParser) -> None:
         "more get 503 (default 64 MiB)",
     )
     p.add_argument(
-        "--max-queue-samples", type=int, default=env_default("max-queue-samples", 1024),
-        help="samples waiting for the model; a request that would exceed it gets 503 (default 1024)",
+        "--max-queue-samples", type=int, default=env_default("max-queue-samples", 16384),
+        help="samples waiting for the model; a request that would exceed it gets 503 (default 16384)",
     )
     p.add_argument(
         "--body-timeout", type=float, default=env_default("body-timeout", 30.0),
