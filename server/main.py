@@ -19,6 +19,7 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 import prometheus_client
 from aiohttp import web
@@ -28,7 +29,7 @@ from aiohttp.web_protocol import RequestPayloadError
 from aiaas.contract.launch import MODEL_DIR, SERVER_GRPC_PORT, SERVER_PORT
 
 from .app import PLANE_KEY, build_app
-from .dataplane import ServerConfig
+from .dataplane import DataPlane, ServerConfig
 
 log = logging.getLogger("aiaas.server")
 
@@ -200,16 +201,13 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
     )
 
 
-async def serve(args: argparse.Namespace) -> int:
-    from . import model as model_module
-
-    app = build_app(server_config(args))
-    state = app[PLANE_KEY]
+async def start_http(app: web.Application, args: argparse.Namespace) -> web.AppRunner:
     runner = web.AppRunner(
         app,
         handle_signals=False,
         access_log=logging.getLogger("aiaas.server.access") if args.access_log else None,
         shutdown_timeout=args.shutdown_timeout,
+        keepalive_timeout=75.0,  # idle keep-alive connections are closed after this (aiohttp's default is an hour)
     )
     await runner.setup()
     site = web.TCPSite(runner, args.host, args.port, backlog=1024, reuse_address=True)
@@ -217,6 +215,28 @@ async def serve(args: argparse.Namespace) -> int:
     sockets = [s.getsockname() for s in (site._server.sockets if site._server else [])]  # type: ignore[attr-defined]
     port = sockets[0][1] if sockets else args.port
     log.info("listening on http://%s:%d (model loading from %s)", args.host, port, args.model)
+    return runner
+
+
+async def start_grpc(plane: DataPlane, args: argparse.Namespace) -> Any:
+    """The gRPC server, started; None when --grpc-port is -1."""
+    if args.grpc_port < 0:
+        return None
+    from .grpc_server import build_server
+
+    server, port = build_server(plane, args.host, args.grpc_port)
+    await server.start()
+    log.info("listening for gRPC (inference.GRPCInferenceService) on %s:%d", args.host, port)
+    return server
+
+
+async def serve(args: argparse.Namespace) -> int:
+    from . import model as model_module
+
+    app = build_app(server_config(args))
+    plane = app[PLANE_KEY]
+    runner = await start_http(app, args)
+    grpc_server = await start_grpc(plane, args)
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -230,17 +250,19 @@ async def serve(args: argparse.Namespace) -> int:
             served = await loop.run_in_executor(None, model_module.load, args.model, args.name, args.threads)
         except Exception as e:
             log.error("cannot load the model from %s: %s", args.model, e, exc_info=log.isEnabledFor(logging.DEBUG))
-            state.load_error = f"cannot load the model: {e}"
+            plane.load_error = f"cannot load the model: {e}"
             exit_code = 1
             stop.set()
             return
-        state.set_model(served)
+        plane.set_model(served)
         log.info("model %s version %s is ready", served.name, served.version)
 
     loader = asyncio.create_task(load())
     await stop.wait()
-    state.shutting_down = True
+    plane.shutting_down = True
     log.info("shutting down: finishing requests in flight (at most %.0fs)", args.shutdown_timeout)
+    if grpc_server is not None:
+        await grpc_server.stop(args.shutdown_timeout)
     await runner.cleanup()
     if not loader.done():
         loader.cancel()
