@@ -73,7 +73,7 @@ class DataPlane:
         self.requests_in_flight = 0
         self.bytes_in_flight = 0
         self._explain_slots = asyncio.Semaphore(max(1, config.explain_concurrency))
-        self._explains_waiting = 0
+        self._explains_admitted = 0
 
     @property
     def ready(self) -> bool:
@@ -92,7 +92,10 @@ class DataPlane:
         if self.config.explain_method:
             from .explain import Explainer
 
-            self.explainer = Explainer(model, self.config.explain_steps, self.config.explain_internal_batch_size)
+            config = self.config
+            self.explainer = Explainer(
+                model, config.explain_steps, config.explain_internal_batch_size, config.explain_concurrency
+            )
         self.model = model
 
     async def stop(self) -> None:
@@ -190,11 +193,11 @@ class DataPlane:
                 404, "explanations are not enabled on this server; start it with --explain-method integrated-gradients"
             )
         limit = max(1, self.config.explain_concurrency)
-        if self._explains_waiting >= 4 * limit:
+        if self._explains_admitted >= 4 * limit:
             raise ProtocolError(503, "too many explanations are in progress; retry later", RETRY_AFTER_SECONDS)
-        self._explains_waiting += 1
+        self._explains_admitted += 1
         try:
             async with self._explain_slots:
                 yield self.explainer
         finally:
-            self._explains_waiting -= 1
+            self._explains_admitted -= 1
