@@ -10,6 +10,11 @@ What runs (all on loopback, each server its own process, this process is the loa
 * ``v2-json`` — ``POST /v2/models/{name}/infer`` with a JSON tensor (what curl and most clients send).
 * ``v2-binary`` — the same with the binary tensor data extension (``tritonclient``'s default).
 * ``v1`` — ``POST /v1/models/{name}:predict`` with ``{"instances": [...]}``.
+* ``grpc`` — ``inference.GRPCInferenceService/ModelInfer`` with ``raw_input_contents`` (grpc.aio client).
+* ``explain`` — ``POST /v2/models/{name}/explain`` (Integrated Gradients, default steps), one at a time.
+
+Goals printed at the end (issue 14.4): REST at concurrency 1 >= 0.9x the bare endpoint's requests/s; at
+concurrency 16 >= 2.5x (batching); gRPC's p50 at concurrency 1 next to REST's.
 
 Each request carries one digit (batch 1), so the server's dynamic batcher is what groups them at concurrency 16.
 The load generator speaks HTTP/1.1 keep-alive over raw asyncio streams with prebuilt requests, so it costs
@@ -133,6 +138,66 @@ async def _load(endpoint: Endpoint, total: int, concurrency: int) -> tuple[list[
     if failures:
         raise SystemExit(f"{len(failures)} wrong responses, e.g. {failures[0]}")
     return latencies, elapsed
+
+
+async def _load_grpc(address: str, requests: list[Any], total: int, concurrency: int) -> tuple[list[float], float]:
+    """The same closed loop over gRPC: ``concurrency`` callers on one channel, each waiting for its answer."""
+    import grpc
+
+    from aiaas.server import grpc_predict_v2_pb2_grpc as pb_grpc
+
+    latencies: list[float] = []
+    next_index = 0
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+
+        async def worker() -> None:
+            nonlocal next_index
+            while next_index < total:
+                i = next_index
+                next_index += 1
+                start = time.perf_counter()
+                response = await stub.ModelInfer(requests[i % len(requests)])
+                latencies.append(time.perf_counter() - start)
+                if not response.raw_output_contents:
+                    raise SystemExit(f"grpc request {i}: no outputs")
+
+        start = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        return latencies, time.perf_counter() - start
+
+
+def grpc_requests(model_name: str, x: np.ndarray) -> list[Any]:
+    from aiaas.server import grpc_predict_v2_pb2 as pb
+
+    out = []
+    for i in range(len(x)):
+        request = pb.ModelInferRequest(model_name=model_name)
+        request.inputs.add(name="input", datatype="FP32", shape=[1, *x.shape[1:]])
+        request.outputs.add(name="predicted_class")
+        request.raw_input_contents.append(x[i].astype("<f4").tobytes())
+        out.append(request)
+    return out
+
+
+def explain_latencies(port: int, model_name: str, x: np.ndarray, count: int) -> list[float]:
+    """Sequential explain requests of one sample each; seconds per request."""
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+    out = []
+    for i in range(count):
+        body = json.dumps({"inputs": [{"name": "input", "shape": [1, *x.shape[1:]], "datatype": "FP32",
+                                       "data": x[i % len(x)].reshape(-1).tolist()}]})
+        start = time.perf_counter()
+        conn.request("POST", f"/v2/models/{model_name}/explain", body, {"Content-Type": "application/json"})
+        response = conn.getresponse()
+        raw = response.read()
+        out.append(time.perf_counter() - start)
+        if response.status != 200:
+            raise SystemExit(f"explain: {response.status} {raw[:200]!r}")
+    conn.close()
+    return out
 
 
 def http_request(path: str, body: bytes, headers: dict[str, str] | None = None) -> bytes:
@@ -269,6 +334,7 @@ def main() -> int:
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
     p.add_argument("--threads", type=int, default=1, help="torch threads of both servers")
     p.add_argument("--server-arg", action="append", default=[], help="extra argument for aiaas.server")
+    p.add_argument("--explains", type=int, default=20, help="explain requests to time (after 3 warm-ups)")
     p.add_argument("--json", help="also write the results to this file")
     p.add_argument("--baseline-serve", nargs=2, metavar=("DIR", "PORT"), help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -287,13 +353,13 @@ def main() -> int:
     classes = predict(model, manifest, x)["predicted_class"].numpy()
     name = manifest["name"]
 
-    ports = {"server": free_port(), "baseline": free_port()}
+    ports = {"server": free_port(), "baseline": free_port(), "grpc": free_port()}
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     procs = {
         "server": subprocess.Popen(
             [sys.executable, "-m", "aiaas.server", "--model", str(model_dir), "--host", "127.0.0.1",
              "--port", str(ports["server"]), "--threads", str(args.threads), "--log-level", "WARNING",
-             *args.server_arg], env=env),
+             "--grpc-port", str(ports["grpc"]), "--explain-method", "integrated-gradients", *args.server_arg], env=env),
         "baseline": subprocess.Popen(
             [sys.executable, __file__, "--baseline-serve", str(model_dir), str(ports["baseline"]),
              "--threads", str(args.threads)], env=env),
@@ -304,6 +370,7 @@ def main() -> int:
         wait_http(f"http://127.0.0.1:{ports['baseline']}/", procs["baseline"])
         endpoints = build_endpoints(name, ports, x, classes)
         check_formats(endpoints, classes)
+        grpc_reqs = grpc_requests(name, x)
         print(f"model {name} ({manifest['model']['architecture']}), {args.requests} requests of one sample per run, "
               f"median of {args.repeat} runs, {os.cpu_count()} CPUs (load average {os.getloadavg()[0]:.1f} before), "
               f"torch threads {args.threads}", flush=True)
@@ -317,6 +384,13 @@ def main() -> int:
                     latencies, elapsed = asyncio.run(_load(endpoint, args.requests, concurrency))
                     cpu = cpu_seconds(pid) - cpu
                     runs.setdefault((endpoint.name, concurrency), []).append(summary(latencies, elapsed, cpu))
+                address = f"127.0.0.1:{ports['grpc']}"
+                asyncio.run(_load_grpc(address, grpc_reqs, args.warmup, concurrency))
+                cpu = cpu_seconds(procs["server"].pid)
+                latencies, elapsed = asyncio.run(_load_grpc(address, grpc_reqs, args.requests, concurrency))
+                cpu = cpu_seconds(procs["server"].pid) - cpu
+                runs.setdefault(("grpc", concurrency), []).append(summary(latencies, elapsed, cpu))
+        explain_ms = sorted(v * 1000 for v in explain_latencies(ports["server"], name, x, 3 + args.explains)[3:])
         for (endpoint_name, concurrency), summaries in runs.items():  # the median of each figure over the repeats
             results.setdefault(endpoint_name, {})[concurrency] = {
                 key: statistics.median(s[key] for s in summaries) for key in summaries[0]
@@ -335,9 +409,9 @@ def main() -> int:
     print("\n" + header + "\n" + "-" * len(header))
     for concurrency in args.concurrency:
         base = results["baseline"][concurrency]
-        for endpoint in endpoints:
-            r = results[endpoint.name][concurrency]
-            print(f"{endpoint.name:<10} {concurrency:>4} {r['mean_ms']:>8.2f} {r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f} "
+        for endpoint_name in [e.name for e in endpoints] + ["grpc"]:
+            r = results[endpoint_name][concurrency]
+            print(f"{endpoint_name:<10} {concurrency:>4} {r['mean_ms']:>8.2f} {r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f} "
                   f"{r['rps']:>8.0f} {r['server_cpu_us']:>10.0f}   {r['p50_ms'] / base['p50_ms']:>6.2f} "
                   f"{r['p99_ms'] / base['p99_ms']:>6.2f} {r['rps'] / base['rps']:>7.2f} "
                   f"{r['server_cpu_us'] / max(base['server_cpu_us'], 1e-9):>6.2f}")
@@ -350,6 +424,20 @@ def main() -> int:
     if batch_count:
         print(f"server: {batch_sum:.0f} samples in {batch_count:.0f} forward passes "
               f"(mean batch {batch_sum / batch_count:.2f})")
+    base = results["baseline"]
+    print(f"explain (integrated gradients, 1 sample, default steps): p50 {explain_ms[len(explain_ms) // 2]:.1f} ms, "
+          f"max {explain_ms[-1]:.1f} ms over {len(explain_ms)} requests")
+    goals = []
+    if 1 in base:
+        goals.append(("REST c1 >= 0.9x bare", results["v2-binary"][1]["rps"] / base[1]["rps"], 0.9))
+        goals.append(("gRPC p50 / REST p50 at c1", results["grpc"][1]["p50_ms"] / results["v2-binary"][1]["p50_ms"],
+                      None))
+    if 16 in base:
+        goals.append(("REST c16 >= 2.5x bare", results["v2-binary"][16]["rps"] / base[16]["rps"], 2.5))
+    for label, ratio, goal in goals:
+        verdict = "" if goal is None else (" met" if ratio >= goal else " MISSED")
+        print(f"{label}: {ratio:.2f}x{verdict}")
+    print(f"load average after: {os.getloadavg()[0]:.1f}")
     v2 = results["v2-json"]
     gates = [("mean < 5 ms", all(r["mean_ms"] < 5 for r in v2.values())),
              ("p99 < 10 ms", all(r["p99_ms"] < 10 for r in v2.values())),

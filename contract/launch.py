@@ -13,6 +13,7 @@ METRICS_PORT = 9090  # Prometheus metrics of local rank 0 (local rank r serves M
 
 # Ports inside an inference pod.
 SERVER_PORT = 8080  # Open Inference Protocol REST
+SERVER_GRPC_PORT = 8081  # Open Inference Protocol gRPC (inference.GRPCInferenceService)
 SERVER_METRICS_PATH = "/metrics"
 
 # Paths inside a training pod.

@@ -1,4 +1,4 @@
-"""The aiaas model server: an exported artifact behind the Open Inference Protocol (KServe v2) REST API.
+"""The aiaas model server: an exported artifact behind the Open Inference Protocol (KServe v2), REST and gRPC.
 
 Run it as ``python -m aiaas.server --model DIR [--port 8080] [--host 0.0.0.0] [--name NAME]`` (``aiaas serve``
 and the InferenceService's Deployment run exactly this); ``--help`` lists the batching and limit flags.
@@ -20,6 +20,8 @@ Endpoints (``{name}`` is ``--name`` or the manifest's name; ``{v}`` is the manif
 ``POST /v1/models/{name}:predict``                    KServe v1: ``{"instances": [...]}`` ->
                                                       ``{"predictions": [class, ...]}``
 ``GET /v1/models``, ``GET /v1/models/{name}``, ``/``  KServe v1 listing, status and liveness
+``POST /v2/models/{name}/explain``,                     Integrated Gradients attributions (only with
+``POST /v1/models/{name}:explain``                      ``--explain-method``; see :mod:`.explain`)
 ``GET /metrics``                                      Prometheus (names in ``aiaas.contract.metrics``)
 ``GET /v2/openapi.json``                              the OpenAPI 3.0 description of all of the above
                                                       (also ``python -m aiaas.server --print-openapi``)
@@ -28,9 +30,13 @@ Endpoints (``{name}`` is ``--name`` or the manifest's name; ``{v}`` is the manif
 Errors are ``{"error": "<what is wrong and how to fix it>"}`` with the status KServe and MLServer use: 400 for
 anything wrong with the request (malformed JSON, missing fields, an input whose name, datatype, shape or
 values do not fit the model's signature, token ids outside the vocabulary), 404 for an unknown model, version
-or path, 405 for a wrong method, 413 for a body over ``--max-request-bytes`` (also after gzip/deflate
-decompression), 503 while the model loads. No client input produces a 5xx; a 500 means a bug (it is logged
-with its traceback).
+or path, 401 without the bearer token (when ``--auth-token-file`` is set), 405 for a wrong method, 408 for a body slower
+than ``--body-timeout``, 413 for a body over ``--max-request-bytes`` (also after gzip/deflate decompression),
+503 while the model loads or when the server is full (with ``Retry-After``). No client input produces a 5xx; a
+500 means a bug: it is logged with its traceback and the response names only a request id (``X-Request-Id``).
 
 Requests are batched dynamically (:mod:`.batcher`) and the model runs in its own thread, off the event loop.
+gRPC (``inference.GRPCInferenceService``, :mod:`.grpc_server`) listens on ``--grpc-port`` (default 8081) and
+shares the data plane (:mod:`.dataplane`). Load shedding, bearer-token authentication and explanations are
+described in docs/serving.md.
 """

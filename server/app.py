@@ -1,12 +1,22 @@
-"""The HTTP application (aiohttp): routes of the Open Inference Protocol, errors as JSON, metrics, readiness."""
+"""The HTTP front end (aiohttp): routes of the Open Inference Protocol, errors as JSON, admission, auth.
+
+Handlers stay thin: they parse with :mod:`.protocol` and ask the shared :class:`~.dataplane.DataPlane` (also
+behind the gRPC front end) for everything else. What every request goes through, in order:
+
+1. :func:`guard` (middleware): a request id; the bearer token unless the path is a health or metrics path;
+   every failure answered as ``{"error": ...}`` (a 500 names only the request id: the details go to the log);
+   the request counted by route name and status;
+2. :func:`data_plane` (for inference and explanations only): a place among the requests and bytes in flight
+   (503 with ``Retry-After`` when full), the body read within ``body_timeout`` (408 when slower).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -17,85 +27,31 @@ from aiohttp.web_protocol import RequestPayloadError
 from aiaas import __version__
 
 from . import openapi, protocol
-from .batcher import Batcher
-from .metrics import CONTENT_TYPE, ServerMetrics
+from .dataplane import DataPlane, ServerConfig, new_request_id
+from .metrics import CONTENT_TYPE
 from .model import ServedModel, output_kind
 from .protocol import HEADER_CONTENT_LENGTH, ProtocolError
+
+__all__ = ["PLANE_KEY", "STATE_KEY", "ServerConfig", "build_app", "example_request"]
 
 log = logging.getLogger(__name__)
 
 SERVER_NAME = "aiaas"
 EXTENSIONS = ["binary_tensor_data", "model_configuration"]
 JSON_TYPE = "application/json"
+REQUEST_ID_HEADER = "X-Request-Id"
+OPEN_PATHS = frozenset({"/", "/v2/health/live", "/v2/health/ready", "/metrics"})  # no token needed
+_CLIENT_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+RECEIVED_AT = "aiaas.received_at"  # request key: perf_counter() when the request was admitted
+BodyHandler = Callable[[web.Request, bytes], Awaitable[web.StreamResponse]]
+
+PLANE_KEY = web.AppKey("plane", DataPlane)
+STATE_KEY = PLANE_KEY  # the older name
 
 
-@dataclass
-class ServerConfig:
-    max_batch_size: int = 64
-    max_batch_delay: float = 0.005  # seconds
-    max_request_bytes: int = 16 * 1024 * 1024
-    name: str | None = None  # overrides the manifest's model name
-
-
-class State:
-    """What the handlers share: the model once it is loaded, the batcher, the metrics."""
-
-    def __init__(self, config: ServerConfig) -> None:
-        self.config = config
-        self.model: ServedModel | None = None
-        self.batcher: Batcher | None = None
-        self.metrics = ServerMetrics(config.name or "")
-        self.shutting_down = False
-        self.load_error: str | None = None
-        self._openapi: bytes | None = None
-
-    @property
-    def ready(self) -> bool:
-        return self.model is not None and not self.shutting_down
-
-    def set_model(self, model: ServedModel) -> None:
-        self.metrics.set_model(model.name, model.load_seconds)
-        self.batcher = Batcher(
-            model.predict,
-            max_batch_size=self.config.max_batch_size,
-            max_delay=self.config.max_batch_delay,
-            on_batch=self.metrics.observe_batch,
-        )
-        self.batcher.start()
-        self._openapi = None
-        self.model = model
-
-    def require_model(self, request: web.Request) -> ServedModel:
-        """The model the path names (and its version, when given): 404 if unknown, 503 while loading."""
-        model = self.model
-        name = request.match_info.get("name", "")
-        if model is None:
-            if self.config.name is not None and name != self.config.name:
-                raise ProtocolError(404, f"model {name!r} not found; this server serves {self.config.name!r}")
-            raise ProtocolError(503, f"model {name!r} is not ready yet: it is still loading")
-        if name != model.name:
-            raise ProtocolError(404, f"model {name!r} not found; this server serves {model.name!r}")
-        version = request.match_info.get("version")
-        if version is not None and version not in model.versions:
-            raise ProtocolError(
-                404, f"version {version!r} of model {name!r} not found; available versions: {model.versions}"
-            )
-        return model
-
-    def openapi(self) -> bytes:
-        if self._openapi is None:
-            model = self.model
-            if model is None:
-                doc = openapi.document(self.config.name)
-            else:
-                example = example_request(model)
-                instances = None
-                if len(model.inputs) == 1 and -1 not in model.inputs[0].shape[1:]:
-                    instances = [example["inputs"][0]["data"]]
-                doc = openapi.document(model.name, model.version, example, instances)
-            self._openapi = protocol.dumps(doc)
-        return self._openapi
+def plane_of(request: web.Request) -> DataPlane:
+    return request.app[PLANE_KEY]
 
 
 def example_request(model: ServedModel) -> dict[str, Any]:
@@ -117,192 +73,271 @@ def error_response(status: int, message: str) -> web.Response:
     return web.Response(body=protocol.error_body(message), status=status, content_type=JSON_TYPE)
 
 
-STATE_KEY = web.AppKey("state", State)
+# --- middleware -------------------------------------------------------------------------------------------
 
 
-def build_app(config: ServerConfig) -> web.Application:
-    """The aiohttp application; call ``app[STATE_KEY].set_model(model)`` once the model is loaded."""
-    state = State(config)
+def http_error_reason(request: web.Request, e: web.HTTPException) -> str:
+    """A message for aiohttp's own refusals (unknown path, wrong method, body too large)."""
+    if e.status == 413:
+        return f"the request body is larger than the limit of {request.app[PLANE_KEY].config.max_request_bytes} bytes"
+    if e.status == 404:
+        return f"no such endpoint: {request.method} {request.path}; see /v2/openapi.json"
+    if e.status == 405:
+        return f"method {request.method} is not allowed on {request.path}"
+    reason = e.text if e.text and not e.text.startswith(f"{e.status}:") else e.reason
+    return reason or "error"
 
-    @web.middleware
-    async def errors_and_metrics(request: web.Request, handler: Handler) -> web.StreamResponse:
-        """Answer every failure as {"error": ...}; count every request by route name and status."""
-        route = request.match_info.route
-        endpoint = route.name or "unknown"
-        try:
-            response = await handler(request)
-        except ProtocolError as e:
-            response = error_response(e.status, e.message)
-        except web.HTTPException as e:
-            if e.status < 400:
-                raise
-            reason = e.text if e.text and not e.text.startswith(f"{e.status}:") else e.reason
-            if e.status == 413:
-                reason = f"the request body is larger than the limit of {config.max_request_bytes} bytes"
-            elif e.status == 404:
-                reason = f"no such endpoint: {request.method} {request.path}; see /v2/openapi.json"
-            elif e.status == 405:
-                reason = f"method {request.method} is not allowed on {request.path}"
-            response = error_response(e.status, reason or "error")
-            for header in ("Allow",):
-                if header in e.headers:
-                    response.headers[header] = e.headers[header]
-        except (HttpProcessingError, RequestPayloadError) as e:  # a broken body: bad chunking or content encoding
-            reason = str(e).strip().splitlines()[-1].strip() if str(e).strip() else type(e).__name__
-            response = error_response(400, f"the request body cannot be read: {reason}")
-        except (ConnectionResetError, asyncio.CancelledError):
+
+def protocol_error_response(e: ProtocolError) -> web.Response:
+    response = error_response(e.status, e.message)
+    if e.retry_after is not None:
+        response.headers["Retry-After"] = str(e.retry_after)
+    if e.status in (408, 413, 503):
+        response.force_close()  # the body may be unread: do not read more of it on this connection
+    return response
+
+
+async def answer(request: web.Request, handler: Handler, request_id: str) -> web.StreamResponse:
+    """The handler's response, or the error response for whatever it raised."""
+    try:
+        if request.path not in OPEN_PATHS:
+            plane_of(request).authorized(request.headers.get("Authorization"))
+        return await handler(request)
+    except ProtocolError as e:
+        return protocol_error_response(e)
+    except web.HTTPException as e:
+        if e.status < 400:
             raise
-        except Exception:
-            log.exception("unhandled error serving %s %s", request.method, request.path)
-            response = error_response(500, "internal server error; see the server log")
-        state.metrics.count(endpoint, response.status)
+        response = error_response(e.status, http_error_reason(request, e))
+        if "Allow" in e.headers:
+            response.headers["Allow"] = e.headers["Allow"]
         return response
+    except (HttpProcessingError, RequestPayloadError) as e:  # a broken body: bad chunking or content encoding
+        reason = str(e).strip().splitlines()[-1].strip() if str(e).strip() else type(e).__name__
+        return error_response(400, f"the request body cannot be read: {reason}")
+    except (ConnectionResetError, asyncio.CancelledError):
+        raise
+    except Exception:  # a bug or a model failure: log it, tell the client only how to find it in the log
+        log.exception("internal error serving %s %s (request id %s)", request.method, request.path, request_id)
+        return error_response(500, f"internal server error; the server log has the details under request id {request_id}")
 
-    async def live(request: web.Request) -> web.Response:
-        return json_response({"live": True})
 
-    async def root(request: web.Request) -> web.Response:
-        return json_response({"status": "alive"})  # KServe's v1 liveness answer
+@web.middleware
+async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Request id, authentication, errors as JSON, and the request counted by route name and status."""
+    given = request.headers.get(REQUEST_ID_HEADER, "")
+    request_id = given if _CLIENT_REQUEST_ID.fullmatch(given) else new_request_id()
+    response = await answer(request, handler, request_id)
+    response.headers[REQUEST_ID_HEADER] = request_id
+    plane_of(request).metrics.count(request.match_info.route.name or "unknown", response.status)
+    return response
 
-    async def ready(request: web.Request) -> web.Response:
-        if state.ready:
-            return json_response({"ready": True})
-        return json_response({"ready": False, "error": state.load_error or "the model is not loaded"}, 503)
 
-    async def server_metadata(request: web.Request) -> web.Response:
-        return json_response({"name": SERVER_NAME, "version": __version__, "extensions": EXTENSIONS})
+def data_plane(handler: BodyHandler) -> Handler:
+    """Admit a request among those in flight (by count and declared bytes), then read its body in time."""
 
-    async def model_metadata(request: web.Request) -> web.Response:
-        return json_response(state.require_model(request).metadata())
+    async def admitted(request: web.Request) -> web.StreamResponse:
+        plane = plane_of(request)
+        request[RECEIVED_AT] = time.perf_counter()
+        declared = request.content_length
+        with plane.admitted(declared if declared is not None else plane.config.max_request_bytes):
+            try:
+                body = await asyncio.wait_for(request.read(), plane.config.body_timeout)
+            except asyncio.TimeoutError:
+                raise ProtocolError(
+                    408, f"the request body did not arrive within {plane.config.body_timeout:g} seconds"
+                ) from None
+            return await handler(request, body)
 
-    async def model_ready(request: web.Request) -> web.Response:
-        model = state.require_model(request)
-        return json_response({"name": model.name, "ready": True})
+    return admitted
 
-    async def model_config(request: web.Request) -> web.Response:
-        """Triton's model configuration extension (``tritonclient``'s ``get_model_config``)."""
-        model = state.require_model(request)
-        return json_response(
-            {
-                "name": model.name,
-                "platform": model.platform,
-                "max_batch_size": config.max_batch_size,
-                "input": [{"name": s.name, "data_type": "TYPE_" + s.datatype, "dims": list(s.shape[1:])}
-                          for s in model.inputs],
-                "output": [{"name": s.name, "data_type": "TYPE_" + s.datatype, "dims": list(s.shape[1:])}
-                           for s in model.outputs],
-                "dynamic_batching": {"max_queue_delay_microseconds": int(config.max_batch_delay * 1e6)},
-            }
-        )
 
-    async def run_batched(inputs: list[np.ndarray]) -> dict[str, np.ndarray]:
-        batcher = state.batcher
-        if batcher is None:
-            raise ProtocolError(503, "the model is not ready yet")
-        try:
-            return await batcher.submit(inputs)
-        except ProtocolError:
-            raise
-        except Exception as e:
-            log.warning("inference failed: %s", e)
-            raise ProtocolError(500, f"inference failed: {e}") from None
+# --- handlers ---------------------------------------------------------------------------------------------
 
-    async def infer(request: web.Request) -> web.Response:
-        start = time.perf_counter()
-        model = state.require_model(request)
-        batcher = state.batcher
-        assert batcher is not None
-        token = batcher.arrival_started()
-        try:
-            body = await request.read()
+
+def model_of(request: web.Request) -> ServedModel:
+    info = request.match_info
+    return plane_of(request).require_model(info.get("name", ""), info.get("version"))
+
+
+async def live(request: web.Request) -> web.Response:
+    return json_response({"live": True})
+
+
+async def root(request: web.Request) -> web.Response:
+    return json_response({"status": "alive"})  # KServe's v1 liveness answer
+
+
+async def ready(request: web.Request) -> web.Response:
+    plane = plane_of(request)
+    if plane.ready:
+        return json_response({"ready": True})
+    return json_response({"ready": False, "error": plane.load_error or "the model is not loaded"}, 503)
+
+
+async def server_metadata(request: web.Request) -> web.Response:
+    return json_response({"name": SERVER_NAME, "version": __version__, "extensions": EXTENSIONS})
+
+
+async def model_metadata(request: web.Request) -> web.Response:
+    return json_response(model_of(request).metadata())
+
+
+async def model_ready(request: web.Request) -> web.Response:
+    return json_response({"name": model_of(request).name, "ready": True})
+
+
+async def model_config(request: web.Request) -> web.Response:
+    """Triton's model configuration extension (``tritonclient``'s ``get_model_config``)."""
+    model = model_of(request)
+    config = plane_of(request).config
+
+    def dims(specs: list[protocol.TensorSpec]) -> list[dict[str, Any]]:
+        return [{"name": s.name, "data_type": "TYPE_" + s.datatype, "dims": list(s.shape[1:])} for s in specs]
+
+    return json_response({
+        "name": model.name,
+        "platform": model.platform,
+        "max_batch_size": config.max_batch_size,
+        "input": dims(model.inputs),
+        "output": dims(model.outputs),
+        "dynamic_batching": {"max_queue_delay_microseconds": int(config.max_batch_delay * 1e6)},
+    })
+
+
+@data_plane
+async def infer(request: web.Request, body: bytes) -> web.Response:
+    plane = plane_of(request)
+    model = model_of(request)
+    with plane.timed(request[RECEIVED_AT]):
+        with plane.receiving():
             parsed = protocol.parse_infer_request(
                 body, request.headers.get(HEADER_CONTENT_LENGTH), model.inputs, model.outputs
             )
             model.check(parsed.inputs)
-        finally:
-            batcher.arrival_ended(token)
-        try:
-            results = await run_batched(parsed.inputs)
-            payload, header_length = protocol.encode_infer_response(
-                model.name, model.version, parsed, model.output_specs, results
-            )
-        finally:
-            state.metrics.observe_latency(time.perf_counter() - start)
-        if header_length is None:
-            return web.Response(body=payload, content_type=JSON_TYPE)
-        return web.Response(
-            body=payload,
-            content_type="application/octet-stream",
-            headers={HEADER_CONTENT_LENGTH: str(header_length)},
+        results = await plane.infer(parsed.inputs)
+        payload, header_length = protocol.encode_infer_response(
+            model.name, model.version, parsed, model.output_specs, results
         )
+    if header_length is None:
+        return web.Response(body=payload, content_type=JSON_TYPE)
+    return web.Response(
+        body=payload, content_type="application/octet-stream", headers={HEADER_CONTENT_LENGTH: str(header_length)}
+    )
 
-    async def predict_v1(request: web.Request) -> web.Response:
-        start = time.perf_counter()
-        model = state.require_model(request)
-        if len(model.inputs) != 1:
-            raise ProtocolError(400, "this model has several inputs; use the v2 infer endpoint")
-        class_outputs = [s.name for s in model.outputs if output_kind(s) == "class"]
-        batcher = state.batcher
-        assert batcher is not None
-        token = batcher.arrival_started()
-        try:
-            array = protocol.v1_instances(await request.read(), model.inputs[0])
-            model.check([array])
-        finally:
-            batcher.arrival_ended(token)
-        try:
-            results = await run_batched([array])
-            if class_outputs:
-                classes = results[class_outputs[0]]
-            else:
-                classes = next(iter(results.values())).reshape(array.shape[0], -1).argmax(axis=-1)
-            return web.Response(body=protocol.v1_predictions(classes), content_type=JSON_TYPE)
-        finally:
-            state.metrics.observe_latency(time.perf_counter() - start)
 
-    async def list_models_v1(request: web.Request) -> web.Response:
-        return json_response({"models": [state.model.name] if state.model else []})
+def v1_input(model: ServedModel, body: bytes) -> np.ndarray:
+    if len(model.inputs) != 1:
+        raise ProtocolError(400, "this model has several inputs; use the v2 endpoints")
+    array = protocol.v1_instances(body, model.inputs[0])
+    model.check([array])
+    return array
 
-    async def model_status_v1(request: web.Request) -> web.Response:
-        model = state.require_model(request)
-        return json_response({"name": model.name, "ready": True})
 
-    async def metrics(request: web.Request) -> web.Response:
-        response = web.Response(body=state.metrics.render())
-        response.headers["Content-Type"] = CONTENT_TYPE
-        return response
+@data_plane
+async def predict_v1(request: web.Request, body: bytes) -> web.Response:
+    plane = plane_of(request)
+    model = model_of(request)
+    class_outputs = [s.name for s in model.outputs if output_kind(s) == "class"]
+    with plane.timed(request[RECEIVED_AT]):
+        with plane.receiving():
+            array = v1_input(model, body)
+        results = await plane.infer([array])
+    if class_outputs:
+        classes = results[class_outputs[0]]
+    else:
+        classes = next(iter(results.values())).reshape(array.shape[0], -1).argmax(axis=-1)
+    return web.Response(body=protocol.v1_predictions(classes), content_type=JSON_TYPE)
 
-    async def openapi_json(request: web.Request) -> web.Response:
-        return web.Response(body=state.openapi(), content_type=JSON_TYPE)
+
+@data_plane
+async def explain_v2(request: web.Request, body: bytes) -> web.Response:
+    plane = plane_of(request)
+    model = model_of(request)
+    parsed = protocol.parse_infer_request(body, request.headers.get(HEADER_CONTENT_LENGTH), model.inputs, [])
+    model.check(parsed.inputs)
+    async with plane.explain_slot() as explainer:
+        explanation = await explainer.explain(parsed.inputs, parsed.parameters)
+    return json_response(explanation.v2_response(model, parsed.id))
+
+
+@data_plane
+async def explain_v1(request: web.Request, body: bytes) -> web.Response:
+    plane = plane_of(request)
+    model = model_of(request)
+    array = v1_input(model, body)
+    params = protocol.loads(body).get("parameters")
+    async with plane.explain_slot() as explainer:
+        explanation = await explainer.explain([array], params if isinstance(params, dict) else {})
+    return json_response(explanation.v1_response())
+
+
+async def list_models_v1(request: web.Request) -> web.Response:
+    model = plane_of(request).model
+    return json_response({"models": [model.name] if model else []})
+
+
+async def model_status_v1(request: web.Request) -> web.Response:
+    return json_response({"name": model_of(request).name, "ready": True})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    response = web.Response(body=plane_of(request).metrics.render())
+    response.headers["Content-Type"] = CONTENT_TYPE
+    return response
+
+
+async def openapi_json(request: web.Request) -> web.Response:
+    return web.Response(body=openapi_document(plane_of(request)), content_type=JSON_TYPE)
+
+
+def openapi_document(plane: DataPlane) -> bytes:
+    model = plane.model
+    if model is None:
+        return protocol.dumps(openapi.document(plane.config.name))
+    example = example_request(model)
+    instances = None
+    if len(model.inputs) == 1 and -1 not in model.inputs[0].shape[1:]:
+        instances = [example["inputs"][0]["data"]]
+    return protocol.dumps(openapi.document(model.name, model.version, example, instances))
+
+
+NAME = r"{name:[^/:]+}"
+VERSION = "{version}"
+ROUTES: list[tuple[str, str, Handler, str]] = [
+    ("GET", "/", root, "root"),
+    ("GET", "/v2/health/live", live, "health_live"),
+    ("GET", "/v2/health/ready", ready, "health_ready"),
+    ("GET", "/v2", server_metadata, "server_metadata"),
+    ("GET", "/v2/", server_metadata, "server_metadata_slash"),
+    ("GET", f"/v2/models/{NAME}", model_metadata, "model_metadata"),
+    ("GET", f"/v2/models/{NAME}/ready", model_ready, "model_ready"),
+    ("GET", f"/v2/models/{NAME}/config", model_config, "model_config"),
+    ("POST", f"/v2/models/{NAME}/infer", infer, "infer"),
+    ("POST", f"/v2/models/{NAME}/explain", explain_v2, "explain"),
+    ("GET", f"/v2/models/{NAME}/versions/{VERSION}", model_metadata, "model_version_metadata"),
+    ("GET", f"/v2/models/{NAME}/versions/{VERSION}/ready", model_ready, "model_version_ready"),
+    ("POST", f"/v2/models/{NAME}/versions/{VERSION}/infer", infer, "infer_version"),
+    ("GET", "/v1/models", list_models_v1, "list_models"),
+    ("GET", f"/v1/models/{NAME}", model_status_v1, "model_status"),
+    ("POST", f"/v1/models/{NAME}:predict", predict_v1, "predict"),
+    ("POST", f"/v1/models/{NAME}:explain", explain_v1, "explain_v1"),
+    ("GET", "/metrics", metrics, "metrics"),
+    ("GET", "/v2/openapi.json", openapi_json, "openapi"),
+    ("GET", "/openapi.json", openapi_json, "openapi_root"),
+]
+
+
+def build_app(config: ServerConfig, plane: DataPlane | None = None) -> web.Application:
+    """The aiohttp application; call ``app[PLANE_KEY].set_model(model)`` once the model is loaded."""
+    plane = plane or DataPlane(config)
+    app = web.Application(middlewares=[guard], client_max_size=config.max_request_bytes)
+    app[PLANE_KEY] = plane
+    for method, path, handler, route_name in ROUTES:
+        app.router.add_route(method, path, handler, name=route_name)
 
     async def on_cleanup(app: web.Application) -> None:
-        if state.batcher is not None:
-            await state.batcher.stop()
+        await plane.stop()
 
-    app = web.Application(middlewares=[errors_and_metrics], client_max_size=config.max_request_bytes)
-    app[STATE_KEY] = state
-    name = r"{name:[^/:]+}"
-    routes = [
-        ("GET", "/", root, "root"),
-        ("GET", "/v2/health/live", live, "health_live"),
-        ("GET", "/v2/health/ready", ready, "health_ready"),
-        ("GET", "/v2", server_metadata, "server_metadata"),
-        ("GET", "/v2/", server_metadata, "server_metadata_slash"),
-        ("GET", f"/v2/models/{name}", model_metadata, "model_metadata"),
-        ("GET", f"/v2/models/{name}/ready", model_ready, "model_ready"),
-        ("GET", f"/v2/models/{name}/config", model_config, "model_config"),
-        ("POST", f"/v2/models/{name}/infer", infer, "infer"),
-        ("GET", f"/v2/models/{name}/versions/{{version}}", model_metadata, "model_version_metadata"),
-        ("GET", f"/v2/models/{name}/versions/{{version}}/ready", model_ready, "model_version_ready"),
-        ("POST", f"/v2/models/{name}/versions/{{version}}/infer", infer, "infer_version"),
-        ("GET", "/v1/models", list_models_v1, "list_models"),
-        ("GET", f"/v1/models/{name}", model_status_v1, "model_status"),
-        ("POST", f"/v1/models/{name}:predict", predict_v1, "predict"),
-        ("GET", "/metrics", metrics, "metrics"),
-        ("GET", "/v2/openapi.json", openapi_json, "openapi"),
-        ("GET", "/openapi.json", openapi_json, "openapi_root"),
-    ]
-    for method, path, handler, route_name in routes:
-        app.router.add_route(method, path, handler, name=route_name)
     app.on_cleanup.append(on_cleanup)
     return app

@@ -10,7 +10,9 @@ Policy (Triton's dynamic batcher, adapted to an asyncio server):
 * a batch holds at most ``max_batch_size`` samples and only requests whose per-sample shapes agree
   (variable-length inputs are batched with their own kind); a single larger request runs alone, in slices of
   ``max_batch_size`` samples, so no forward pass is larger than that;
-* when a batch fails, each of its requests is retried alone, so one bad request cannot fail its neighbours.
+* when a batch fails, each of its requests is retried alone, so one bad request cannot fail its neighbours;
+* the queue is bounded: a request that would make more than ``max_queue_samples`` samples wait is refused at
+  once (:class:`~.protocol.ProtocolError` 503 with a retry hint) instead of piling up memory and latency.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+
+from .protocol import ProtocolError
 
 log = logging.getLogger(__name__)
 
@@ -57,12 +61,15 @@ class Batcher:
         max_batch_size: int = 64,
         max_delay: float = 0.005,
         on_batch: Callable[[int], None] | None = None,
+        max_queue_samples: int = 16384,
     ) -> None:
         self._run = run
         self.max_batch_size = max(1, max_batch_size)
         self.max_delay = max(0.0, max_delay)
         self._on_batch = on_batch
         self._queue: deque[_Item] = deque()
+        self.max_queue_samples = max(1, max_queue_samples)
+        self._queued_rows = 0  # samples in self._queue
         self._wakeup = asyncio.Event()
         self._jobs: queue.SimpleQueue[tuple[list[np.ndarray], asyncio.Future[Outputs]] | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
@@ -133,7 +140,13 @@ class Batcher:
         """Queue one request (arrays with the batch first) and wait for its slice of the outputs."""
         future: asyncio.Future[Outputs] = asyncio.get_running_loop().create_future()
         key = tuple(a.shape[1:] for a in inputs)
-        self._queue.append(_Item(inputs, key, int(inputs[0].shape[0]), future))
+        rows = int(inputs[0].shape[0])
+        if self._queued_rows and self._queued_rows + rows > self.max_queue_samples:
+            raise ProtocolError(
+                503, f"the server is busy: {self._queued_rows} samples are waiting for the model; retry later", 1
+            )
+        self._queue.append(_Item(inputs, key, rows, future))
+        self._queued_rows += rows
         self._wakeup.set()
         return await future
 
@@ -147,6 +160,7 @@ class Batcher:
                 continue
             batch.append(item)
             rows += item.rows
+            self._queued_rows -= item.rows
         self._queue.extendleft(reversed(skipped))
         return rows
 
@@ -156,6 +170,7 @@ class Batcher:
                 self._wakeup.clear()
                 await self._wakeup.wait()
             first = self._queue.popleft()
+            self._queued_rows -= first.rows
             self._busy = True
             try:
                 await self._collect_and_run(first)

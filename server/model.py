@@ -51,6 +51,7 @@ class ServedModel:
     manifest: dict[str, Any] = field(default_factory=dict)
     load_seconds: float = 0.0
     vocab_size: int | None = None  # integer (token id) inputs must lie in [0, vocab_size)
+    module: Any = None  # the torch module behind predict_fn (explanations need its gradients)
 
     def __post_init__(self) -> None:
         self.output_specs = {spec.name: spec for spec in self.outputs}
@@ -156,6 +157,7 @@ def from_module(
         manifest=dict(manifest),
         load_seconds=load_seconds,
         vocab_size=int(vocab) if isinstance(vocab, int) and vocab > 0 else None,
+        module=module,
     )
 
 

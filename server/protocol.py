@@ -11,8 +11,11 @@ Status codes (the same as KServe's and MLServer's):
   not match the model's signature;
 * 404 — an unknown model name or version (and unknown paths);
 * 405 — a known path with the wrong HTTP method;
+* 401 — a bearer token is required and missing or wrong;
+* 408 — the request body did not arrive within the server's deadline;
 * 413 — a request body larger than the server's limit;
-* 503 — the model is still loading or the server is shutting down (never caused by the request itself).
+* 503 — the model is still loading, the server is shutting down, or it is full (requests, bytes or queued
+  samples at their limits; then with ``Retry-After``) — never caused by what the request holds.
 """
 
 from __future__ import annotations
@@ -49,12 +52,15 @@ _DUMPS_OPTIONS = orjson.OPT_SERIALIZE_NUMPY
 
 
 class ProtocolError(Exception):
-    """A request the server refuses, with the HTTP status to answer and a message for the client."""
+    """A request the server refuses, with the HTTP status to answer and a message for the client.
 
-    def __init__(self, status: int, message: str) -> None:
+    ``retry_after`` (seconds) is set when the server is overloaded (503): the client may try again then."""
+
+    def __init__(self, status: int, message: str, retry_after: int | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        self.retry_after = retry_after
 
 
 def bad_request(message: str) -> ProtocolError:
@@ -203,6 +209,50 @@ def json_tensor(where: str, spec: TensorSpec, shape: tuple[int, ...], data: Any)
     return array.reshape(shape)
 
 
+def input_header(
+    index: int, name: Any, datatype: Any, shape: Any, by_name: Mapping[str, TensorSpec], seen: Mapping[str, Any]
+) -> tuple[TensorSpec, tuple[int, ...]]:
+    """Check one input's name, datatype and shape against the signature (REST and gRPC alike)."""
+    if not isinstance(name, str):
+        raise bad_request(f"inputs[{index}]: 'name' must be a string, got {_describe(name)}")
+    where = f"input {name!r}"
+    spec = by_name.get(name)
+    if spec is None:
+        raise bad_request(f"{where} is not an input of the model; its inputs are {sorted(by_name)}")
+    if name in seen:
+        raise bad_request(f"{where} is given more than once")
+    if datatype != spec.datatype:
+        raise bad_request(f"{where}: datatype {_describe(datatype)} does not match the model's {spec.datatype}")
+    return spec, _check_shape(where, spec, shape)
+
+
+def binary_tensor(
+    where: str, spec: TensorSpec, shape: tuple[int, ...], raw: bytes | memoryview, what: str
+) -> np.ndarray:
+    """The array for raw little-endian bytes (``what`` names where their size came from, for the message)."""
+    expected = math.prod(shape) * spec.dtype.itemsize
+    if len(raw) != expected:
+        raise bad_request(
+            f"{where}: {what} is {len(raw)} bytes but shape {list(shape)} of {spec.datatype} needs {expected}"
+        )
+    array = np.frombuffer(raw, dtype=spec.dtype).reshape(shape)
+    if spec.datatype.startswith("FP") and not np.isfinite(array).all():
+        raise bad_request(f"{where}: the binary data has values that are not finite")
+    return array
+
+
+def ordered_inputs(arrays: Mapping[str, np.ndarray], inputs: Sequence[TensorSpec]) -> list[np.ndarray]:
+    """The arrays in signature order; every input present, all with the same batch size."""
+    missing = [spec.name for spec in inputs if spec.name not in arrays]
+    if missing:
+        raise bad_request(f"the request lacks the model's inputs {missing}")
+    ordered = [arrays[spec.name] for spec in inputs]
+    batch = ordered[0].shape[0]
+    if any(a.shape[0] != batch for a in ordered):
+        raise bad_request("all inputs must have the same batch size (the first dimension)")
+    return ordered
+
+
 def _check_parameters(where: str, params: Any) -> dict[str, Any]:
     if params is None:
         return {}
@@ -251,21 +301,8 @@ def parse_infer_request(
     for index, raw in enumerate(raw_inputs):
         if not isinstance(raw, dict):
             raise bad_request(f"inputs[{index}] must be an object with name, shape, datatype and data")
-        name = raw.get("name")
-        if not isinstance(name, str):
-            raise bad_request(f"inputs[{index}]: 'name' must be a string, got {_describe(name)}")
-        where = f"input {name!r}"
-        spec = by_name.get(name)
-        if spec is None:
-            raise bad_request(f"{where} is not an input of the model; its inputs are {sorted(by_name)}")
-        if name in arrays:
-            raise bad_request(f"{where} is given more than once")
-        datatype = raw.get("datatype")
-        if datatype != spec.datatype:
-            raise bad_request(
-                f"{where}: datatype {_describe(datatype)} does not match the model's {spec.datatype}"
-            )
-        shape = _check_shape(where, spec, raw.get("shape"))
+        spec, shape = input_header(index, raw.get("name"), raw.get("datatype"), raw.get("shape"), by_name, arrays)
+        where = f"input {spec.name!r}"
         in_params = _check_parameters(where, raw.get("parameters"))
         size = in_params.get("binary_data_size")
         if size is not None:
@@ -275,37 +312,23 @@ def parse_infer_request(
                 )
             if type(size) is not int or size < 0:
                 raise bad_request(f"{where}: 'binary_data_size' must be a non-negative integer")
-            expected = math.prod(shape) * spec.dtype.itemsize
-            if size != expected:
-                raise bad_request(
-                    f"{where}: 'binary_data_size' is {size} bytes but shape {list(shape)} of "
-                    f"{spec.datatype} needs {expected}"
-                )
             if offset + size > len(binary):
                 raise bad_request(f"{where}: the body ends before its {size} bytes of binary data")
             if "data" in raw:
                 raise bad_request(f"{where}: give either 'data' or 'binary_data_size', not both")
-            array = np.frombuffer(binary[offset : offset + size], dtype=spec.dtype).reshape(shape)
+            array = binary_tensor(where, spec, shape, binary[offset : offset + size], "'binary_data_size'")
             offset += size
-            if spec.datatype.startswith("FP") and not np.isfinite(array).all():
-                raise bad_request(f"{where}: the binary data has values that are not finite")
         else:
             if "data" not in raw:
                 raise bad_request(f"{where}: 'data' is missing")
             array = json_tensor(where, spec, shape, raw["data"])
-        arrays[name] = array
+        arrays[spec.name] = array
     if binary is not None and offset != len(binary):
         raise bad_request(
             f"the body has {len(binary) - offset} bytes of binary data that no input claims "
             f"(check the inputs' 'binary_data_size')"
         )
-    missing = [spec.name for spec in inputs if spec.name not in arrays]
-    if missing:
-        raise bad_request(f"the request lacks the model's inputs {missing}")
-    ordered = [arrays[spec.name] for spec in inputs]
-    batch = ordered[0].shape[0]
-    if any(a.shape[0] != batch for a in ordered):
-        raise bad_request("all inputs must have the same batch size (the first dimension)")
+    ordered = ordered_inputs(arrays, inputs)
 
     binary_default = bool(params.get("binary_data_output", False))
     requested = _requested_outputs(request.get("outputs"), outputs, binary_default)

@@ -27,6 +27,10 @@ class ServerProcess:
     def __init__(self, model_dir: Path, log_file: Path, *args: str) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.grpc_port = free_port()
+        self.grpc_address = f"127.0.0.1:{self.grpc_port}"
+        if "--grpc-port" not in args:
+            args = ("--grpc-port", str(self.grpc_port), *args)
         self.log_file = log_file
         self._log = open(log_file, "wb")  # noqa: SIM115 - closed in stop()
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}

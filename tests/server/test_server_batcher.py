@@ -156,3 +156,33 @@ def test_waits_a_bounded_time_for_requests_still_arriving() -> None:
 @pytest.mark.parametrize("size", [0, -3])
 def test_limits_are_clamped(size: int) -> None:
     assert Batcher(Recorder(), max_batch_size=size, max_delay=-1).max_batch_size == 1
+
+
+def test_the_queue_is_bounded() -> None:
+    """While the model is busy, requests queue up to max_queue_samples; the next is refused with 503 at once."""
+    from aiaas.server.protocol import ProtocolError
+
+    gate = threading.Event()
+
+    def blocked(inputs: list[np.ndarray]) -> dict[str, np.ndarray]:
+        gate.wait(60)
+        return {"double": inputs[0] * 2}
+
+    async def main() -> tuple[list[Any], ProtocolError]:
+        batcher = Batcher(blocked, max_batch_size=4, max_delay=0, max_queue_samples=8)
+        batcher.start()
+        running = asyncio.ensure_future(batcher.submit(rows(1.0, 4)))  # taken by the model, which blocks
+        while batcher._queued_rows or not batcher._busy:
+            await asyncio.sleep(0.001)
+        queued = [asyncio.ensure_future(batcher.submit(rows(2.0, 4))) for _ in range(2)]  # 8 samples wait
+        await asyncio.sleep(0)
+        with pytest.raises(ProtocolError) as refused:
+            await batcher.submit(rows(3.0, 1))
+        gate.set()
+        results = await asyncio.gather(running, *queued)
+        await batcher.stop()
+        return results, refused.value
+
+    results, refused = run(main())
+    assert refused.status == 503 and refused.retry_after == 1 and "retry later" in refused.message
+    assert [r["double"][0, 0] for r in results] == [2.0, 4.0, 4.0]

@@ -1,0 +1,203 @@
+"""The data plane both front ends share (REST in :mod:`.app`, gRPC in :mod:`.grpc_server`): no HTTP, no gRPC.
+
+What lives here: the server's configuration, the loaded model and its batcher, the metrics, readiness, the
+admission limits (requests and request bytes in flight, checked before a body is read), the bearer token, the
+explainer and its own concurrency limit. Everything a client can get wrong raises
+:class:`~.protocol.ProtocolError`; the front ends only translate that into their status codes.
+
+What must not live here: parsing a wire format (that is :mod:`.protocol` and :mod:`.grpc_protocol`) or
+anything that imports aiohttp or grpc.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .batcher import Batcher, Outputs
+from .metrics import ServerMetrics
+from .model import ServedModel
+from .protocol import ProtocolError
+
+log = logging.getLogger(__name__)
+
+RETRY_AFTER_SECONDS = 1  # what a refused client is told to wait before trying again
+
+
+@dataclass
+class ServerConfig:
+    max_batch_size: int = 64
+    max_batch_delay: float = 0.005  # seconds
+    max_request_bytes: int = 16 * 1024 * 1024
+    name: str | None = None  # overrides the manifest's model name
+    # Load shedding: beyond these the server answers 503 with Retry-After instead of queueing.
+    max_inflight_requests: int = 256  # data-plane requests being received, queued or run
+    max_inflight_bytes: int = 64 * 1024 * 1024  # their declared body sizes, together
+    max_queue_samples: int = 16384  # samples waiting for the model (about a second of work for the small models here)
+    body_timeout: float = 30.0  # seconds to receive a whole request body; slower ones get 408
+    auth_token: str | None = None  # when set, every non-health endpoint wants "Authorization: Bearer <token>"
+    explain_method: str | None = None  # "integrated-gradients" enables the explain endpoints
+    explain_steps: int = 32  # the most integration steps one explanation may use
+    explain_internal_batch_size: int = 64  # samples (of steps x inputs) per forward/backward pass
+    explain_concurrency: int = 1  # explanations computed at once; more wait, a few; beyond that 503
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex[:16]
+
+
+class InternalError(Exception):
+    """A failure that is the server's fault; the client sees only a generic message and the request id."""
+
+
+class DataPlane:
+    """What every endpoint shares: the model once loaded, the batcher, metrics and the limits."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.model: ServedModel | None = None
+        self.batcher: Batcher | None = None
+        self.explainer: Any = None  # an explain.Explainer once the model is loaded and explaining is on
+        self.metrics = ServerMetrics(config.name or "")
+        self.shutting_down = False
+        self.load_error: str | None = None
+        self.requests_in_flight = 0
+        self.bytes_in_flight = 0
+        self._explain_slots = asyncio.Semaphore(max(1, config.explain_concurrency))
+        self._explains_admitted = 0
+
+    @property
+    def ready(self) -> bool:
+        return self.model is not None and not self.shutting_down
+
+    def set_model(self, model: ServedModel) -> None:
+        self.metrics.set_model(model.name, model.load_seconds)
+        self.batcher = Batcher(
+            model.predict,
+            max_batch_size=self.config.max_batch_size,
+            max_delay=self.config.max_batch_delay,
+            on_batch=self.metrics.observe_batch,
+            max_queue_samples=self.config.max_queue_samples,
+        )
+        self.batcher.start()
+        if self.config.explain_method:
+            from .explain import Explainer
+
+            config = self.config
+            self.explainer = Explainer(
+                model, config.explain_steps, config.explain_internal_batch_size, config.explain_concurrency
+            )
+        self.model = model
+
+    async def stop(self) -> None:
+        if self.batcher is not None:
+            await self.batcher.stop()
+
+    def require_model(self, name: str, version: str | None = None) -> ServedModel:
+        """The model a request names (and its version, when given): 404 if unknown, 503 while loading."""
+        model = self.model
+        if model is None:
+            if self.config.name is not None and name != self.config.name:
+                raise ProtocolError(404, f"model {name!r} not found; this server serves {self.config.name!r}")
+            raise ProtocolError(503, f"model {name!r} is not ready yet: it is still loading")
+        if name != model.name:
+            raise ProtocolError(404, f"model {name!r} not found; this server serves {model.name!r}")
+        if version is not None and version not in model.versions:
+            raise ProtocolError(
+                404, f"version {version!r} of model {name!r} not found; available versions: {model.versions}"
+            )
+        return model
+
+    def authorized(self, credentials: str | None) -> None:
+        """Check an ``Authorization`` value (``Bearer <token>``) in constant time; 401 when it does not match."""
+        expected = self.config.auth_token
+        if expected is None:
+            return
+        scheme, _, token = (credentials or "").partition(" ")
+        if not hmac.compare_digest(f"{scheme.lower()} {token.strip()}".encode(), f"bearer {expected}".encode()):
+            raise ProtocolError(
+                401, "this server wants a bearer token: send the header 'Authorization: Bearer <token>'"
+            )
+
+    @contextlib.contextmanager
+    def admitted(self, body_bytes: int) -> Iterator[None]:
+        """Hold a place for one data-plane request of ``body_bytes``; 413 if too large, 503 when full."""
+        config = self.config
+        if body_bytes > config.max_request_bytes:
+            raise ProtocolError(
+                413, f"the request body is larger than the limit of {config.max_request_bytes} bytes"
+            )
+        if self.requests_in_flight >= config.max_inflight_requests:
+            raise ProtocolError(
+                503, f"the server is busy: {self.requests_in_flight} requests are in flight; retry later",
+                RETRY_AFTER_SECONDS,
+            )
+        if self.bytes_in_flight + body_bytes > config.max_inflight_bytes:
+            raise ProtocolError(
+                503, f"the server is busy: {self.bytes_in_flight} bytes of requests are in flight; retry later",
+                RETRY_AFTER_SECONDS,
+            )
+        self.requests_in_flight += 1
+        self.bytes_in_flight += body_bytes
+        try:
+            yield
+        finally:
+            self.requests_in_flight -= 1
+            self.bytes_in_flight -= body_bytes
+
+    @contextlib.contextmanager
+    def receiving(self) -> Iterator[ServedModel]:
+        """Bracket receiving and validating a request, so the batcher knows more work is on its way."""
+        batcher = self.batcher
+        if batcher is None or self.model is None:
+            raise ProtocolError(503, "the model is not ready yet: it is still loading")
+        token = batcher.arrival_started()
+        try:
+            yield self.model
+        finally:
+            batcher.arrival_ended(token)
+
+    @contextlib.contextmanager
+    def timed(self, started: float) -> Iterator[None]:
+        """Observe the latency of one inference request (since ``started``, a ``perf_counter`` reading) if it
+        was answered; refused ones are only counted."""
+        yield
+        self.metrics.observe_latency(time.perf_counter() - started)
+
+    async def infer(self, inputs: list[np.ndarray]) -> Outputs:
+        """Run validated inputs through the batcher; a failure of the model is an :class:`InternalError`."""
+        batcher = self.batcher
+        if batcher is None:
+            raise ProtocolError(503, "the model is not ready yet: it is still loading")
+        try:
+            return await batcher.submit(inputs)
+        except ProtocolError:
+            raise
+        except Exception as e:
+            raise InternalError(f"inference failed: {e!r}") from e
+
+    @contextlib.asynccontextmanager
+    async def explain_slot(self) -> AsyncIterator[Any]:
+        """One of ``explain_concurrency`` places to compute an explanation; a few may wait, more get 503."""
+        if self.explainer is None:
+            raise ProtocolError(
+                404, "explanations are not enabled on this server; start it with --explain-method integrated-gradients"
+            )
+        limit = max(1, self.config.explain_concurrency)
+        if self._explains_admitted >= 4 * limit:
+            raise ProtocolError(503, "too many explanations are in progress; retry later", RETRY_AFTER_SECONDS)
+        self._explains_admitted += 1
+        try:
+            async with self._explain_slots:
+                yield self.explainer
+        finally:
+            self._explains_admitted -= 1
