@@ -29,9 +29,9 @@ def validation_errors(err: ValidationError) -> list[str]:
     broken at once) contributes each of them as it is."""
     messages: list[str] = []
     for e in err.errors():
-        cause = (e.get("ctx") or {}).get("error")
-        if e["type"] == "value_error" and isinstance(getattr(cause, "errors", None), list):
-            messages.extend(str(m) for m in cause.errors)
+        several = getattr((e.get("ctx") or {}).get("error"), "errors", None)
+        if e["type"] == "value_error" and isinstance(several, list):
+            messages.extend(str(m) for m in several)
             continue
         msg = HINTS.get(e["type"], str(e["msg"]).removeprefix("Value error, "))
         if e["type"] not in HINTS and "input" in e and not isinstance(e["input"], dict | list):

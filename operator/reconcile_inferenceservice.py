@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
+from typing import ClassVar
 
 from aiaas.contract import launch
 
@@ -25,9 +26,9 @@ KIND = "InferenceService"
 class InferenceServiceReconciler:
     render_settings: RenderSettings
 
-    kind = KIND
-    plural = "inferenceservices"
-    children = (ChildWatch("apps/v1", "Deployment", "deployments", launch.LABEL_ISVC, slim_workload),)
+    kind: ClassVar[str] = KIND
+    plural: ClassVar[str] = "inferenceservices"
+    children: ClassVar[tuple[ChildWatch, ...]] = (ChildWatch("apps/v1", "Deployment", "deployments", launch.LABEL_ISVC, slim_workload),)
 
     def phase(self, body: Body) -> str:
         return str((body.get("status") or {}).get("phase") or PHASE_WAITING)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
+from typing import ClassVar
 
 from aiaas.contract import launch
 
@@ -34,9 +35,9 @@ class TrainingJobReconciler:
     scrape_timeout_seconds: float = 2.0
     fetch: Fetch = http_fetch
 
-    kind = KIND
-    plural = "trainingjobs"
-    children = (
+    kind: ClassVar[str] = KIND
+    plural: ClassVar[str] = "trainingjobs"
+    children: ClassVar[tuple[ChildWatch, ...]] = (
         ChildWatch("apps/v1", "StatefulSet", "statefulsets", launch.LABEL_JOB, slim_workload),
         ChildWatch("v1", "Pod", "pods", launch.LABEL_JOB, _slim_job_pod),
     )
@@ -94,7 +95,7 @@ class TrainingJobReconciler:
         cleanPodPolicy All removes the headless Service; a job about to be deleted wants nothing."""
         if ev.delete_job:
             return [], []
-        kinds = ("StatefulSet",) if ev.terminal else CHILD_KINDS
+        kinds: tuple[str, ...] = ("StatefulSet",) if ev.terminal else CHILD_KINDS
         if not ev.keep_service:
             kinds = tuple(k for k in kinds if k != "Service")
         plan = JobPlan(replicas=ev.replicas, restart_generation=ev.status.restart_count or 0, children=kinds)

@@ -97,9 +97,17 @@ class Result:
 class Reconciler(Protocol):
     """One kind of resource. Everything but :meth:`probe` is pure."""
 
-    kind: str
-    plural: str
-    children: tuple[ChildWatch, ...]
+    @property
+    def kind(self) -> str:
+        """The resource's kind (aiaas.dev/v1alpha1)."""
+
+    @property
+    def plural(self) -> str:
+        """Its plural resource name, for the watch."""
+
+    @property
+    def children(self) -> tuple[ChildWatch, ...]:
+        """The kinds of children to watch and cache for it."""
 
     def phase(self, body: Body) -> str:
         """The phase shown in metrics (the stored one, or the kind's first)."""

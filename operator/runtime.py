@@ -279,10 +279,10 @@ class Runtime:
         if self._queue is not None:
             self._queue.enqueue(ref)
 
-    def phases(self, kind: str) -> dict[Key, str]:
-        """Each resource's phase, for the phase gauges."""
+    def phases(self, kind: str) -> dict[str, str]:
+        """Each resource's phase by namespace/name, for the phase gauges."""
         rec = self.reconcilers[kind]
-        return {key: rec.phase(body) for key, body in self.store.items(kind)}
+        return {f"{ns}/{name}": rec.phase(body) for (ns, name), body in self.store.items(kind)}
 
     # ------------------------------------------------------------------------------ watch events (loop)
     def observe(self, kind: str, event_type: str | None, body: Body) -> None:

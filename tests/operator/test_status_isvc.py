@@ -9,7 +9,13 @@ from aiaas.contract import launch
 from aiaas.operator import api
 from aiaas.operator.main import lease_is_free, lease_spec
 from aiaas.operator.reconciler import parse
-from aiaas.operator.render import JobPlan, RenderSettings, ServicePlan, render_inferenceservice, render_trainingjob
+from aiaas.operator.render import (
+    JobPlan,
+    RenderSettings,
+    ServicePlan,
+    render_inferenceservice,
+    render_trainingjob,
+)
 from aiaas.operator.runtime import manifests_hash, newer, status_patch
 from aiaas.operator.status_isvc import evaluate_service
 
