@@ -23,6 +23,10 @@ DATA_DIR = "/var/run/aiaas/data"
 TERMINATION_LOG = "/dev/termination-log"
 MODEL_DIR = "/mnt/models"  # where an inference pod finds the artifact (KServe's convention)
 
+# Container names: the operator reads the trainer's status by name.
+TRAINER_CONTAINER = "trainer"
+SERVER_CONTAINER = "server"
+
 # Environment variables the trainer reads.
 ENV_CONFIG = "AIAAS_TRAINER_CONFIG"  # the TrainerConfig as JSON
 ENV_CONFIG_FILE = "AIAAS_TRAINER_CONFIG_FILE"  # or a path to it
@@ -62,9 +66,11 @@ ANNOTATION_CONFIG_HASH = "aiaas.dev/config-hash"
 ANNOTATION_RESTART = "aiaas.dev/restart-count"
 
 
-def pod_dns_name(job_name: str, ordinal: int, namespace: str, service: str | None = None) -> str:
-    """The stable DNS name of a StatefulSet pod behind its headless Service."""
-    return f"{job_name}-{ordinal}.{service or job_name}.{namespace}.svc"
+def pod_dns_name(job_name: str, ordinal: int, namespace: str | None, service: str | None = None) -> str:
+    """The stable DNS name of a StatefulSet pod behind its headless Service (without a namespace, the short
+    name that resolves inside the pod's own namespace)."""
+    short = f"{job_name}-{ordinal}.{service or job_name}"
+    return f"{short}.{namespace}.svc" if namespace else short
 
 
 def node_rank_from_pod_name(pod_name: str) -> int:

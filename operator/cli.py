@@ -13,7 +13,7 @@ import yaml
 from aiaas import __version__
 
 from . import crdgen, load
-from .render import RenderSettings, render_inferenceservice, render_trainingjob
+from .render import RenderSettings, ServicePlan, render_inferenceservice, render_trainingjob
 from .render.settings import DEFAULT_IMAGE
 from .render.trainingjob import artifact_uri
 
@@ -40,7 +40,7 @@ def cmd_render(args: argparse.Namespace) -> int:
         elif source:
             print(f"# {obj.metadata.name}: TrainingJob {source} is not in this file; the operator creates the "
                   "Deployment once the job has Succeeded and its artifact location is known", file=sys.stderr)
-        manifests.extend(render_inferenceservice(obj, _settings(args), uri))
+        manifests.extend(render_inferenceservice(obj, _settings(args), ServicePlan(storage_uri=uri)))
     sys.stdout.write(yaml.safe_dump_all(manifests, sort_keys=False))
     return 0
 

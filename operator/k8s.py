@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 import uuid
 from datetime import datetime, timezone
 from typing import Any
@@ -26,7 +25,6 @@ RESOURCES: dict[tuple[str, str], tuple[str, str]] = {
     ("v1", "Service"): ("/api/v1", "services"),
     ("v1", "Pod"): ("/api/v1", "pods"),
     ("v1", "PersistentVolumeClaim"): ("/api/v1", "persistentvolumeclaims"),
-    ("v1", "ConfigMap"): ("/api/v1", "configmaps"),
     ("v1", "Event"): ("/api/v1", "events"),
     ("apps/v1", "StatefulSet"): ("/apis/apps/v1", "statefulsets"),
     ("apps/v1", "Deployment"): ("/apis/apps/v1", "deployments"),
@@ -209,16 +207,3 @@ class Kube:
         meta = lease["metadata"]
         return self.call("PUT", resource_path("coordination.k8s.io/v1", "Lease", meta["namespace"], meta["name"]),
                          body=lease)
-
-
-_lock = threading.Lock()
-_default: Kube | None = None
-
-
-def default(field_manager: str) -> Kube:
-    """A process-wide :class:`Kube` (one connection pool)."""
-    global _default
-    with _lock:
-        if _default is None:
-            _default = Kube(load_api_client(), field_manager)
-        return _default

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -10,18 +9,14 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
+from aiaas.contract.errors import validation_errors
+
 from . import api
 
 KINDS: dict[str, type[api.TrainingJob] | type[api.InferenceService]] = {
     "TrainingJob": api.TrainingJob,
     "InferenceService": api.InferenceService,
 }
-
-_HINTS = {
-    "extra_forbidden": "unknown field: remove it or check its spelling (`kubectl explain` lists the fields)",
-    "missing": "required field is missing",
-}
-
 
 class InvalidResource(ValueError):
     """A resource failed validation; ``errors`` holds one message per problem."""
@@ -38,27 +33,6 @@ class Loaded:
     obj: api.TrainingJob | api.InferenceService
 
 
-def _loc(loc: Iterable[int | str]) -> str:
-    out = ""
-    for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out
-
-
-def format_errors(err: ValidationError) -> list[str]:
-    messages: list[str] = []
-    for e in err.errors():
-        where = _loc(e["loc"])
-        if e["type"] == "value_error" and isinstance(e.get("ctx", {}).get("error"), api.RuleViolation):
-            messages.extend(e["ctx"]["error"].errors)
-            continue
-        msg = _HINTS.get(e["type"], e["msg"])
-        if e["type"] not in _HINTS and "input" in e and not isinstance(e["input"], dict | list):
-            msg += f" (got {e['input']!r})"
-        messages.append(f"{where}: {msg}" if where else msg)
-    return messages
-
-
 def parse(doc: dict[str, Any], source: str = "<input>") -> api.TrainingJob | api.InferenceService:
     """One manifest dict -> its API object, or :class:`InvalidResource` with every problem listed."""
     if not isinstance(doc, dict):
@@ -72,7 +46,7 @@ def parse(doc: dict[str, Any], source: str = "<input>") -> api.TrainingJob | api
     try:
         return KINDS[kind].model_validate(doc)
     except ValidationError as err:
-        raise InvalidResource(f"{source}: {kind}/{name}", format_errors(err)) from None
+        raise InvalidResource(f"{source}: {kind}/{name}", validation_errors(err)) from None
 
 
 def read_documents(path: str | Path) -> list[tuple[str, dict[str, Any]]]:

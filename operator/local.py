@@ -39,12 +39,12 @@ from typing import IO, Any
 
 from aiaas.contract import launch
 from aiaas.contract.artifact import DONE_FILE, METRICS_FILE
+from aiaas.contract.outcome import SUCCEEDED, most_severe, read_outcome
 
 from . import api, load
-from .render import RenderSettings, render_trainingjob
+from .render import JobPlan, RenderSettings, render_trainingjob
 
 SKIPPED_MOUNTS = ("/dev/shm", "/tmp")
-SEVERITY = {"Succeeded": 0, "Preempted": 1, "RetryableError": 2, "PermanentError": 3}
 _VAR_REF = re.compile(r"\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)|\$\$")
 
 
@@ -223,7 +223,7 @@ def plan(job: api.TrainingJob, run_dir: Path, mounts: dict[str, str] | None = No
          metrics_base: int | None = None, settings: RenderSettings | None = None) -> LocalPlan:
     """Render ``job`` and plan its pods under ``run_dir``."""
     # locally every pod is this machine: run topology.nodes pods even when the job is elastic or suspended
-    manifests = render_trainingjob(job, settings or RenderSettings(), replicas=job.spec.topology.nodes)
+    manifests = render_trainingjob(job, settings or RenderSettings(), JobPlan(replicas=job.spec.topology.nodes))
     sts = next(m for m in manifests if m["kind"] == "StatefulSet")
     pods, mount_map = plan_pods(sts, run_dir, mounts, metrics_base, job.metadata.namespace or "default")
     cfg = json.loads(pods[0].env[launch.ENV_CONFIG]) if pods and launch.ENV_CONFIG in pods[0].env else {}
@@ -330,21 +330,13 @@ class Runner:
 
     def outcome(self) -> dict[str, Any] | None:
         """The most severe termination message of all pods."""
-        worst: dict[str, Any] | None = None
-        for pod in self.plan.pods:
-            try:
-                data = json.loads(pod.termination_log.read_text() or "null")
-            except (OSError, ValueError):
-                continue
-            if isinstance(data, dict) and (worst is None or SEVERITY.get(data.get("outcome", ""), -1) >
-                                           SEVERITY.get(worst.get("outcome", ""), -1)):
-                worst = {**data, "pod": pod.name}
-        return worst
+        return most_severe(({**data, "pod": pod.name} if (data := read_outcome(pod.termination_log)) else None)
+                           for pod in self.plan.pods)
 
 
 def exit_code_of(outcome: dict[str, Any] | None, codes: list[int]) -> int:
     if outcome and isinstance(outcome.get("exitCode"), int):
-        if outcome["outcome"] == "Succeeded" and any(codes):
+        if outcome["outcome"] == SUCCEEDED and any(codes):
             return launch.EXIT_RETRYABLE
         return int(outcome["exitCode"])
     return launch.EXIT_SUCCESS if not any(codes) else launch.EXIT_RETRYABLE

@@ -147,13 +147,17 @@ def run(args: argparse.Namespace) -> int:
 async def operate(s: OperatorSettings, stop_flag: asyncio.Event | None = None) -> int:
     import kopf  # the operator's only kopf entry point; imported late so `aiaas --help` stays fast
 
-    from .handlers import Controller, register
+    from .reconcile_inferenceservice import InferenceServiceReconciler
+    from .reconcile_trainingjob import TrainingJobReconciler
+    from .runtime import Runtime
+    from .watch import register
 
     kube = Kube(load_api_client(pool_size=2 * s.workers + 8), s.field_manager)
     health = Health(stale_after=max(60.0, 4 * s.resync_seconds))
-    ctl_ref: dict[str, Any] = {}
-    metrics = OperatorMetrics(jobs=lambda: dict(ctl_ref["c"].job_phases) if "c" in ctl_ref else {},
-                              services=lambda: dict(ctl_ref["c"].service_phases) if "c" in ctl_ref else {})
+    jobs = TrainingJobReconciler(s.render, s.success_policy, s.metrics_url_template, s.scrape_timeout_seconds)
+    services = InferenceServiceReconciler(s.render)
+    metrics = OperatorMetrics(jobs=lambda: rt.phases(jobs.kind), services=lambda: rt.phases(services.kind))
+    rt = Runtime(s, kube, [jobs, services], metrics, health)
     server = serve(metrics, health, s.metrics_host, s.metrics_port) if s.metrics_port else None
     if server is not None:
         log.info("metrics on http://%s:%d/metrics (also /healthz, /readyz)", s.metrics_host, server.server_address[1])
@@ -164,10 +168,8 @@ async def operate(s: OperatorSettings, stop_flag: asyncio.Event | None = None) -
         await asyncio.to_thread(elector.acquire)
         threading.Thread(target=elector.renew_forever, name="lease-renew", daemon=True).start()
 
-    ctl = Controller(s, kube, metrics, health, workers=s.workers)
-    ctl_ref["c"] = ctl
     registry = kopf.OperatorRegistry()
-    register(registry, ctl)
+    register(registry, rt)
     ksettings = kopf.OperatorSettings()
     ksettings.posting.enabled = False
     ksettings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="kopf.aiaas.dev")

@@ -12,9 +12,7 @@ import socket
 import uuid
 from dataclasses import dataclass, field
 
-from aiaas.contract import launch
-
-from .render.settings import DEFAULT_IMAGE, RenderSettings
+from .render.settings import RenderSettings
 
 ENV_PREFIX = "AIAAS_OPERATOR_"
 FIELD_MANAGER = "aiaas-operator"
@@ -65,46 +63,45 @@ class OperatorSettings:
     # Reconciles running at once (threads; each mostly waits on the API server).
     workers: int = 32
 
-    def metrics_url(self, *, pod_ip: str, pod: str, namespace: str, job: str,
-                    port: int = launch.METRICS_PORT) -> str:
-        return self.metrics_url_template.format(pod_ip=pod_ip, port=port, pod=pod, namespace=namespace, job=job)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Flags of ``aiaas operator``; each defaults to ``$AIAAS_OPERATOR_<NAME>``."""
+    """Flags of ``aiaas operator``; each defaults to ``$AIAAS_OPERATOR_<NAME>``, else to
+    :class:`OperatorSettings`' own default (written there only)."""
+    d, r = OperatorSettings, RenderSettings
     parser.add_argument("-n", "--namespace", action="append", default=None,
                         help="watch only this namespace (repeatable; default: $AIAAS_OPERATOR_NAMESPACES, "
                         "comma-separated, else all namespaces)")
     parser.add_argument("-A", "--all-namespaces", action="store_true", help="watch every namespace")
-    parser.add_argument("--trainer-image", default=_env("TRAINER_IMAGE", DEFAULT_IMAGE),
+    parser.add_argument("--trainer-image", default=_env("TRAINER_IMAGE", r.trainer_image),
                         help="default trainer image")
-    parser.add_argument("--server-image", default=_env("SERVER_IMAGE", DEFAULT_IMAGE),
+    parser.add_argument("--server-image", default=_env("SERVER_IMAGE", r.server_image),
                         help="default model server image")
-    parser.add_argument("--image-pull-policy", default=_env("IMAGE_PULL_POLICY", "IfNotPresent"))
+    parser.add_argument("--image-pull-policy", default=_env("IMAGE_PULL_POLICY", r.image_pull_policy))
     parser.add_argument("--service-account", default=_env("SERVICE_ACCOUNT", "") or None,
                         help="service account of training pods")
-    parser.add_argument("--resync-seconds", type=float, default=_env_float("RESYNC_SECONDS", 10.0),
+    parser.add_argument("--resync-seconds", type=float, default=_env_float("RESYNC_SECONDS", d.resync_seconds),
                         help="re-check every unfinished job this often (progress, deadlines)")
-    parser.add_argument("--retry-seconds", type=float, default=_env_float("RETRY_SECONDS", 2.0),
+    parser.add_argument("--retry-seconds", type=float, default=_env_float("RETRY_SECONDS", d.retry_seconds),
                         help="first retry delay after a failed reconcile")
-    parser.add_argument("--metrics-url-template", default=_env("METRICS_URL_TEMPLATE", OperatorSettings.metrics_url_template),
+    parser.add_argument("--metrics-url-template", default=_env("METRICS_URL_TEMPLATE", d.metrics_url_template),
                         help="rank 0's metrics URL; placeholders {pod_ip} {port} {pod} {namespace} {job}")
-    parser.add_argument("--scrape-timeout", type=float, default=_env_float("SCRAPE_TIMEOUT", 2.0))
-    parser.add_argument("--success-policy", choices=SUCCESS_POLICIES, default=_env("SUCCESS_POLICY", "AllWorkers"),
+    parser.add_argument("--scrape-timeout", type=float, default=_env_float("SCRAPE_TIMEOUT", d.scrape_timeout_seconds))
+    parser.add_argument("--success-policy", choices=SUCCESS_POLICIES, default=_env("SUCCESS_POLICY", d.success_policy),
                         help="a job succeeded when all workers (default) or rank 0 reported Succeeded")
-    parser.add_argument("--metrics-port", type=int, default=int(_env("METRICS_PORT", "8080")),
+    parser.add_argument("--metrics-port", type=int, default=int(_env("METRICS_PORT", str(d.metrics_port))),
                         help="port of /metrics, /healthz and /readyz (0: off)")
-    parser.add_argument("--metrics-host", default=_env("METRICS_HOST", "0.0.0.0"))
-    parser.add_argument("--standalone", action="store_true", default=_env_bool("STANDALONE", False),
+    parser.add_argument("--metrics-host", default=_env("METRICS_HOST", d.metrics_host))
+    parser.add_argument("--standalone", action="store_true", default=_env_bool("STANDALONE", d.standalone),
                         help="no leader election (a single replica, or tests)")
-    parser.add_argument("--lease-name", default=_env("LEASE_NAME", "aiaas-operator"))
+    parser.add_argument("--lease-name", default=_env("LEASE_NAME", d.lease_name))
     parser.add_argument("--lease-namespace",
-                        default=_env("LEASE_NAMESPACE", os.environ.get("POD_NAMESPACE", "default")))
-    parser.add_argument("--lease-duration", type=float, default=_env_float("LEASE_DURATION", 15.0))
-    parser.add_argument("--renew-deadline", type=float, default=_env_float("RENEW_DEADLINE", 10.0))
-    parser.add_argument("--retry-period", type=float, default=_env_float("RETRY_PERIOD", 2.0))
-    parser.add_argument("--log-level", default=_env("LOG_LEVEL", "INFO"))
-    parser.add_argument("--workers", type=int, default=int(_env("WORKERS", "32")),
+                        default=_env("LEASE_NAMESPACE", os.environ.get("POD_NAMESPACE", d.lease_namespace)))
+    parser.add_argument("--lease-duration", type=float, default=_env_float("LEASE_DURATION", d.lease_duration_seconds))
+    parser.add_argument("--renew-deadline", type=float, default=_env_float("RENEW_DEADLINE", d.renew_deadline_seconds))
+    parser.add_argument("--retry-period", type=float, default=_env_float("RETRY_PERIOD", d.retry_period_seconds))
+    parser.add_argument("--log-level", default=_env("LOG_LEVEL", d.log_level))
+    parser.add_argument("--workers", type=int, default=int(_env("WORKERS", str(d.workers))),
                         help="reconciles running at once (threads; each mostly waits on the API server)")
 
 

@@ -32,27 +32,20 @@ cleanPodPolicy, as it can work with a StatefulSet (there is no such thing as a f
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
 from aiaas.contract import launch
+from aiaas.contract import outcome as oc
 
 from . import api
 from .render.trainingjob import artifact_uri
 
-TRAINER_CONTAINER = "trainer"
 TERMINAL = (api.Phase.succeeded.value, api.Phase.failed.value)
 IMAGE_PULL_REASONS = ("ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull")
 CONTAINER_CONFIG_REASONS = ("CreateContainerConfigError", "CreateContainerError", "RunContainerError")
-
-# Outcomes written by the trainer into the termination message (see trainer/termination.py).
-OUTCOME_SUCCEEDED = "Succeeded"
-OUTCOME_PERMANENT = "PermanentError"
-OUTCOME_RETRYABLE = "RetryableError"
-OUTCOME_PREEMPTED = "Preempted"
 
 # Reasons (CamelCase, as in Kubeflow/Kubernetes conditions).
 REASON_CREATED = "Created"
@@ -125,38 +118,21 @@ class Termination:
 
     @property
     def succeeded(self) -> bool:
-        return self.outcome == OUTCOME_SUCCEEDED
+        return self.outcome == oc.SUCCEEDED
 
     @property
     def permanent(self) -> bool:
-        return self.outcome == OUTCOME_PERMANENT
+        return self.outcome == oc.PERMANENT
 
 
 def parse_termination(term: dict[str, Any]) -> Termination:
     exit_code = int(term.get("exitCode", 0) or 0)
     kubelet_reason = str(term.get("reason") or ("Completed" if exit_code == 0 else "Error"))
     raw = str(term.get("message") or "").strip()
-    data: dict[str, Any] = {}
-    if raw.startswith("{"):
-        try:
-            parsed = json.loads(raw.splitlines()[0] if "\n" in raw else raw)
-            data = parsed if isinstance(parsed, dict) else {}
-        except ValueError:
-            data = {}
-    outcome = str(data.get("outcome") or "")
-    if outcome not in (OUTCOME_SUCCEEDED, OUTCOME_PERMANENT, OUTCOME_RETRYABLE, OUTCOME_PREEMPTED):
-        if exit_code == launch.EXIT_SUCCESS:
-            outcome = OUTCOME_SUCCEEDED
-        elif exit_code == launch.EXIT_PERMANENT:
-            outcome = OUTCOME_PERMANENT
-        elif exit_code == launch.EXIT_PREEMPTED:
-            outcome = OUTCOME_PREEMPTED
-        else:
-            outcome = OUTCOME_RETRYABLE
-    elif exit_code == launch.EXIT_PERMANENT and outcome == OUTCOME_RETRYABLE:
-        outcome = OUTCOME_PERMANENT  # exit code 78 is permanent, whatever a peer wrote
-    if kubelet_reason == "OOMKilled" and outcome == OUTCOME_SUCCEEDED:
-        outcome = OUTCOME_RETRYABLE
+    data = oc.parse_message(raw)
+    outcome = oc.classify(data.get("outcome"), exit_code)
+    if kubelet_reason == "OOMKilled" and outcome == oc.SUCCEEDED:
+        outcome = oc.RETRYABLE
     message = str(data.get("message") or (raw if not data else "")).strip()
     step = data.get("step")
     return Termination(
@@ -216,9 +192,9 @@ def pod_view(pod: dict[str, Any]) -> PodView:
     if sched.get("status") == "False":
         unschedulable = str(sched.get("message") or sched.get("reason") or "Unschedulable")
     statuses = status.get("containerStatuses") or []
-    cs = next((c for c in statuses if c.get("name") == TRAINER_CONTAINER), statuses[0] if statuses else {})
+    cs = next((c for c in statuses if c.get("name") == launch.TRAINER_CONTAINER), statuses[0] if statuses else {})
     containers = spec.get("containers") or []
-    image = next((c.get("image", "") for c in containers if c.get("name") == TRAINER_CONTAINER),
+    image = next((c.get("image", "") for c in containers if c.get("name") == launch.TRAINER_CONTAINER),
                  containers[0].get("image", "") if containers else "")
     state = cs.get("state") or {}
     last = cs.get("lastState") or {}
@@ -272,10 +248,6 @@ class Evaluation:
     @property
     def terminal(self) -> bool:
         return self.status.phase in TERMINAL
-
-
-def status_dict(status: api.TrainingJobStatus | None) -> dict[str, Any]:
-    return status.dump() if status is not None else {}
 
 
 def _pct(step: int, total: int) -> str:
@@ -346,212 +318,284 @@ def diagnose(pods: list[PodView], expected: int) -> tuple[str, str]:
 
 
 # ------------------------------------------------------------------------------------------- evaluate
+@dataclass
+class _Draft:
+    """The status being built by one :func:`evaluate`, with the pods it is built from."""
+
+    job: api.TrainingJob
+    prev: api.TrainingJobStatus
+    st: api.TrainingJobStatus
+    now: datetime
+    live: list[PodView]  # not being deleted
+    current: list[PodView]  # live and of the current restart generation, by ordinal
+    events: list[Event] = field(default_factory=list)
+    requeue: float | None = None
+
+    @property
+    def restart_gen(self) -> int:
+        return self.prev.restart_count or 0
+
+    @property
+    def nodes(self) -> int:
+        return self.job.spec.topology.nodes
+
+    def condition(self, type_: api.ConditionType, status: str, reason: str, message: str) -> None:
+        self.st.conditions = set_condition(self.st.conditions, type_.value, status, reason, message, self.now,
+                                           self.job.metadata.generation)
+
+    def has_condition(self, type_: api.ConditionType) -> bool:
+        return get_condition(self.st.conditions, type_.value) is not None
+
+    def set_phase(self, phase: api.Phase, reason: str, message: str) -> None:
+        """The one place the phase is written."""
+        self.st.phase, self.st.reason, self.st.message = phase, reason, message
+
+    def transition(self, phase: api.Phase, reason: str, message: str, event_type: str = "Normal") -> None:
+        """Set the phase; an Event when it changes (or a Warning's reason does)."""
+        if self.prev.phase != phase.value or (self.prev.reason != reason and event_type == "Warning"):
+            self.events.append(Event(event_type, reason, message))
+        self.set_phase(phase, reason, message)
+
+    def warn_once(self, reason: str, message: str) -> None:
+        if self.prev.reason != reason:
+            self.events.append(Event("Warning", reason, message))
+
+    def count_pods(self) -> None:
+        self.st.active_replicas = sum(p.phase == "Running" for p in self.current)
+        self.st.ready_replicas = sum(p.ready for p in self.current)
+
+    def result(self, replicas: int, stale_pods: list[str] | None = None) -> Evaluation:
+        return Evaluation(self.st, replicas=replicas, stale_pods=stale_pods or [], events=self.events,
+                          requeue_after=self.requeue)
+
+
 def evaluate(job: api.TrainingJob, observed: Observed, now: datetime, *,
              success_policy: str = "AllWorkers") -> Evaluation:
-    """The next status of ``job`` and what to do about it. Pure."""
+    """The next status of ``job`` and what to do about it. Pure. The steps run top to bottom; the first that
+    decides the phase ends it."""
+    d = _draft(job, observed, now)
+    if d.prev.phase in TERMINAL:
+        return _stay_finished(d)
+    if job.spec.suspend:
+        return _suspend(d)
+    _start(d)
+    deadline = _deadline_passed(d)
+    if deadline is not None:
+        return deadline
+    _count_terminations(d)
+    return (_permanent_failure(d) or _success(d, success_policy) or _restart_after_failure(d)
+            or _running_or_waiting(d))
+
+
+def _draft(job: api.TrainingJob, observed: Observed, now: datetime) -> _Draft:
     prev = job.status or api.TrainingJobStatus()
     st = prev.model_copy(deep=True)
-    spec = job.spec
-    gen = job.metadata.generation
-    nodes = spec.topology.nodes
-    rp = spec.run_policy
     restart_gen = prev.restart_count or 0
-    events: list[Event] = []
-    st.observed_generation = gen
+    st.observed_generation = job.metadata.generation
     st.restart_count = restart_gen
     st.progress = merge_progress(prev.progress, observed.progress, now)
-
-    views = [pod_view(p) for p in observed.pods]
-    live = [p for p in views if not p.terminating]
+    live = [v for v in (pod_view(p) for p in observed.pods) if not v.terminating]
     current = sorted((p for p in live if p.generation == restart_gen), key=lambda p: p.ordinal)
-    stale = [p.name for p in live if p.generation != restart_gen]
+    return _Draft(job, prev, st, now, live, current)
 
-    def conds(type_: api.ConditionType, status: str, reason: str, message: str) -> None:
-        st.conditions = set_condition(st.conditions, type_.value, status, reason, message, now, gen)
 
-    def transition(phase: api.Phase, reason: str, message: str, event_type: str = "Normal") -> None:
-        if prev.phase != phase.value or (prev.reason != reason and event_type == "Warning"):
-            events.append(Event(event_type, reason, message))
-        st.phase = phase
-        st.reason = reason
-        st.message = message
-
-    def counts() -> None:
-        st.active_replicas = sum(p.phase == "Running" for p in current)
-        st.ready_replicas = sum(p.ready for p in current)
-
-    # ---- finished: sticky; only clean-up and TTL are left
-    if prev.phase in TERMINAL:
-        counts()
-        keep = rp.clean_pod_policy == api.CleanPodPolicy.none.value
-        ev = Evaluation(st, replicas=nodes if keep else 0, stale_pods=[],
-                        keep_service=rp.clean_pod_policy != api.CleanPodPolicy.all.value)
-        st.replicas = ev.replicas
-        done = parse_time(prev.completion_time)
-        if rp.ttl_seconds_after_finished is not None and done is not None:
-            left = (done - now).total_seconds() + rp.ttl_seconds_after_finished
-            if left <= 0:
-                ev.delete_job = True
-            else:
-                ev.requeue_after = left
-        return ev
-
-    # ---- suspended (Kueue admission, or a user pausing the job)
-    if spec.suspend:
-        msg = "spec.suspend is true: the pods are scaled to zero and checkpoints kept; set it to false to resume"
-        transition(api.Phase.suspended, REASON_SUSPENDED, msg)
-        conds(api.ConditionType.suspended, "True", REASON_SUSPENDED, msg)
-        conds(api.ConditionType.running, "False", REASON_SUSPENDED, msg)
-        st.replicas = 0
-        counts()
-        return Evaluation(st, replicas=0, stale_pods=[], events=events)
-
-    if prev.phase == api.Phase.suspended.value:
-        msg = "spec.suspend is false: the pods are recreated and resume from the last checkpoint"
-        events.append(Event("Normal", REASON_RESUMED, msg))
-        conds(api.ConditionType.suspended, "False", REASON_RESUMED, msg)
-        st.start_time = rfc3339(now)  # as a Kubernetes Job: the deadline counts from the resume
-    if st.start_time is None:
-        st.start_time = rfc3339(now)
-    if get_condition(st.conditions, api.ConditionType.created.value) is None:
-        conds(api.ConditionType.created, "True", REASON_CREATED,
-              f"headless Service and StatefulSet {job.metadata.name} created for {nodes} node(s)")
-    st.replicas = nodes
-    counts()
-    ready = st.ready_replicas or 0
-
-    def finish(phase: api.Phase, reason: str, message: str) -> Evaluation:
-        failed = phase == api.Phase.failed
-        transition(phase, reason, message, "Warning" if failed else "Normal")
-        ctype = api.ConditionType.failed if failed else api.ConditionType.succeeded
-        conds(ctype, "True", reason, message)
-        conds(api.ConditionType.running, "False", reason, message)
-        if get_condition(st.conditions, api.ConditionType.restarting.value) is not None:
-            conds(api.ConditionType.restarting, "False", reason, message)
-        st.completion_time = rfc3339(now)
-        keep = rp.clean_pod_policy == api.CleanPodPolicy.none.value
-        ev = Evaluation(st, replicas=nodes if keep else 0, stale_pods=[], events=events,
-                        keep_service=rp.clean_pod_policy != api.CleanPodPolicy.all.value)
-        if rp.ttl_seconds_after_finished is not None:
-            ev.requeue_after = float(rp.ttl_seconds_after_finished)
-            if rp.ttl_seconds_after_finished == 0:
-                ev.delete_job = True
-        return ev
-
-    # ---- deadline
-    requeue: float | None = None
-    started = parse_time(st.start_time)
-    if rp.active_deadline_seconds is not None and started is not None:
-        left = (started - now).total_seconds() + rp.active_deadline_seconds
-        if left <= 0:
-            return finish(api.Phase.failed, REASON_DEADLINE,
-                          f"the job ran longer than activeDeadlineSeconds ({rp.active_deadline_seconds}s)")
-        requeue = left
-
-    finished = [p for p in current if p.termination is not None]
-    st.succeeded_replicas = sum(p.termination is not None and p.termination.succeeded for p in current)
-    st.failed_replicas = sum(p.termination is not None and not p.termination.succeeded for p in current)
-
-    # ---- permanent failure: fail at once
-    permanent = [p for p in finished if p.termination and p.termination.permanent]
-    if permanent:
-        p = permanent[0]
-        assert p.termination is not None
-        return finish(api.Phase.failed, failure_reason(p.termination),
-                      describe_termination(p) + "; the error is permanent, so the job is not restarted")
-
-    # ---- success
-    by_rank = {p.ordinal: p for p in current}
-    expected = spec.elastic.min_nodes if spec.elastic else nodes
-    if success_policy == "Rank0":
-        finished_ok = 0 in by_rank and by_rank[0].termination is not None and by_rank[0].termination.succeeded
-    else:
-        finished_ok = len(current) >= expected and all(p.termination is not None and p.termination.succeeded
-                                                       for p in current)
-    if finished_ok:
-        rank0 = by_rank.get(0) or current[0]
-        step = rank0.termination.step if rank0.termination else None
-        uri = artifact_uri(job)
-        st.artifact = api.Artifact(uri=uri, version=str(step) if step is not None else None)
-        if st.progress is not None and step is not None:
-            st.progress = st.progress.model_copy(update={"step": step})
-            st.progress = st.progress.model_copy(update={"summary": progress_summary(st.progress)})
-        at = f" at step {step}" if step is not None else ""
-        return finish(api.Phase.succeeded, REASON_SUCCEEDED, f"training finished{at}; the model is at {uri}")
-
-    # ---- retryable failure: restart the whole gang from the last checkpoint, up to backoffLimit
-    failed = [p for p in finished if p.termination and not p.termination.succeeded]
-    if failed:
-        p = failed[0]
-        assert p.termination is not None
-        what = describe_termination(p)
-        if restart_gen >= rp.backoff_limit:
-            return finish(api.Phase.failed, REASON_BACKOFF,
-                          f"{what}; the gang was restarted {restart_gen} time(s), backoffLimit is {rp.backoff_limit}")
-        st.restart_count = restart_gen + 1
-        reason = failure_reason(p.termination)
-        msg = (f"{what}; restarting all {nodes} pod(s) from the last checkpoint "
-               f"(restart {st.restart_count} of backoffLimit {rp.backoff_limit})")
-        st.phase = api.Phase.restarting
-        st.reason, st.message = reason, msg
-        events.append(Event("Warning", "Restarting", msg))
-        conds(api.ConditionType.restarting, "True", reason, msg)
-        conds(api.ConditionType.running, "False", reason, msg)
-        st.ready_replicas = 0
-        st.succeeded_replicas = st.failed_replicas = 0
-        return Evaluation(st, replicas=nodes, stale_pods=[p.name for p in live], events=events,
-                          requeue_after=requeue)
-
-    # ---- running, or why not
-    required = spec.elastic.min_nodes if spec.elastic else nodes
-    ev = Evaluation(st, replicas=nodes, stale_pods=stale, events=events, requeue_after=requeue)
-    if ready >= required and len(current) >= required:
-        msg = f"{ready}/{nodes} pod(s) ready and training"
-        first = prev.phase != api.Phase.running.value
-        transition(api.Phase.running, REASON_RUNNING, msg)
-        conds(api.ConditionType.running, "True", REASON_RUNNING, msg)
-        if get_condition(st.conditions, api.ConditionType.restarting.value) is not None:
-            conds(api.ConditionType.restarting, "False", REASON_RECOVERED,
-                  f"all pods are back after restart {restart_gen}")
-        if first and restart_gen == 0 and prev.phase in (None, api.Phase.created.value, api.Phase.pending.value):
-            created = parse_time(str(job.metadata.model_extra.get("creationTimestamp") or "")
-                                 if job.metadata.model_extra else None)
-            if created is not None:
-                ev.time_to_running = max(0.0, (now - created).total_seconds())
-        return ev
-
-    reason, msg = diagnose(current, nodes)
-    warn = reason not in (REASON_WAITING, REASON_NOT_READY)
-    conds(api.ConditionType.running, "False", reason, msg)
-    if prev.phase == api.Phase.restarting.value:
-        st.phase, st.reason, st.message = api.Phase.restarting, reason, msg
-        if warn and prev.reason != reason:
-            events.append(Event("Warning", reason, msg))
-    elif prev.phase == api.Phase.running.value:
-        st.reason, st.message = reason, msg
-        if warn and prev.reason != reason:
-            events.append(Event("Warning", reason, msg))
-    else:
-        if prev.phase not in (api.Phase.created.value, api.Phase.suspended.value):
-            events.append(Event("Normal", REASON_CREATED,
-                                f"created headless Service and StatefulSet {job.metadata.name} ({nodes} pod(s))"))
-        if warn and prev.reason != reason:
-            events.append(Event("Warning", reason, msg))
-        st.phase, st.reason, st.message = api.Phase.created, (reason if warn else REASON_CREATED), msg
+def _finished_children(d: _Draft) -> Evaluation:
+    """A finished job's children, by cleanPodPolicy: keep the pods (None), or scale to 0 (and drop the
+    Service: All)."""
+    policy = d.job.spec.run_policy.clean_pod_policy
+    keep = policy == api.CleanPodPolicy.none.value
+    ev = d.result(replicas=d.nodes if keep else 0)
+    ev.keep_service = policy != api.CleanPodPolicy.all.value
     return ev
 
 
-def error_status(prev: dict[str, Any], reason: str, message: str, now: datetime,
-                 generation: int | None) -> dict[str, Any]:
-    """The stored status with a reconcile error written into it (phase unchanged), as a wire dict."""
+def _stay_finished(d: _Draft) -> Evaluation:
+    """Finished is sticky: only clean-up and the TTL are left."""
+    d.count_pods()
+    ev = _finished_children(d)
+    d.st.replicas = ev.replicas
+    ttl = d.job.spec.run_policy.ttl_seconds_after_finished
+    done = parse_time(d.prev.completion_time)
+    if ttl is not None and done is not None:
+        left = (done - d.now).total_seconds() + ttl
+        if left <= 0:
+            ev.delete_job = True
+        else:
+            ev.requeue_after = left
+    return ev
+
+
+def _suspend(d: _Draft) -> Evaluation:
+    """Kueue admission, or a user pausing the job: scale to zero, keep the checkpoints."""
+    msg = "spec.suspend is true: the pods are scaled to zero and checkpoints kept; set it to false to resume"
+    d.transition(api.Phase.suspended, REASON_SUSPENDED, msg)
+    d.condition(api.ConditionType.suspended, "True", REASON_SUSPENDED, msg)
+    d.condition(api.ConditionType.running, "False", REASON_SUSPENDED, msg)
+    d.st.replicas = 0
+    d.count_pods()
+    d.requeue = None
+    return d.result(replicas=0)
+
+
+def _start(d: _Draft) -> None:
+    """An active job: resumed if it was suspended, started, its children created, its pods counted."""
+    if d.prev.phase == api.Phase.suspended.value:
+        msg = "spec.suspend is false: the pods are recreated and resume from the last checkpoint"
+        d.events.append(Event("Normal", REASON_RESUMED, msg))
+        d.condition(api.ConditionType.suspended, "False", REASON_RESUMED, msg)
+        d.st.start_time = rfc3339(d.now)  # as a Kubernetes Job: the deadline counts from the resume
+    if d.st.start_time is None:
+        d.st.start_time = rfc3339(d.now)
+    if not d.has_condition(api.ConditionType.created):
+        d.condition(api.ConditionType.created, "True", REASON_CREATED,
+                    f"headless Service and StatefulSet {d.job.metadata.name} created for {d.nodes} node(s)")
+    d.st.replicas = d.nodes
+    d.count_pods()
+
+
+def _finish(d: _Draft, phase: api.Phase, reason: str, message: str) -> Evaluation:
+    failed = phase == api.Phase.failed
+    d.transition(phase, reason, message, "Warning" if failed else "Normal")
+    d.condition(api.ConditionType.failed if failed else api.ConditionType.succeeded, "True", reason, message)
+    d.condition(api.ConditionType.running, "False", reason, message)
+    if d.has_condition(api.ConditionType.restarting):
+        d.condition(api.ConditionType.restarting, "False", reason, message)
+    d.st.completion_time = rfc3339(d.now)
+    d.requeue = None
+    ev = _finished_children(d)
+    ttl = d.job.spec.run_policy.ttl_seconds_after_finished
+    if ttl is not None:
+        ev.requeue_after = float(ttl)
+        ev.delete_job = ttl == 0
+    return ev
+
+
+def _deadline_passed(d: _Draft) -> Evaluation | None:
+    """Fail the job past activeDeadlineSeconds; before it, look again when it passes."""
+    limit = d.job.spec.run_policy.active_deadline_seconds
+    started = parse_time(d.st.start_time)
+    if limit is None or started is None:
+        return None
+    left = (started - d.now).total_seconds() + limit
+    if left <= 0:
+        return _finish(d, api.Phase.failed, REASON_DEADLINE, f"the job ran longer than activeDeadlineSeconds ({limit}s)")
+    d.requeue = left
+    return None
+
+
+def _count_terminations(d: _Draft) -> None:
+    d.st.succeeded_replicas = sum(p.termination is not None and p.termination.succeeded for p in d.current)
+    d.st.failed_replicas = sum(p.termination is not None and not p.termination.succeeded for p in d.current)
+
+
+def _permanent_failure(d: _Draft) -> Evaluation | None:
+    """A permanent error (bad config, missing data) fails the job at once: restarting cannot help."""
+    p = next((p for p in d.current if p.termination is not None and p.termination.permanent), None)
+    if p is None or p.termination is None:
+        return None
+    return _finish(d, api.Phase.failed, failure_reason(p.termination),
+                   describe_termination(p) + "; the error is permanent, so the job is not restarted")
+
+
+def _success(d: _Draft, success_policy: str) -> Evaluation | None:
+    """Every worker (at least minNodes of an elastic job) or rank 0 alone reported Succeeded."""
+    by_rank = {p.ordinal: p for p in d.current}
+    if success_policy == "Rank0":
+        rank0_term = by_rank[0].termination if 0 in by_rank else None
+        done = rank0_term is not None and rank0_term.succeeded
+    else:
+        spec = d.job.spec
+        expected = spec.elastic.min_nodes if spec.elastic else d.nodes
+        done = len(d.current) >= expected and all(p.termination is not None and p.termination.succeeded
+                                                  for p in d.current)
+    if not done:
+        return None
+    rank0 = by_rank.get(0) or d.current[0]
+    step = rank0.termination.step if rank0.termination else None
+    uri = artifact_uri(d.job)
+    d.st.artifact = api.Artifact(uri=uri, version=str(step) if step is not None else None)
+    if d.st.progress is not None and step is not None:
+        progress = d.st.progress.model_copy(update={"step": step})
+        d.st.progress = progress.model_copy(update={"summary": progress_summary(progress)})
+    at = f" at step {step}" if step is not None else ""
+    return _finish(d, api.Phase.succeeded, REASON_SUCCEEDED, f"training finished{at}; the model is at {uri}")
+
+
+def _restart_after_failure(d: _Draft) -> Evaluation | None:
+    """A retryable failure restarts the whole gang from the last checkpoint, up to backoffLimit times."""
+    p = next((p for p in d.current if p.termination is not None and not p.termination.succeeded), None)
+    if p is None or p.termination is None:
+        return None
+    what, limit, gen = describe_termination(p), d.job.spec.run_policy.backoff_limit, d.restart_gen
+    if gen >= limit:
+        return _finish(d, api.Phase.failed, REASON_BACKOFF,
+                       f"{what}; the gang was restarted {gen} time(s), backoffLimit is {limit}")
+    d.st.restart_count = gen + 1
+    reason = failure_reason(p.termination)
+    msg = (f"{what}; restarting all {d.nodes} pod(s) from the last checkpoint "
+           f"(restart {d.st.restart_count} of backoffLimit {limit})")
+    d.set_phase(api.Phase.restarting, reason, msg)
+    d.events.append(Event("Warning", "Restarting", msg))
+    d.condition(api.ConditionType.restarting, "True", reason, msg)
+    d.condition(api.ConditionType.running, "False", reason, msg)
+    d.st.ready_replicas = 0
+    d.st.succeeded_replicas = d.st.failed_replicas = 0
+    return d.result(replicas=d.nodes, stale_pods=[p.name for p in d.live])
+
+
+def _running_or_waiting(d: _Draft) -> Evaluation:
+    """Running once enough pods are ready; else the phase stays, with the reason the pods are not ready."""
+    spec, nodes = d.job.spec, d.nodes
+    required = spec.elastic.min_nodes if spec.elastic else nodes
+    ready = d.st.ready_replicas or 0
+    ev = d.result(replicas=nodes, stale_pods=[p.name for p in d.live if p.generation != d.restart_gen])
+    if ready >= required and len(d.current) >= required:
+        _mark_running(d, ev, ready)
+        return ev
+    reason, msg = diagnose(d.current, nodes)
+    warn = reason not in (REASON_WAITING, REASON_NOT_READY)
+    d.condition(api.ConditionType.running, "False", reason, msg)
+    if d.prev.phase in (api.Phase.restarting.value, api.Phase.running.value):
+        d.set_phase(api.Phase(d.prev.phase), reason, msg)
+    else:
+        if d.prev.phase not in (api.Phase.created.value, api.Phase.suspended.value):
+            d.events.append(Event("Normal", REASON_CREATED,
+                                  f"created headless Service and StatefulSet {d.job.metadata.name} ({nodes} pod(s))"))
+        d.set_phase(api.Phase.created, reason if warn else REASON_CREATED, msg)
+    if warn:
+        d.warn_once(reason, msg)
+    return ev
+
+
+def _mark_running(d: _Draft, ev: Evaluation, ready: int) -> None:
+    msg = f"{ready}/{d.nodes} pod(s) ready and training"
+    first = d.prev.phase != api.Phase.running.value
+    d.transition(api.Phase.running, REASON_RUNNING, msg)
+    d.condition(api.ConditionType.running, "True", REASON_RUNNING, msg)
+    if d.has_condition(api.ConditionType.restarting):
+        d.condition(api.ConditionType.restarting, "False", REASON_RECOVERED,
+                    f"all pods are back after restart {d.restart_gen}")
+    if first and d.restart_gen == 0 and d.prev.phase in (None, api.Phase.created.value, api.Phase.pending.value):
+        extra = d.job.metadata.model_extra
+        created = parse_time(str(extra.get("creationTimestamp") or "") if extra else None)
+        if created is not None:
+            ev.time_to_running = max(0.0, (d.now - created).total_seconds())
+
+
+StatusModel = api.TrainingJobStatus | api.InferenceServiceStatus
+
+
+def error_status(model: type[StatusModel], prev: dict[str, Any], reason: str, message: str, now: datetime,
+                 generation: int | None, *, default_phase: str, condition: str) -> dict[str, Any]:
+    """The stored status with an error written into it, as a wire dict: reason and message, the ``condition``
+    False with them, the phase unchanged (``default_phase`` when there is none yet)."""
     try:
-        status = api.TrainingJobStatus.model_validate(prev or {})
+        status = model.model_validate(prev or {})
     except ValueError:
-        status = api.TrainingJobStatus()
+        status = model()
     status.reason = reason
     status.message = message
     if status.phase is None:
-        status.phase = api.Phase.pending
-    status.conditions = set_condition(status.conditions, api.ConditionType.running.value, "False", reason,
-                                      message, now, generation)
+        status.phase = default_phase  # type: ignore[assignment]
+    status.conditions = set_condition(status.conditions, condition, "False", reason, message, now, generation)
     return status.dump()

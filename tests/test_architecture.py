@@ -1,9 +1,12 @@
-"""The layering in DESIGN.md: which package may import what. Checked on the source (every import statement,
-also those inside functions), so a lazy import cannot sneak past, and once more at run time."""
+"""The layering in docs/architecture.md: which package and which operator module may import what. Checked on
+the source (every import statement, also those inside functions), so a lazy import cannot sneak past, and once
+more at run time. The operator's rooms are read from the table in docs/architecture.md, so the document and the
+code cannot drift apart: a module missing from it, or listed but gone, fails here."""
 
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -19,10 +22,27 @@ FORBIDDEN: dict[str, tuple[str, ...]] = {
     "trainer": ("kubernetes", "kopf", "aiaas.operator", "aiaas.server"),
     "server": ("kubernetes", "kopf", "aiaas.operator"),
 }
-# pure modules (API models, renderers, CRD generation, status logic) never talk to the API server
-PURE = ["operator/api.py", "operator/crdgen.py", "operator/load.py", "operator/render", "operator/status",
-        "operator/status.py"]
 PURE_FORBIDDEN = ("aiaas.operator.k8s", "kubernetes", "kopf")
+ARCHITECTURE = REPO / "docs" / "architecture.md"
+ROW = re.compile(r"^\| (?P<modules>`operator/[^|]+) \| (?P<what>[^|]+) \| (?P<imports>[^|]+) \|$")
+
+
+def rooms() -> dict[str, tuple[bool, set[str]]]:
+    """docs/architecture.md's table: module path -> (pure?, operator modules it may import)."""
+    out: dict[str, tuple[bool, set[str]]] = {}
+    for line in ARCHITECTURE.read_text().splitlines():
+        m = ROW.match(line)
+        if not m:
+            continue
+        allowed = {a.strip() for a in m["imports"].split(",") if a.strip() not in ("—", "")}
+        for module in re.findall(r"`(operator/[^`]+)`", m["modules"]):
+            out[module.rstrip("/")] = ("**pure**" in m["what"], allowed)
+    return out
+
+
+def module_files(room: str) -> list[Path]:
+    p = REPO / room
+    return sorted(p.rglob("*.py")) if p.is_dir() else [p]
 
 
 def package_of(path: Path) -> str:
@@ -61,13 +81,31 @@ def test_layering(folder: str) -> None:
     assert violations(files, FORBIDDEN[folder]) == []
 
 
+def test_the_architecture_document_lists_every_operator_module() -> None:
+    documented = set(rooms())
+    real = {str(p.relative_to(REPO)) for p in (REPO / "operator").glob("*.py")} | {
+        str(p.relative_to(REPO)) for p in (REPO / "operator").iterdir() if p.is_dir() and (p / "__init__.py").exists()}
+    assert documented == real, "update the table in docs/architecture.md"
+
+
 def test_pure_modules_never_touch_the_api_server() -> None:
-    files: list[Path] = []
-    for entry in PURE:
-        p = REPO / entry
-        files += sorted(p.rglob("*.py")) if p.is_dir() else ([p] if p.exists() else [])
-    assert len(files) >= 5
+    files = [f for room, (pure, _) in rooms().items() if pure for f in module_files(room)]
+    assert len(files) >= 10
     assert violations(files, PURE_FORBIDDEN) == []
+
+
+def test_operator_modules_import_only_what_their_room_allows() -> None:
+    bad = []
+    for room, (_, allowed) in rooms().items():
+        own = room.removeprefix("operator/").removesuffix(".py")
+        for f in module_files(room):
+            for line, module in imports_of(f):
+                if not module.startswith("aiaas.operator."):
+                    continue
+                top = module.removeprefix("aiaas.operator.").split(".")[0]
+                if top != own and top not in allowed and f"{top}" not in ("__init__",):
+                    bad.append(f"{f.relative_to(REPO)}:{line} imports {module} (allowed: {sorted(allowed)})")
+    assert bad == [], "import against the flow, or update docs/architecture.md"
 
 
 def test_the_checker_sees_lazy_and_relative_imports(tmp_path: Path) -> None:

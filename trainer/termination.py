@@ -23,23 +23,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from aiaas.contract.launch import (
-    ENV_TERMINATION_LOG,
-    EXIT_PERMANENT,
-    EXIT_PREEMPTED,
-    EXIT_RETRYABLE,
-    EXIT_SUCCESS,
-    TERMINATION_LOG,
+from aiaas.contract.launch import ENV_TERMINATION_LOG, TERMINATION_LOG
+from aiaas.contract.outcome import (  # noqa: F401 - re-exported: the trainer's modules name outcomes from here
+    EXIT_CODES,
+    PERMANENT,
+    PREEMPTED,
+    RETRYABLE,
+    SEVERITY,
+    SUCCEEDED,
+    read_outcome,
 )
 
-SUCCEEDED = "Succeeded"
-PERMANENT = "PermanentError"
-RETRYABLE = "RetryableError"
-PREEMPTED = "Preempted"
-
-EXIT_CODES = {SUCCEEDED: EXIT_SUCCESS, PERMANENT: EXIT_PERMANENT, RETRYABLE: EXIT_RETRYABLE,
-              PREEMPTED: EXIT_PREEMPTED}
-SEVERITY = {SUCCEEDED: 0, PREEMPTED: 1, RETRYABLE: 2, PERMANENT: 3}
 MAX_MESSAGE = 3500  # the kubelet keeps 4096 bytes of the termination log
 
 
@@ -79,14 +73,6 @@ def termination_log_path() -> Path | None:
     if p.exists() and os.access(p, os.W_OK):
         return p
     return None
-
-
-def read_outcome(path: str | os.PathLike[str]) -> dict[str, Any] | None:
-    try:
-        data = json.loads(Path(path).read_text() or "null")
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
 
 
 def write_outcome(outcome: Outcome, path: Path | None = None) -> Path | None:

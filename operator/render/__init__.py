@@ -1,7 +1,8 @@
 """Pure renderers: API objects in, Kubernetes manifests (plain dicts) out. No I/O, no globals, no clock."""
 
-from .inferenceservice import render_inferenceservice
+from .inferenceservice import ServicePlan, render_inferenceservice
 from .settings import RenderSettings
-from .trainingjob import render_trainingjob, trainer_config
+from .trainingjob import JobPlan, render_trainingjob, trainer_config
 
-__all__ = ["RenderSettings", "render_inferenceservice", "render_trainingjob", "trainer_config"]
+__all__ = ["JobPlan", "RenderSettings", "ServicePlan", "render_inferenceservice", "render_trainingjob",
+           "trainer_config"]

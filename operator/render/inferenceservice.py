@@ -1,7 +1,11 @@
-"""InferenceService -> Deployment + Service (+ HorizontalPodAutoscaler when minReplicas < maxReplicas)."""
+"""InferenceService -> Deployment + Service (+ HorizontalPodAutoscaler when minReplicas < maxReplicas).
+
+The renderer draws what a :class:`ServicePlan` asks for (where the model is, who owns the replica count).
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlparse
 
@@ -18,6 +22,15 @@ from .common import (
     scheduling,
 )
 from .settings import RenderSettings
+
+
+@dataclass(frozen=True)
+class ServicePlan:
+    """What the operator decided about a service's children. The default renders the service as written."""
+
+    storage_uri: str | None = None  # the resolved model location (None: spec.model.storageUri, if any)
+    # With an HPA the Deployment's replicas are the HPA's: leave them out of what the operator applies.
+    hpa_owns_replicas: bool = False
 
 
 def parse_pvc_uri(uri: str) -> tuple[str, str]:
@@ -41,14 +54,15 @@ def _probe(path: str, period: int, failures: int) -> dict[str, Any]:
     return {"httpGet": {"path": path, "port": "http"}, "periodSeconds": period, "failureThreshold": failures}
 
 
-def deployment(svc: api.InferenceService, settings: RenderSettings, storage_uri: str) -> dict[str, Any]:
+def deployment(svc: api.InferenceService, settings: RenderSettings, storage_uri: str,
+               with_replicas: bool) -> dict[str, Any]:
     claim, path = parse_pvc_uri(storage_uri)
     s = svc.spec
     mount: dict[str, Any] = {"name": "model", "mountPath": launch.MODEL_DIR, "readOnly": True}
     if path:
         mount["subPath"] = path
     container: dict[str, Any] = {
-        "name": "server",
+        "name": launch.SERVER_CONTAINER,
         "image": s.image or settings.server_image,
         "imagePullPolicy": settings.image_pull_policy,
         "command": ["python", "-m", "aiaas.server"],
@@ -77,7 +91,7 @@ def deployment(svc: api.InferenceService, settings: RenderSettings, storage_uri:
         "kind": "Deployment",
         "metadata": metadata(svc, svc.metadata.name, pod_labels),
         "spec": {
-            "replicas": replicas,
+            **({"replicas": replicas} if with_replicas else {}),
             "selector": {"matchLabels": {launch.LABEL_ISVC: svc.metadata.name}},
             "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
             "template": {
@@ -136,13 +150,14 @@ def autoscaler(svc: api.InferenceService) -> dict[str, Any] | None:
     }
 
 
-def render_inferenceservice(
-    svc: api.InferenceService, settings: RenderSettings, storage_uri: str | None = None
-) -> list[dict[str, Any]]:
-    """Children of the service. ``storage_uri`` is the resolved model location (for a TrainingJob source the
-    operator passes the job's artifact URI); without it only the Service is rendered."""
-    uri = storage_uri or svc.spec.model.storage_uri
-    objs: list[dict[str, Any] | None] = [service(svc)]
-    if uri:
-        objs += [deployment(svc, settings, uri), autoscaler(svc)]
+def render_inferenceservice(svc: api.InferenceService, settings: RenderSettings, plan: ServicePlan = ServicePlan()
+                            ) -> list[dict[str, Any]]:
+    """Children of the service. Without a model location (a TrainingJob that has not finished) only the
+    Service is rendered."""
+    uri = plan.storage_uri or svc.spec.model.storage_uri
+    if not uri:
+        return [service(svc)]
+    hpa = autoscaler(svc)
+    with_replicas = hpa is None or not plan.hpa_owns_replicas
+    objs = [service(svc), deployment(svc, settings, uri, with_replicas), hpa]
     return [o for o in objs if o is not None]

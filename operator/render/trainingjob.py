@@ -1,9 +1,14 @@
-"""TrainingJob -> headless Service + torchrun StatefulSet (+ PersistentVolumeClaim, + Volcano PodGroup)."""
+"""TrainingJob -> headless Service + torchrun StatefulSet (+ PersistentVolumeClaim, + Volcano PodGroup).
+
+The renderer draws what a :class:`JobPlan` asks for (size, restart generation, which children exist); the
+operator's reconciler makes the plan, so nothing edits a rendered manifest afterwards.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from typing import Any
 
 from aiaas.contract import launch
@@ -24,6 +29,16 @@ from .settings import RenderSettings
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 VOLCANO_GROUP_ANNOTATION = "scheduling.k8s.io/group-name"
 STORAGE_MOUNT = "/var/run/aiaas"
+CHILD_KINDS = ("PersistentVolumeClaim", "PodGroup", "Service", "StatefulSet")  # in apply order
+
+
+@dataclass(frozen=True)
+class JobPlan:
+    """What the operator decided about a job's children. The default renders the job as written."""
+
+    replicas: int | None = None  # the StatefulSet's size; None: spec.topology.nodes (0 while suspended)
+    restart_generation: int | None = None  # stamped on the pod template; pods of another one are stale
+    children: tuple[str, ...] = CHILD_KINDS  # the kinds to render (a finished job keeps only its StatefulSet)
 
 
 def trainer_config(job: api.TrainingJob) -> TrainerConfig:
@@ -66,9 +81,8 @@ def artifact_uri(job: api.TrainingJob) -> str:
     return f"file://{launch.ARTIFACT_DIR}"
 
 
-def _host(job: api.TrainingJob, ordinal: int) -> str:
-    name, ns = job.metadata.name, job.metadata.namespace
-    return f"{name}-{ordinal}.{name}.{ns}.svc" if ns else f"{name}-{ordinal}.{name}"
+def _rank0_host(job: api.TrainingJob) -> str:
+    return launch.pod_dns_name(job.metadata.name, 0, job.metadata.namespace)
 
 
 def torchrun_args(job: api.TrainingJob) -> list[str]:
@@ -81,7 +95,7 @@ def torchrun_args(job: api.TrainingJob) -> list[str]:
         f"--nproc-per-node={t.nproc_per_node}",
         f"--node-rank=$({launch.ENV_NODE_RANK})",
         "--rdzv-backend=c10d",
-        f"--rdzv-endpoint={_host(job, 0)}:{launch.RDZV_PORT}",
+        f"--rdzv-endpoint={_rank0_host(job)}:{launch.RDZV_PORT}",
         f"--rdzv-id={job.metadata.uid or job.metadata.name}",
         f"--max-restarts={max_restarts}",
         "-m",
@@ -102,13 +116,13 @@ def _env(job: api.TrainingJob, config_json: str) -> list[dict[str, Any]]:
         _field_env(launch.ENV_NAMESPACE, "metadata.namespace"),
         _field_env(launch.ENV_NODE_RANK, pod_index),
         _field_env(launch.ENV_RANK, pod_index),
-        {"name": launch.ENV_MASTER_ADDR, "value": _host(job, 0)},
+        {"name": launch.ENV_MASTER_ADDR, "value": _rank0_host(job)},
         {"name": launch.ENV_MASTER_PORT, "value": str(launch.MASTER_PORT)},
         {"name": launch.ENV_WORLD_SIZE, "value": str(t.world_size)},
         {"name": launch.ENV_NNODES, "value": nnodes},
         {"name": launch.ENV_NPROC_PER_NODE, "value": str(t.nproc_per_node)},
         {"name": launch.ENV_RDZV_BACKEND, "value": "c10d"},
-        {"name": launch.ENV_RDZV_ENDPOINT, "value": f"{_host(job, 0)}:{launch.RDZV_PORT}"},
+        {"name": launch.ENV_RDZV_ENDPOINT, "value": f"{_rank0_host(job)}:{launch.RDZV_PORT}"},
         {"name": launch.ENV_RDZV_ID, "value": job.metadata.uid or job.metadata.name},
         {"name": launch.ENV_JOB_NAME, "value": job.metadata.name},
         {"name": launch.ENV_CONFIG, "value": config_json},
@@ -179,13 +193,13 @@ def headless_service(job: api.TrainingJob) -> dict[str, Any]:
     }
 
 
-def statefulset(job: api.TrainingJob, settings: RenderSettings, replicas: int | None = None) -> dict[str, Any]:
+def statefulset(job: api.TrainingJob, settings: RenderSettings, plan: JobPlan) -> dict[str, Any]:
     t = job.spec.topology
     config_json = json.dumps(trainer_config(job).dump(), sort_keys=True, separators=(",", ":"))
     volumes, mounts = _volumes(job)
     trainer = job.spec.trainer
     container: dict[str, Any] = {
-        "name": "trainer",
+        "name": launch.TRAINER_CONTAINER,
         "image": trainer.image or settings.trainer_image,
         "imagePullPolicy": trainer.image_pull_policy or settings.image_pull_policy,
         "command": trainer.command or ["torchrun"],
@@ -202,6 +216,8 @@ def statefulset(job: api.TrainingJob, settings: RenderSettings, replicas: int | 
         container["resources"] = res
     labels = job_labels(job)
     pod_annotations = {launch.ANNOTATION_CONFIG_HASH: config_hash(config_json)}
+    if plan.restart_generation is not None:
+        pod_annotations[launch.ANNOTATION_RESTART] = str(plan.restart_generation)
     gang = job.spec.scheduling.gang
     if gang and gang.provider == api.GangProvider.volcano.value:
         pod_annotations[VOLCANO_GROUP_ANNOTATION] = job.metadata.name
@@ -217,6 +233,7 @@ def statefulset(job: api.TrainingJob, settings: RenderSettings, replicas: int | 
     }
     if settings.service_account_name:
         pod_spec["serviceAccountName"] = settings.service_account_name
+    replicas = plan.replicas
     if replicas is None:
         replicas = 0 if job.spec.suspend else t.nodes
     return {
@@ -273,10 +290,14 @@ def pod_group(job: api.TrainingJob) -> dict[str, Any] | None:
     }
 
 
-def render_trainingjob(
-    job: api.TrainingJob, settings: RenderSettings, replicas: int | None = None
-) -> list[dict[str, Any]]:
-    """Every child object of the job, in apply order. ``replicas`` overrides the StatefulSet's size (the
-    operator passes 0 for a suspended or finished job)."""
-    objs = [storage_claim(job), pod_group(job), headless_service(job), statefulset(job, settings, replicas)]
+def render_trainingjob(job: api.TrainingJob, settings: RenderSettings, plan: JobPlan = JobPlan()
+                       ) -> list[dict[str, Any]]:
+    """The job's children that ``plan`` asks for, in apply order."""
+    kinds = set(plan.children)
+    objs = [
+        storage_claim(job) if "PersistentVolumeClaim" in kinds else None,
+        pod_group(job) if "PodGroup" in kinds else None,
+        headless_service(job) if "Service" in kinds else None,
+        statefulset(job, settings, plan) if "StatefulSet" in kinds else None,
+    ]
     return [o for o in objs if o is not None]

@@ -11,7 +11,13 @@ import pytest
 from aiaas.contract import launch
 from aiaas.contract.config import TrainerConfig
 from aiaas.operator import api, load
-from aiaas.operator.render import RenderSettings, render_inferenceservice, render_trainingjob
+from aiaas.operator.render import (
+    JobPlan,
+    RenderSettings,
+    ServicePlan,
+    render_inferenceservice,
+    render_trainingjob,
+)
 from aiaas.operator.render.trainingjob import artifact_uri
 
 REPO = Path(__file__).resolve().parents[2]
@@ -29,7 +35,7 @@ def render_file(path: Path, namespace: str = "team-a") -> list[dict]:
         if isinstance(obj, api.TrainingJob):
             out += render_trainingjob(obj, SETTINGS)
         else:
-            out += render_inferenceservice(obj, SETTINGS, "pvc://models/cnn/artifacts")
+            out += render_inferenceservice(obj, SETTINGS, ServicePlan(storage_uri="pvc://models/cnn/artifacts"))
     return out
 
 
@@ -113,7 +119,7 @@ def test_gpu_jobs_request_gpus_and_tolerate_the_gpu_taint() -> None:
 
 def test_suspended_job_renders_zero_replicas_and_override_wins() -> None:
     assert by_kind(render_trainingjob(job(suspend=True), SETTINGS))["StatefulSet"]["spec"]["replicas"] == 0
-    assert by_kind(render_trainingjob(job(), SETTINGS, replicas=0))["StatefulSet"]["spec"]["replicas"] == 0
+    assert by_kind(render_trainingjob(job(), SETTINGS, JobPlan(replicas=0)))["StatefulSet"]["spec"]["replicas"] == 0
 
 
 def test_elastic_job_uses_min_max_nnodes() -> None:
@@ -187,4 +193,4 @@ def test_inferenceservice_waiting_for_its_job_renders_no_deployment() -> None:
     objs = render_inferenceservice(isvc(model={"trainingJob": "train"}), SETTINGS)
     assert [o["kind"] for o in objs] == ["Service"]
     assert [o["kind"] for o in render_inferenceservice(isvc(model={"trainingJob": "train"}), SETTINGS,
-                                                       "pvc://c/train/artifacts")] == ["Service", "Deployment"]
+                                                       ServicePlan("pvc://c/train/artifacts"))] == ["Service", "Deployment"]

@@ -401,8 +401,9 @@ def test_conditions_keep_their_transition_time_while_unchanged():
 
 
 def test_reconcile_errors_reach_status_without_changing_the_phase():
-    out = error_status({"phase": "Running", "restartCount": 1}, "ReconcileError",
-                       "reconcile failed (will retry): statefulsets.apps is forbidden", T0, 3)
+    out = error_status(api.TrainingJobStatus, {"phase": "Running", "restartCount": 1}, "ReconcileError",
+                       "reconcile failed (will retry): statefulsets.apps is forbidden", T0, 3,
+                       default_phase="Pending", condition="Running")
     assert out["phase"] == "Running" and out["reason"] == "ReconcileError" and out["restartCount"] == 1
     assert "forbidden" in out["message"]
     assert [c["reason"] for c in out["conditions"] if c["type"] == "Running"] == ["ReconcileError"]

@@ -7,16 +7,16 @@ from typing import Any
 
 from aiaas.contract import launch
 from aiaas.operator import api
-from aiaas.operator.handlers import (
-    manifests_hash,
-    newer,
-    parse,
-    stamp_restart,
-    status_patch,
-    without_hpa_replicas,
-)
 from aiaas.operator.main import lease_is_free, lease_spec
-from aiaas.operator.render import RenderSettings, render_inferenceservice, render_trainingjob
+from aiaas.operator.reconciler import parse
+from aiaas.operator.render import (
+    JobPlan,
+    RenderSettings,
+    ServicePlan,
+    render_inferenceservice,
+    render_trainingjob,
+)
+from aiaas.operator.runtime import manifests_hash, newer, status_patch
 from aiaas.operator.status_isvc import evaluate_service
 
 T0 = datetime(2026, 5, 1, 12, 0, 0, tzinfo=timezone.utc)
@@ -93,22 +93,23 @@ def test_hpa_owns_the_deployment_replicas():
     svc = api.InferenceService.model_validate({
         "apiVersion": api.API_VERSION, "kind": "InferenceService", "metadata": {"name": "d", "namespace": "ml"},
         "spec": {"model": {"storageUri": "pvc://m/x"}, "minReplicas": 1, "maxReplicas": 3}})
-    out = without_hpa_replicas(render_inferenceservice(svc, RenderSettings()))
+    out = render_inferenceservice(svc, RenderSettings(), ServicePlan(hpa_owns_replicas=True))
     dep = next(m for m in out if m["kind"] == "Deployment")
     assert "replicas" not in dep["spec"]
     fixed = render_inferenceservice(isvc(storageUri="pvc://m/x"), RenderSettings())
-    assert without_hpa_replicas(fixed) == fixed
+    assert render_inferenceservice(isvc(storageUri="pvc://m/x"), RenderSettings(),
+                                   ServicePlan(hpa_owns_replicas=True)) == fixed, "no HPA: the replicas stay ours"
 
 
 def test_restart_generation_is_stamped_on_the_pod_template():
     job = api.TrainingJob.model_validate({"apiVersion": api.API_VERSION, "kind": "TrainingJob",
                                           "metadata": {"name": "lenet", "namespace": "ml", "uid": "u"}})
-    rendered = render_trainingjob(job, RenderSettings())
-    out = stamp_restart(rendered, 3)
+    out = render_trainingjob(job, RenderSettings(), JobPlan(restart_generation=3))
     sts = next(m for m in out if m["kind"] == "StatefulSet")
     assert sts["spec"]["template"]["metadata"]["annotations"][launch.ANNOTATION_RESTART] == "3"
-    assert manifests_hash(out) != manifests_hash(stamp_restart(rendered, 4))
-    assert launch.ANNOTATION_RESTART not in str(rendered), "the renderer's output is not mutated"
+    assert manifests_hash(out) != manifests_hash(render_trainingjob(job, RenderSettings(),
+                                                                    JobPlan(restart_generation=4)))
+    assert launch.ANNOTATION_RESTART not in str(render_trainingjob(job, RenderSettings())), "no plan: as written"
 
 
 def test_status_patch_only_on_change_and_removes_fields():

@@ -1,4 +1,4 @@
-"""The reconcile queue: one run per key at a time, bursts coalesced, delayed re-runs (operator/handlers.py)."""
+"""The reconcile queue: one run per key at a time, bursts coalesced, delayed re-runs (operator/runtime.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import concurrent.futures
 import threading
 import time
 
-from aiaas.operator.handlers import KeyedQueue, same_object
+from aiaas.operator.runtime import KeyedQueue, same_object
 
 
 def test_bursts_coalesce_and_runs_never_overlap():

@@ -1,0 +1,122 @@
+"""The TrainingJob reconciler: snapshot -> :func:`.status.evaluate` -> a :class:`.render.JobPlan` -> result.
+
+Pure apart from :meth:`TrainingJobReconciler.probe` (the resync's progress scrape of rank 0, run by the
+runtime on a worker thread). Children: a StatefulSet and its pods, watched by the job-name label.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import ClassVar
+
+from aiaas.contract import launch
+
+from . import api
+from .metrics import OperatorMetrics
+from .reconciler import Body, ChildWatch, Key, ObjectRef, Result, Snapshot, parse, slim_pod, slim_workload
+from .render import JobPlan, RenderSettings, render_trainingjob
+from .render.trainingjob import CHILD_KINDS
+from .status import TERMINAL, Evaluation, Observed, error_status, evaluate, pod_view
+from .status_progress import Fetch, http_fetch, scrape
+
+KIND = "TrainingJob"
+
+
+def _slim_job_pod(pod: Body) -> Body:
+    return slim_pod(pod, (launch.ANNOTATION_RESTART,))
+
+
+@dataclass(frozen=True)
+class TrainingJobReconciler:
+    render_settings: RenderSettings
+    success_policy: str = "AllWorkers"
+    metrics_url_template: str = ""  # rank 0's metrics URL ("": no progress scraping)
+    scrape_timeout_seconds: float = 2.0
+    fetch: Fetch = http_fetch
+
+    kind: ClassVar[str] = KIND
+    plural: ClassVar[str] = "trainingjobs"
+    children: ClassVar[tuple[ChildWatch, ...]] = (
+        ChildWatch("apps/v1", "StatefulSet", "statefulsets", launch.LABEL_JOB, slim_workload),
+        ChildWatch("v1", "Pod", "pods", launch.LABEL_JOB, _slim_job_pod),
+    )
+
+    def phase(self, body: Body) -> str:
+        return str((body.get("status") or {}).get("phase") or api.Phase.pending.value)
+
+    def references(self, body: Body) -> tuple[tuple[str, Key], ...]:
+        return ()
+
+    def needs_resync(self, body: Body) -> bool:
+        return (body.get("status") or {}).get("phase") not in TERMINAL
+
+    # ------------------------------------------------------------------------------------------- probe
+    def metrics_url(self, snap: Snapshot) -> str | None:
+        """Rank 0's metrics URL for a running job (None: not running, or no live rank-0 pod with an IP)."""
+        status = snap.body.get("status") or {}
+        if not self.metrics_url_template or status.get("phase") != api.Phase.running.value:
+            return None
+        restart = int(status.get("restartCount") or 0)
+        for pod in snap.children.get("Pod", ()):
+            v = pod_view(pod)
+            if v.ordinal == 0 and v.generation == restart and not v.terminating and v.pod_ip:
+                return self.metrics_url_template.format(pod_ip=v.pod_ip, port=launch.METRICS_PORT, pod=v.name,
+                                                        namespace=snap.key[0], job=snap.key[1])
+        return None
+
+    def probe(self, snap: Snapshot) -> api.Progress | None:
+        url = self.metrics_url(snap)
+        return scrape(url, self.scrape_timeout_seconds, self.fetch) if url else None
+
+    # ----------------------------------------------------------------------------------------- reconcile
+    def reconcile(self, snap: Snapshot) -> Result:
+        job: api.TrainingJob = parse(api.TrainingJob, snap.body)
+        name = snap.key[1]
+        sts = snap.child("StatefulSet", name)
+        observed = Observed(statefulset=sts, pods=list(snap.children.get("Pod", ())), progress=snap.probe)
+        ev = evaluate(job, observed, snap.now, success_policy=self.success_policy)
+        children, absent = self.children_of(job, ev)
+        drifted = sts is None or (sts.get("spec") or {}).get("replicas") != ev.replicas
+        return Result(
+            status=ev.status.dump(),
+            children=tuple(children),
+            absent=tuple(absent),
+            drifted=drifted and not ev.delete_job,
+            events=tuple(ev.events),
+            delete_self=ev.delete_job,
+            evict=tuple(ObjectRef("v1", "Pod", p) for p in ev.stale_pods),
+            requeue_after=ev.requeue_after,
+            time_to_running=ev.time_to_running,
+        )
+
+    def children_of(self, job: api.TrainingJob, ev: Evaluation) -> tuple[list[Body], list[ObjectRef]]:
+        """The plan: a finished job only scales its StatefulSet (what was cleaned up is never recreated);
+        cleanPodPolicy All removes the headless Service; a job about to be deleted wants nothing."""
+        if ev.delete_job:
+            return [], []
+        kinds: tuple[str, ...] = ("StatefulSet",) if ev.terminal else CHILD_KINDS
+        if not ev.keep_service:
+            kinds = tuple(k for k in kinds if k != "Service")
+        plan = JobPlan(replicas=ev.replicas, restart_generation=ev.status.restart_count or 0, children=kinds)
+        absent = [] if ev.keep_service else [ObjectRef("v1", "Service", job.metadata.name)]
+        return render_trainingjob(job, self.render_settings, plan), absent
+
+    def error_status(self, old: Body, reason: str, message: str, now: datetime, generation: int | None) -> Body:
+        return error_status(api.TrainingJobStatus, old, reason, message, now, generation,
+                            default_phase=api.Phase.pending.value, condition=api.ConditionType.running.value)
+
+    def count(self, metrics: OperatorMetrics, old: Body, result: Result) -> None:
+        before, after = old.get("phase"), result.status.get("phase")
+        if before in (None, api.Phase.pending.value) and after != api.Phase.pending.value:
+            metrics.jobs_created.inc()
+        if int(result.status.get("restartCount") or 0) > int(old.get("restartCount") or 0):
+            metrics.jobs_restarted.inc()
+        if before != after:
+            if after == api.Phase.succeeded.value:
+                metrics.jobs_succeeded.inc()
+            elif after == api.Phase.failed.value:
+                metrics.jobs_failed.labels(result.status.get("reason") or "Unknown").inc()
+        if result.time_to_running is not None:
+            metrics.time_to_running.observe(result.time_to_running)
+

@@ -1,0 +1,441 @@
+"""The controller runtime, written once for every kind: watch caches, the keyed queue, resync, backoff,
+error-to-status, status patching, applying children and Events. What to do is decided by the reconcilers
+(:mod:`.reconciler`); this module only carries their results out through :mod:`.k8s`.
+
+Level-triggered, like a controller-runtime manager: every reconcile looks at the whole observed state, so a
+missed event, an operator restart or a duplicate event changes nothing. Watch events (on the event loop) update
+the caches and queue the owning resource; reconciles of one resource never overlap (the queue coalesces bursts),
+different resources run in parallel on a thread pool (the Kubernetes client is synchronous). Every cache access
+goes through :class:`Store`, under one lock. Nothing here knows a kind by name.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import hashlib
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Hashable, Iterable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+from . import api
+from .k8s import Kube, KubeError
+from .metrics import Health, OperatorMetrics
+from .reconciler import (
+    REASON_INVALID_SPEC,
+    REASON_RECONCILE_ERROR,
+    Body,
+    ChildWatch,
+    InvalidSpec,
+    Key,
+    Reconciler,
+    Result,
+    Snapshot,
+    slim_resource,
+)
+from .settings import OperatorSettings
+from .status import Event
+
+log = logging.getLogger("aiaas.operator")
+
+Clock = Callable[[], datetime]
+Ref = tuple[str, Key]  # (kind, key) of a watched resource
+MAX_BACKOFF_SECONDS = 300.0
+PROBE_CONCURRENCY = 16
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+# ------------------------------------------------------------------------------------------ pure helpers
+def manifests_hash(manifests: Iterable[Any]) -> str:
+    return hashlib.sha256(json.dumps(list(manifests), sort_keys=True, default=repr).encode()).hexdigest()
+
+
+def status_patch(old: Body, new: Body, now: datetime) -> Body | None:
+    """The merge patch turning ``old`` into ``new`` (None: nothing changed but the reconcile time)."""
+    old_cmp = {k: v for k, v in old.items() if k != "lastReconcileTime"}
+    new_cmp = {k: v for k, v in new.items() if k != "lastReconcileTime"}
+    if old_cmp == new_cmp:
+        return None
+    patch: Body = dict(new_cmp)
+    for k in old_cmp:
+        if k not in new_cmp:
+            patch[k] = None
+    patch["lastReconcileTime"] = now.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return patch
+
+
+def newer(a: Body | None, b: Body) -> bool:
+    """Is ``b`` at least as new as ``a`` (by resourceVersion, when both are numbers)?"""
+    if a is None:
+        return True
+    ra = str((a.get("metadata") or {}).get("resourceVersion", ""))
+    rb = str((b.get("metadata") or {}).get("resourceVersion", ""))
+    if ra.isdigit() and rb.isdigit():
+        return int(rb) >= int(ra)
+    return True
+
+
+def same_object(cached: Body | None, body: Body) -> bool:
+    """Is ``body`` (e.g. a DELETED event) about the cached object, not a recreated namesake (a StatefulSet pod
+    is recreated under the same name, and a watch may deliver the old one's deletion after the new one's
+    creation)?"""
+    if cached is None:
+        return True
+    return (cached.get("metadata") or {}).get("uid") == (body.get("metadata") or {}).get("uid")
+
+
+def key_of(body: Body) -> Key:
+    meta = body.get("metadata") or {}
+    return meta.get("namespace", ""), meta.get("name", "")
+
+
+# ------------------------------------------------------------------------------------------------- store
+class Store:
+    """The watch caches, thread-safe: resources by kind and key, children by kind, owner and name, who
+    refers to whom, and fresh probe answers. Writers keep the newest version; a deletion of an older
+    namesake is ignored."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._resources: dict[str, dict[Key, Body]] = {}
+        self._children: dict[str, dict[Key, dict[str, Body]]] = {}
+        self._refers_to: dict[Ref, tuple[Ref, ...]] = {}
+        self._referred_by: dict[Ref, set[Ref]] = {}
+        self._probes: dict[Ref, Any] = {}
+
+    def put(self, kind: str, body: Body, refers_to: tuple[Ref, ...] = ()) -> bool:
+        """Cache ``body`` if it is at least as new as the cached one. True if it was stored."""
+        key = key_of(body)
+        with self._lock:
+            objs = self._resources.setdefault(kind, {})
+            if not newer(objs.get(key), body):
+                return False
+            objs[key] = body
+            self._set_refs((kind, key), refers_to)
+            return True
+
+    def remove(self, kind: str, body: Body) -> bool:
+        key = key_of(body)
+        with self._lock:
+            objs = self._resources.setdefault(kind, {})
+            if not same_object(objs.get(key), body):
+                return False  # a late event of an older namesake
+            objs.pop(key, None)
+            self._set_refs((kind, key), ())
+            self._probes.pop((kind, key), None)
+            return True
+
+    def _set_refs(self, ref: Ref, refers_to: tuple[Ref, ...]) -> None:
+        for old in self._refers_to.pop(ref, ()):
+            self._referred_by.get(old, set()).discard(ref)
+        if refers_to:
+            self._refers_to[ref] = refers_to
+            for target in refers_to:
+                self._referred_by.setdefault(target, set()).add(ref)
+
+    def put_child(self, kind: str, owner: Key, body: Body) -> None:
+        name = (body.get("metadata") or {}).get("name", "")
+        with self._lock:
+            named = self._children.setdefault(kind, {}).setdefault(owner, {})
+            if newer(named.get(name), body):
+                named[name] = body
+
+    def remove_child(self, kind: str, owner: Key, body: Body) -> None:
+        name = (body.get("metadata") or {}).get("name", "")
+        with self._lock:
+            by_owner = self._children.setdefault(kind, {})
+            named = by_owner.get(owner, {})
+            if same_object(named.get(name), body):
+                named.pop(name, None)
+            if not named:
+                by_owner.pop(owner, None)
+
+    def set_probe(self, ref: Ref, value: Any) -> None:
+        with self._lock:
+            self._probes[ref] = value
+
+    def get(self, kind: str, key: Key) -> Body | None:
+        with self._lock:
+            return self._resources.get(kind, {}).get(key)
+
+    def items(self, kind: str) -> list[tuple[Key, Body]]:
+        with self._lock:
+            return list(self._resources.get(kind, {}).items())
+
+    def referred_by(self, ref: Ref) -> list[Ref]:
+        with self._lock:
+            return list(self._referred_by.get(ref, ()))
+
+    def snapshot(self, rec: Reconciler, key: Key, now: datetime) -> Snapshot | None:
+        """Everything one reconcile of ``key`` may read, at once; consumes a fresh probe answer."""
+        with self._lock:
+            body = self._resources.get(rec.kind, {}).get(key)
+            if body is None:
+                return None
+            children = {w.kind: tuple(self._children.get(w.kind, {}).get(key, {}).values()) for w in rec.children}
+            related = {r: self._resources.get(r[0], {}).get(r[1]) for r in self._refers_to.get((rec.kind, key), ())}
+            probe = self._probes.pop((rec.kind, key), None)
+        return Snapshot(key=key, body=body, children=children, related=related, probe=probe, now=now)
+
+
+# ------------------------------------------------------------------------------------------------- queue
+@dataclass
+class _KeyState:
+    dirty: bool = False
+    running: bool = False
+
+
+class KeyedQueue:
+    """Per-key serialised, coalescing work queue on an event loop; work runs on a thread pool. Call every
+    method on the loop."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, executor: concurrent.futures.Executor,
+                 work: Callable[[Any], float | None]) -> None:
+        self.loop, self.executor, self.work = loop, executor, work
+        self.state: dict[Hashable, _KeyState] = {}
+        self.timers: dict[Hashable, tuple[float, asyncio.TimerHandle]] = {}
+
+    def enqueue(self, key: Hashable) -> None:
+        """Runs ``work(key)`` soon; bursts collapse into one more run."""
+        st = self.state.setdefault(key, _KeyState())
+        st.dirty = True
+        if not st.running:
+            st.running = True
+            self.loop.create_task(self._run(key, st))
+
+    def later(self, key: Hashable, delay: float) -> None:
+        """Run again after ``delay`` seconds (the earliest request wins)."""
+        when = self.loop.time() + max(0.0, delay)
+        current = self.timers.get(key)
+        if current is not None and current[0] <= when:
+            return
+        if current is not None:
+            current[1].cancel()
+
+        def fire() -> None:
+            self.timers.pop(key, None)
+            self.enqueue(key)
+
+        self.timers[key] = (when, self.loop.call_at(when, fire))
+
+    def forget(self, key: Hashable) -> None:
+        t = self.timers.pop(key, None)
+        if t is not None:
+            t[1].cancel()
+
+    async def _run(self, key: Hashable, st: _KeyState) -> None:
+        try:
+            while st.dirty:
+                st.dirty = False
+                delay = await self.loop.run_in_executor(self.executor, self.work, key)
+                if delay is not None:
+                    self.later(key, delay)
+        finally:
+            st.running = False
+            if not st.dirty:
+                self.state.pop(key, None)
+            else:  # enqueued while the last run was finishing
+                self.enqueue(key)
+
+
+# ----------------------------------------------------------------------------------------------- runtime
+class Runtime:
+    """Runs the reconcilers: caches, queue, resync, and carrying out each :class:`.reconciler.Result`."""
+
+    def __init__(self, settings: OperatorSettings, kube: Kube, reconcilers: Iterable[Reconciler],
+                 metrics: OperatorMetrics | None = None, health: Health | None = None, clock: Clock = utcnow) -> None:
+        self.settings, self.kube, self.clock = settings, kube, clock
+        self.reconcilers: dict[str, Reconciler] = {r.kind: r for r in reconcilers}
+        self.metrics = metrics or OperatorMetrics()
+        self.health = health or Health()
+        self.store = Store()
+        self._applied: dict[Ref, str] = {}  # hash of what was last applied, written only by the ref's reconcile
+        self._failures: dict[Ref, int] = {}  # consecutive failed reconciles, likewise
+        self._executor = concurrent.futures.ThreadPoolExecutor(settings.workers, thread_name_prefix="reconcile")
+        self._events = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="events")  # keeps their order
+        self._queue: KeyedQueue | None = None
+        self._resync_task: asyncio.Task[None] | None = None
+
+    # -------------------------------------------------------------------------------------------- wiring
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._queue = KeyedQueue(loop, self._executor, self.reconcile)
+        self._resync_task = loop.create_task(self._resync_loop())
+
+    async def stop(self) -> None:
+        if self._resync_task is not None:
+            self._resync_task.cancel()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        self._events.shutdown(wait=False)
+
+    def enqueue(self, ref: Ref) -> None:
+        if self._queue is not None:
+            self._queue.enqueue(ref)
+
+    def phases(self, kind: str) -> dict[str, str]:
+        """Each resource's phase by namespace/name, for the phase gauges."""
+        rec = self.reconcilers[kind]
+        return {f"{ns}/{name}": rec.phase(body) for (ns, name), body in self.store.items(kind)}
+
+    # ------------------------------------------------------------------------------ watch events (loop)
+    def observe(self, kind: str, event_type: str | None, body: Body) -> None:
+        """A watch event of a reconciled resource."""
+        rec, ref = self.reconcilers[kind], (kind, key_of(body))
+        if event_type == "DELETED":
+            if self.store.remove(kind, body):
+                self._applied.pop(ref, None)
+                self._failures.pop(ref, None)
+                if self._queue is not None:
+                    self._queue.forget(ref)
+        else:
+            self.store.put(kind, slim_resource(body), rec.references(body))
+            self.enqueue(ref)
+        for dependent in self.store.referred_by(ref):
+            self.enqueue(dependent)
+
+    def observe_child(self, owner_kind: str, watch: ChildWatch, event_type: str | None, body: Body) -> None:
+        """A watch event of a child: update the owner's cache and reconcile the owner."""
+        meta = body.get("metadata") or {}
+        owner_name = (meta.get("labels") or {}).get(watch.owner_label)
+        if not owner_name:
+            return
+        owner = (meta.get("namespace", ""), owner_name)
+        if event_type == "DELETED":
+            self.store.remove_child(watch.kind, owner, body)
+        else:
+            self.store.put_child(watch.kind, owner, watch.slim(body))
+        self.enqueue((owner_kind, owner))
+
+    # ----------------------------------------------------------------------------------- work (threads)
+    def reconcile(self, ref: Ref) -> float | None:
+        """One reconcile (on a worker thread). Returns 'look again in N s'. Every error goes to the
+        resource's status; a failed reconcile is retried with exponential backoff."""
+        kind, key = ref
+        rec = self.reconcilers[kind]
+        snap = self.store.snapshot(rec, key, self.clock())
+        if snap is None or (snap.body.get("metadata") or {}).get("deletionTimestamp"):
+            return None
+        t0 = time.perf_counter()
+        try:
+            delay = self._carry_out(rec, snap, rec.reconcile(snap))
+            self._failures.pop(ref, None)
+            return delay
+        except InvalidSpec as err:
+            self._failures.pop(ref, None)
+            self._write_error(rec, snap, REASON_INVALID_SPEC, str(err))
+            return None
+        except Exception as err:  # noqa: BLE001 - every error goes to status, then we retry
+            n = self._failures.get(ref, 0)
+            self._failures[ref] = n + 1
+            self.metrics.reconcile_errors.labels(kind).inc()
+            message = str(err) if isinstance(err, KubeError) else f"{type(err).__name__}: {err}"
+            log.warning("reconcile of %s %s/%s failed: %s", kind, key[0], key[1], message)
+            self._write_error(rec, snap, REASON_RECONCILE_ERROR, f"reconcile failed (will retry): {message}")
+            return min(self.settings.retry_seconds * 2 ** n, MAX_BACKOFF_SECONDS)
+        finally:
+            self.metrics.reconcile_duration.labels(kind).observe(time.perf_counter() - t0)
+
+    def _carry_out(self, rec: Reconciler, snap: Snapshot, result: Result) -> float | None:
+        """Children, then status (a restart generation is recorded before pods go for it), then the rest."""
+        self._apply_children(rec, snap, result)
+        old = snap.body.get("status") or {}
+        if self._write_status(rec, snap, result.status):
+            rec.count(self.metrics, old, result)
+        self._post_events(snap.body, result.events)
+        ns, name = snap.key
+        if result.delete_self:
+            log.info("%s %s/%s finished: deleting it (ttlSecondsAfterFinished)", rec.kind, ns, name)
+            self.kube.delete(api.API_VERSION, rec.kind, ns, name, uid=(snap.body.get("metadata") or {}).get("uid"))
+            return None
+        if result.evict:
+            log.info("%s %s/%s: deleting %s", rec.kind, ns, name, ", ".join(r.name for r in result.evict))
+            for r in result.evict:
+                self.kube.delete(r.api_version, r.kind, ns, r.name)
+        return result.requeue_after
+
+    def _apply_children(self, rec: Reconciler, snap: Snapshot, result: Result) -> None:
+        """Apply what the reconciler wants, unless it is what was last applied and nothing drifted."""
+        ref = (rec.kind, snap.key)
+        digest = manifests_hash([*result.children, *(repr(a) for a in result.absent)])
+        if self._applied.get(ref) == digest and not result.drifted:
+            return
+        watched = {w.kind: w for w in rec.children}
+        for manifest in result.children:
+            stored = self.kube.apply(manifest)
+            child = watched.get(manifest["kind"])
+            if child is not None and stored:
+                self.store.put_child(child.kind, snap.key, child.slim(stored))
+        for absent in result.absent:
+            self.kube.delete(absent.api_version, absent.kind, snap.key[0], absent.name)
+        self._applied[ref] = digest
+
+    def _write_status(self, rec: Reconciler, snap: Snapshot, new: Body) -> bool:
+        """Patch the status if it changed (True); cache what the API server stored."""
+        patch = status_patch(snap.body.get("status") or {}, new, self.clock())
+        if patch is None:
+            return False
+        stored = self.kube.patch_status(api.API_VERSION, rec.kind, snap.key[0], snap.key[1], patch)
+        if stored:
+            self.store.put(rec.kind, slim_resource(stored), rec.references(stored))
+        return True
+
+    def _write_error(self, rec: Reconciler, snap: Snapshot, reason: str, message: str) -> None:
+        old = snap.body.get("status") or {}
+        generation = (snap.body.get("metadata") or {}).get("generation")
+        try:
+            if self._write_status(rec, snap, rec.error_status(old, reason, message, self.clock(), generation)) \
+                    and old.get("reason") != reason:
+                self._post_events(snap.body, (Event("Warning", reason, message),))
+        except KubeError as err:
+            log.warning("could not write the error into %s %s/%s status: %s", rec.kind, *snap.key, err)
+
+    def _post_events(self, body: Body, events: Iterable[Event]) -> None:
+        """Events go out on their own thread: they never delay a reconcile, and their order is kept."""
+        todo = list(events)
+
+        def post() -> None:
+            for e in todo:
+                self.kube.post_event(body, e.type, e.reason, e.message)
+
+        if todo:
+            self._events.submit(post)
+
+    # -------------------------------------------------------------------------------------------- resync
+    async def _resync_loop(self) -> None:
+        while True:
+            self.health.heartbeat()
+            try:
+                await asyncio.sleep(self.settings.resync_seconds)
+                self.health.heartbeat()
+                await self.resync()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - the timer must survive anything
+                log.exception("resync failed")
+
+    async def resync(self) -> None:
+        """Probe what needs probing (e.g. progress), then queue everything that wants a periodic look."""
+        due = [(rec, key) for rec in self.reconcilers.values()
+               for key, body in self.store.items(rec.kind) if rec.needs_resync(body)]
+        loop = asyncio.get_running_loop()
+        sem = asyncio.Semaphore(PROBE_CONCURRENCY)
+
+        async def probe(rec: Reconciler, key: Key) -> None:
+            snap = self.store.snapshot(rec, key, self.clock())
+            if snap is None:
+                return
+            async with sem:
+                value = await loop.run_in_executor(self._executor, rec.probe, snap)
+            if value is not None:
+                self.store.set_probe((rec.kind, key), value)
+
+        await asyncio.gather(*(probe(rec, key) for rec, key in due), return_exceptions=True)
+        for rec, key in due:
+            self.enqueue((rec.kind, key))

@@ -1,0 +1,53 @@
+"""kopf wiring: watches only. Each reconciler's resource and children are watched with ``on.event`` and handed
+to :class:`.runtime.Runtime`; kopf never writes annotations, finalizers or status fields of its own into our
+resources. Nothing here decides anything, and nothing here knows a kind by name.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, cast
+
+import kopf
+
+from . import api
+from .reconciler import Body, ChildWatch
+from .runtime import Runtime
+
+
+def register(registry: kopf.OperatorRegistry, rt: Runtime) -> None:
+    """Attach login, start/stop and one event handler per watched kind to ``registry``."""
+
+    @kopf.on.login(registry=registry)
+    def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+        return kopf.login_via_client(**kwargs)  # in-cluster token or the kubeconfig, as the kubernetes client
+
+    @kopf.on.startup(registry=registry)
+    async def startup(**_: Any) -> None:
+        rt.start(asyncio.get_running_loop())
+        rt.health.ready = True
+
+    @kopf.on.cleanup(registry=registry)
+    async def cleanup(**_: Any) -> None:
+        rt.health.ready = False
+        await rt.stop()
+
+    for kind, rec in rt.reconcilers.items():
+        _watch_resource(registry, rt, kind, rec.plural)
+        for child in rec.children:
+            _watch_child(registry, rt, kind, child)
+
+
+def _watch_resource(registry: kopf.OperatorRegistry, rt: Runtime, kind: str, plural: str) -> None:
+    async def on_event(event: kopf.RawEvent, **_: Any) -> None:
+        rt.observe(kind, event.get("type"), cast(Body, event["object"]))
+
+    kopf.on.event(api.GROUP, api.VERSION, plural, id=f"watch-{plural}", registry=registry)(on_event)
+
+
+def _watch_child(registry: kopf.OperatorRegistry, rt: Runtime, owner_kind: str, child: ChildWatch) -> None:
+    async def on_event(event: kopf.RawEvent, **_: Any) -> None:
+        rt.observe_child(owner_kind, child, event.get("type"), cast(Body, event["object"]))
+
+    kopf.on.event(child.group, child.version, child.plural, id=f"watch-{child.plural}-of-{owner_kind}",
+                  labels={child.owner_label: kopf.PRESENT}, registry=registry)(on_event)

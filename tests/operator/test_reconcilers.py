@@ -1,0 +1,235 @@
+"""The reconcilers (operator/reconcile_*.py) from snapshots, and the runtime's store and order of work
+(operator/runtime.py). No cluster: a reconciler is a pure function of its snapshot."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import pytest
+
+from aiaas.contract import launch
+from aiaas.contract import outcome as oc
+from aiaas.operator import api
+from aiaas.operator.k8s import KubeError
+from aiaas.operator.reconcile_inferenceservice import InferenceServiceReconciler
+from aiaas.operator.reconcile_trainingjob import TrainingJobReconciler
+from aiaas.operator.reconciler import InvalidSpec, ObjectRef, Snapshot, slim_pod
+from aiaas.operator.render import RenderSettings
+from aiaas.operator.runtime import Runtime, Store
+from aiaas.operator.settings import OperatorSettings
+
+T0 = datetime(2026, 5, 1, 12, 0, 0, tzinfo=timezone.utc)
+JOBS = TrainingJobReconciler(RenderSettings(), metrics_url_template="http://{pod_ip}:{port}/metrics")
+SERVICES = InferenceServiceReconciler(RenderSettings())
+
+
+def job_body(status: dict[str, Any] | None = None, **spec: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "apiVersion": api.API_VERSION, "kind": "TrainingJob",
+        "metadata": {"name": "lenet", "namespace": "ml", "uid": "u1", "generation": 1, "resourceVersion": "10"},
+        "spec": {"topology": {"nodes": 2}, **spec},
+    }
+    if status is not None:
+        body["status"] = status
+    return body
+
+
+def pod(name: str, gen: int = 0, *, exit_code: int | None = None, outcome: str | None = None,
+        ip: str = "10.0.0.7") -> dict[str, Any]:
+    cs: dict[str, Any] = {"name": launch.TRAINER_CONTAINER, "image": "img", "ready": exit_code is None,
+                          "state": {"running": {}}}
+    if exit_code is not None:
+        msg = json.dumps({"outcome": outcome, "message": "boom", "step": 7}) if outcome else ""
+        cs["state"] = {"terminated": {"exitCode": exit_code, "message": msg}}
+    return {
+        "metadata": {"name": name, "namespace": "ml", "uid": f"{name}-{gen}", "resourceVersion": "1",
+                     "labels": {launch.LABEL_JOB: "lenet", launch.POD_INDEX_LABEL: name[-1]},
+                     "annotations": {launch.ANNOTATION_RESTART: str(gen)}},
+        "spec": {"containers": [{"name": launch.TRAINER_CONTAINER, "image": "img"}]},
+        "status": {"phase": "Running", "podIP": ip, "containerStatuses": [cs],
+                   "conditions": [{"type": "Ready", "status": str(exit_code is None)}]},
+    }
+
+
+def sts(replicas: int) -> dict[str, Any]:
+    return {"metadata": {"name": "lenet", "namespace": "ml", "uid": "s1", "resourceVersion": "3"},
+            "spec": {"replicas": replicas}}
+
+
+def snap(body: dict[str, Any], pods: list[dict[str, Any]] = (), statefulset: dict[str, Any] | None = None,
+         related: dict[Any, Any] | None = None, probe: Any = None, now: datetime = T0) -> Snapshot:
+    children = {"Pod": tuple(pods), "StatefulSet": (statefulset,) if statefulset else (), "Deployment": ()}
+    return Snapshot(("ml", body["metadata"]["name"]), body, children, related or {}, probe, now)
+
+
+def kinds(result: Any) -> list[str]:
+    return [m["kind"] for m in result.children]
+
+
+def pod_template_annotations(result: Any) -> dict[str, str]:
+    s = next(m for m in result.children if m["kind"] == "StatefulSet")
+    return s["spec"]["template"]["metadata"]["annotations"]
+
+
+# ------------------------------------------------------------------------------------------- TrainingJob
+def test_a_new_job_wants_its_service_and_statefulset_stamped_with_generation_zero():
+    r = JOBS.reconcile(snap(job_body()))
+    assert kinds(r) == ["Service", "StatefulSet"] and r.absent == () and r.evict == ()
+    assert pod_template_annotations(r)[launch.ANNOTATION_RESTART] == "0"
+    assert r.drifted, "no StatefulSet observed yet: apply even if it was applied before"
+    assert r.status["phase"] == "Created" and [e.reason for e in r.events] == ["Created"]
+
+
+def test_a_matching_statefulset_is_not_drift():
+    r = JOBS.reconcile(snap(job_body({"phase": "Running"}), [pod("lenet-0"), pod("lenet-1")], sts(2)))
+    assert not r.drifted and r.status["phase"] == "Running"
+
+
+def test_a_retryable_failure_restarts_the_gang_in_the_next_generation():
+    pods = [pod("lenet-0"), pod("lenet-1", exit_code=1, outcome=oc.RETRYABLE)]
+    r = JOBS.reconcile(snap(job_body({"phase": "Running"}), pods, sts(2)))
+    assert r.status["phase"] == "Restarting" and r.status["restartCount"] == 1
+    assert pod_template_annotations(r)[launch.ANNOTATION_RESTART] == "1"
+    assert r.evict == (ObjectRef("v1", "Pod", "lenet-0"), ObjectRef("v1", "Pod", "lenet-1"))
+
+
+def test_a_finished_job_only_scales_its_statefulset_and_clean_pod_policy_all_drops_the_service():
+    body = job_body({"phase": "Succeeded", "completionTime": "2026-05-01T11:00:00Z"},
+                    runPolicy={"cleanPodPolicy": "All"})
+    r = JOBS.reconcile(snap(body, [], sts(2)))
+    assert kinds(r) == ["StatefulSet"] and r.children[0]["spec"]["replicas"] == 0
+    assert r.absent == (ObjectRef("v1", "Service", "lenet"),) and r.drifted
+
+
+def test_ttl_zero_deletes_the_job_and_wants_no_children():
+    pods = [pod("lenet-0", exit_code=0, outcome=oc.SUCCEEDED), pod("lenet-1", exit_code=0, outcome=oc.SUCCEEDED)]
+    r = JOBS.reconcile(snap(job_body({"phase": "Running"}, runPolicy={"ttlSecondsAfterFinished": 0}), pods, sts(2)))
+    assert r.status["phase"] == "Succeeded" and r.delete_self and r.children == () and not r.drifted
+
+
+def test_an_invalid_spec_names_the_field():
+    with pytest.raises(InvalidSpec, match=r"spec\.topology\.nodez.*unknown field"):
+        JOBS.reconcile(snap(job_body(topology={"nodez": 2})))
+
+
+def test_the_probe_scrapes_rank_0_of_the_current_generation_only_while_running():
+    seen: list[str] = []
+
+    def fetch(url: str, timeout: float) -> str:
+        seen.append(url)
+        return "aiaas_trainer_step 5\naiaas_trainer_total_steps 10\n"
+
+    rec = TrainingJobReconciler(RenderSettings(), metrics_url_template="http://{pod_ip}:{port}/m", fetch=fetch)
+    pods = [pod("lenet-1", ip="10.0.0.9"), pod("lenet-0", ip="10.0.0.8")]
+    assert rec.probe(snap(job_body({"phase": "Created"}), pods)) is None and seen == []
+    progress = rec.probe(snap(job_body({"phase": "Running"}), pods))
+    assert seen == [f"http://10.0.0.8:{launch.METRICS_PORT}/m"] and progress is not None and progress.step == 5
+    r = rec.reconcile(snap(job_body({"phase": "Running"}), [pod("lenet-0"), pod("lenet-1")], sts(2), probe=progress))
+    assert r.status["progress"]["summary"] == "5/10 (50%)"
+
+
+# -------------------------------------------------------------------------------------- InferenceService
+def isvc_body(**spec: Any) -> dict[str, Any]:
+    return {"apiVersion": api.API_VERSION, "kind": "InferenceService",
+            "metadata": {"name": "digits", "namespace": "ml", "uid": "i1", "generation": 1},
+            "spec": {"model": {"trainingJob": "lenet"}, **spec}}
+
+
+def test_a_service_refers_to_its_training_job_and_waits_for_it():
+    body = isvc_body()
+    assert SERVICES.references(body) == (("TrainingJob", ("ml", "lenet")),)
+    r = SERVICES.reconcile(snap(body, related={("TrainingJob", ("ml", "lenet")): job_body({"phase": "Running"})}))
+    assert kinds(r) == ["Service"] and r.status["phase"] == "WaitingForModel" and not r.drifted
+
+
+def test_a_succeeded_job_gets_served_and_an_hpa_owns_the_replicas():
+    job = job_body({"phase": "Succeeded", "artifact": {"uri": "pvc://c/lenet/artifacts", "version": "7"}})
+    r = SERVICES.reconcile(snap(isvc_body(minReplicas=1, maxReplicas=3),
+                                related={("TrainingJob", ("ml", "lenet")): job}))
+    assert kinds(r) == ["Service", "Deployment", "HorizontalPodAutoscaler"] and r.drifted
+    dep = r.children[1]
+    assert "replicas" not in dep["spec"]
+    assert dep["spec"]["template"]["spec"]["containers"][0]["name"] == launch.SERVER_CONTAINER
+
+
+# ----------------------------------------------------------------------------------------------- runtime
+def test_the_store_keeps_the_newest_and_ignores_an_older_namesakes_deletion():
+    store = Store()
+    assert store.put("TrainingJob", job_body())
+    older = job_body()
+    older["metadata"]["resourceVersion"] = "9"
+    assert not store.put("TrainingJob", older)
+    store.put_child("Pod", ("ml", "lenet"), slim_pod(pod("lenet-0", gen=1)))
+    store.remove_child("Pod", ("ml", "lenet"), pod("lenet-0", gen=0))  # the previous pod of that name
+    s = store.snapshot(JOBS, ("ml", "lenet"), T0)
+    assert s is not None and [p["metadata"]["uid"] for p in s.children["Pod"]] == ["lenet-0-1"]
+
+
+def test_references_find_the_dependents_and_follow_spec_changes():
+    store = Store()
+    body = isvc_body()
+    store.put("InferenceService", body, SERVICES.references(body))
+    assert store.referred_by(("TrainingJob", ("ml", "lenet"))) == [("InferenceService", ("ml", "digits"))]
+    moved = isvc_body(model={"trainingJob": "other"})
+    store.put("InferenceService", moved, SERVICES.references(moved))
+    assert store.referred_by(("TrainingJob", ("ml", "lenet"))) == []
+
+
+class RecordingKube:
+    """The API server's side of a reconcile, recorded; ``fail_apply`` is the fault a real one rarely gives."""
+
+    def __init__(self, fail_apply: str | None = None) -> None:
+        self.calls: list[tuple[str, str]] = []
+        self.fail_apply = fail_apply
+        self.status: dict[str, Any] = {}
+
+    def apply(self, m: dict[str, Any]) -> dict[str, Any]:
+        if self.fail_apply:
+            raise KubeError(403, self.fail_apply)
+        self.calls.append(("apply", m["kind"]))
+        return m
+
+    def delete(self, api_version: str, kind: str, ns: str | None, name: str, **_: Any) -> bool:
+        self.calls.append(("delete", f"{kind}/{name}"))
+        return True
+
+    def patch_status(self, api_version: str, kind: str, ns: str, name: str, patch: dict[str, Any]) -> dict[str, Any]:
+        self.calls.append(("status", str(patch.get("phase"))))
+        self.status = patch
+        return {}
+
+    def post_event(self, body: dict[str, Any], type_: str, reason: str, message: str) -> None:
+        self.calls.append(("event", reason))
+
+
+def runtime(kube: RecordingKube) -> Runtime:
+    return Runtime(OperatorSettings(workers=2, retry_seconds=2.0), kube, [JOBS, SERVICES],  # type: ignore[arg-type]
+                   clock=lambda: T0 + timedelta(seconds=1))
+
+
+def test_the_runtime_applies_then_writes_status_then_deletes_stale_pods():
+    kube = RecordingKube()
+    rt = runtime(kube)
+    rt.store.put("TrainingJob", job_body({"phase": "Running"}))
+    for p in (pod("lenet-0"), pod("lenet-1", exit_code=1, outcome=oc.RETRYABLE)):
+        rt.store.put_child("Pod", ("ml", "lenet"), p)
+    assert rt.reconcile(("TrainingJob", ("ml", "lenet"))) is None
+    assert [c for c in kube.calls if c[0] != "event"] == [
+        ("apply", "Service"), ("apply", "StatefulSet"), ("status", "Restarting"),
+        ("delete", "Pod/lenet-0"), ("delete", "Pod/lenet-1")]
+
+
+def test_a_failed_reconcile_lands_in_status_and_backs_off():
+    kube = RecordingKube(fail_apply="statefulsets.apps is forbidden")
+    rt = runtime(kube)
+    rt.store.put("TrainingJob", job_body({"phase": "Running"}))
+    assert rt.reconcile(("TrainingJob", ("ml", "lenet"))) == 2.0
+    assert kube.status["reason"] == "ReconcileError" and "forbidden" in kube.status["message"]
+    assert kube.status["phase"] == "Running"
+    rt.store.put("TrainingJob", job_body({"phase": "Running", **kube.status}) | {"metadata": {
+        **job_body()["metadata"], "resourceVersion": "11"}})
+    assert rt.reconcile(("TrainingJob", ("ml", "lenet"))) == 4.0, "exponential backoff"
+    rt._events.shutdown(wait=True)
+    assert ("event", "ReconcileError") in kube.calls
