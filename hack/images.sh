@@ -117,9 +117,12 @@ ensure_wheelhouse() {
     py=$(command -v python3)
     log "downloading the locked wheels into $dir (torch from PyPI: the large CUDA build, once)"
     rm -rf "$dir.tmp"; mkdir -p "$dir.tmp"
+    # wheels an earlier lock already fetched are reused (pip download skips files already in the directory)
+    find "$CACHE" -maxdepth 2 -path "$CACHE/wheelhouse-*/*.whl" -exec ln -f {} "$dir.tmp"/ \; 2>/dev/null || true
     (cd / && "$py" -I -m pip download -q --disable-pip-version-check --only-binary=:all: -d "$dir.tmp" \
       -c "$ROOT/constraints.txt" "$ROOT[operator,trainer,server]" "setuptools>=77" >&2)
     rm -f "$dir.tmp"/aiaas-*; touch "$dir.tmp/.complete"; rm -rf "$dir"; mv "$dir.tmp" "$dir"
+    find "$CACHE" -maxdepth 1 -name 'wheelhouse-*' ! -path "$dir" -exec rm -rf {} +  # one wheelhouse: the lock's
   fi
   echo "$dir"
 }
