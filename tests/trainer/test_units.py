@@ -23,7 +23,6 @@ from aiaas.trainer.errors import PermanentError
 from aiaas.trainer.export import ArtifactError, load_artifact, make_manifest, predict, write_artifact
 from aiaas.trainer.metrics import TrainerMetrics
 from aiaas.trainer.models import InputSpec, LeNet5, build_model, max_stages, split_stages
-from aiaas.trainer.termination import Outcome, read_outcome, write_outcome
 
 DIGITS_IMG = InputSpec("image", (1, 8, 8), 10, mean=4.9, std=6.0, labels=[str(i) for i in range(10)])
 DIGITS_SEQ = InputSpec("sequence", (8, 8), 10, mean=4.9, std=6.0)
@@ -245,18 +244,7 @@ def test_check_config_against_the_world(tmp_path: Path, monkeypatch: pytest.Monk
     assert elastic.parallelism.data == 2
 
 
-# ------------------------------------------------------------------------------ termination and metrics
-def test_termination_log_keeps_the_most_severe_first_outcome(tmp_path: Path) -> None:
-    log = tmp_path / "termination-log"
-    write_outcome(Outcome("RetryableError", "TrainerFailed", "root cause", rank=1), log)
-    write_outcome(Outcome("RetryableError", "TrainerFailed", "connection closed by peer", rank=0), log)
-    write_outcome(Outcome("Preempted", "Preempted", "SIGTERM", rank=2), log)
-    assert read_outcome(log)["message"] == "root cause"  # type: ignore[index]
-    write_outcome(Outcome("PermanentError", "InvalidConfig", "bad", rank=0), log)
-    data = read_outcome(log)
-    assert data and data["outcome"] == "PermanentError" and data["exitCode"] == 78
-
-
+# ------------------------------------------------------------------------------------------------ metrics
 def test_metrics_endpoint() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
