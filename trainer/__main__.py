@@ -1,6 +1,10 @@
 """``python -m aiaas.trainer [--config FILE]`` — one training process, as torchrun starts it.
 
 Exit codes and the termination message are described in :mod:`aiaas.trainer.termination`.
+
+Run as a program, the process ends with :func:`os._exit` right after it has written its outcome and flushed
+its output: nothing after that point (interpreter teardown destroying leftover process-group threads, a
+daemon thread such as the metrics server) can change the exit code that the outcome states.
 """
 
 from __future__ import annotations
@@ -55,9 +59,21 @@ def main(argv: list[str] | None = None) -> int:
 
         outcome = Outcome(RETRYABLE, "TrainerFailed", f"{type(e).__name__}: {e}", rank=rank, step=PROGRESS["step"])
     write_outcome(outcome)
+    if outcome.outcome == SUCCEEDED:
+        from . import distributed
+
+        distributed.shutdown(result.env)  # after the outcome: what happens here cannot undo a finished run
     sys.stdout.flush()
     return outcome.exit_code
 
 
+def exit_now(code: int) -> None:
+    """Flush the output and end the process with ``code``, skipping interpreter teardown (see above)."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())
