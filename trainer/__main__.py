@@ -13,7 +13,9 @@ import argparse
 import logging
 import os
 import sys
+import tempfile
 import traceback
+from collections.abc import Mapping
 
 from .errors import PermanentError, Preempted, RetryableError
 from .termination import PERMANENT, PREEMPTED, RETRYABLE, SUCCEEDED, Outcome, write_outcome
@@ -27,10 +29,28 @@ def _setup_logging() -> None:
     logging.getLogger("torch").setLevel(logging.WARNING)
 
 
+# where libraries put their caches, by default under $HOME (read-only in a pod with readOnlyRootFilesystem)
+CACHE_VARIABLES = {
+    "XDG_CACHE_HOME": "xdg",  # torch hub/kernels, pip, ...
+    "TORCHINDUCTOR_CACHE_DIR": "inductor",  # its default needs a passwd entry for the uid (getpass)
+    "TRITON_CACHE_DIR": "triton",  # ~/.triton/cache
+    "CUDA_CACHE_PATH": "cuda",  # ~/.nv/ComputeCache
+    "MPLCONFIGDIR": "matplotlib",  # ~/.config/matplotlib (scikit-learn may import it)
+}
+
+
+def cache_defaults(environ: Mapping[str, str], tmp: str) -> dict[str, str]:
+    """The cache variables not set in ``environ``, pointed under ``tmp``: the trainer writes only there, into
+    the checkpoint and artifact directories, and into the termination log."""
+    root = os.path.join(tmp, f"aiaas-cache-{os.getuid()}")
+    return {name: os.path.join(root, sub) for name, sub in CACHE_VARIABLES.items() if not environ.get(name)}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m aiaas.trainer", description=__doc__)
     parser.add_argument("--config", "-c", help="TrainerConfig as a JSON/YAML file (default: $AIAAS_TRAINER_CONFIG)")
     args = parser.parse_args(argv)
+    os.environ.update(cache_defaults(os.environ, tempfile.gettempdir()))
     _setup_logging()
     log = logging.getLogger("aiaas.trainer")
     rank = int(os.environ.get("RANK", "0"))

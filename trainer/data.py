@@ -21,6 +21,7 @@ from __future__ import annotations
 import gzip
 import math
 import struct
+import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,14 +90,26 @@ def load_digits(spec: DatasetSpec, arch: Architecture) -> Dataset:
 
 
 def _read_idx(path: Path) -> np.ndarray:
+    """An unsigned-byte IDX array; anything malformed (a short header or body, a bad gzip stream) is a
+    :class:`PermanentError`: re-reading the same file cannot fix it."""
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        data = f.read()
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError) as e:  # gzip.BadGzipFile is an OSError; a cut gzip stream an EOFError
+        raise PermanentError(f"cannot read {path}: {e}", reason="DataInvalid") from e
+    if len(data) < 4:
+        raise PermanentError(f"{path} is truncated: {len(data)} bytes, shorter than the 4-byte IDX header",
+                             reason="DataInvalid")
     zero, dtype_code, ndim = struct.unpack(">HBB", data[:4])
-    if zero != 0 or dtype_code != 0x08:
+    if zero != 0 or dtype_code != 0x08 or ndim == 0:
         raise PermanentError(f"{path} is not an unsigned-byte IDX file", reason="DataInvalid")
-    dims = struct.unpack(">" + "I" * ndim, data[4:4 + 4 * ndim])
-    arr = np.frombuffer(bytearray(data), dtype=np.uint8, offset=4 + 4 * ndim)  # writable for torch
+    header = 4 + 4 * ndim
+    if len(data) < header:
+        raise PermanentError(f"{path} is truncated: its IDX header needs {header} bytes for {ndim} dimensions, "
+                             f"the file has {len(data)}", reason="DataInvalid")
+    dims = struct.unpack(">" + "I" * ndim, data[4:header])
+    arr = np.frombuffer(bytearray(data), dtype=np.uint8, offset=header)  # writable for torch
     if arr.size != math.prod(dims):
         raise PermanentError(f"{path} is truncated: expected {math.prod(dims)} values, found {arr.size}",
                              reason="DataInvalid")
@@ -115,15 +128,18 @@ def load_mnist(spec: DatasetSpec, arch: Architecture) -> Dataset:
     p = Path(spec.path)
     x_test = y_test = None
     if p.is_file() and p.suffix == ".npz":
-        with np.load(p) as z:
-            keys = set(z.files)
-            xk, yk = ("x_train", "y_train") if "x_train" in keys else ("x", "y")
-            if xk not in keys or yk not in keys:
-                raise PermanentError(f"{p} has arrays {sorted(keys)}; expected x_train/y_train (and optionally "
-                                     "x_test/y_test)", reason="DataInvalid")
-            x_train, y_train = z[xk], z[yk]
-            if "x_test" in keys and "y_test" in keys:
-                x_test, y_test = z["x_test"], z["y_test"]
+        try:
+            with np.load(p) as z:
+                keys = set(z.files)
+                xk, yk = ("x_train", "y_train") if "x_train" in keys else ("x", "y")
+                if xk not in keys or yk not in keys:
+                    raise PermanentError(f"{p} has arrays {sorted(keys)}; expected x_train/y_train (and "
+                                         "optionally x_test/y_test)", reason="DataInvalid")
+                x_train, y_train = z[xk], z[yk]
+                if "x_test" in keys and "y_test" in keys:
+                    x_test, y_test = z["x_test"], z["y_test"]
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:  # a cut or corrupt archive
+            raise PermanentError(f"cannot read {p} as an .npz archive: {e}", reason="DataInvalid") from e
     elif p.is_dir():
         xi, yi = _find(p, "train-images-idx3-ubyte"), _find(p, "train-labels-idx1-ubyte")
         if not xi or not yi:

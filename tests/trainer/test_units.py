@@ -292,6 +292,26 @@ def test_mnist_from_idx_and_npz(tmp_path: Path) -> None:
         load_dataset(DatasetSpec(kind="mnist", path=str(tmp_path / "bad.npz")), "cnn")
 
 
+@pytest.mark.parametrize("content", [
+    b"\x00\x00\x08",  # shorter than the 4-byte magic
+    b"\x00\x00\x08\x03\x00\x00\x00\x3c",  # 3 dimensions announced, 1 given
+    b"\x00\x00\x08\x03\x00\x00\x00\x3c\x00\x00\x00\x1c\x00\x00\x00\x1c\x00",  # header whole, body cut
+    b"\x1f\x8b\x08\x00",  # a cut gzip stream (the name ends in .gz)
+])
+def test_truncated_mnist_idx_is_permanent(tmp_path: Path, content: bytes) -> None:
+    """A truncated file stays truncated however often the pod restarts: DataInvalid, exit 78, never a retry."""
+    rng = np.random.default_rng(0)
+    _write_idx(tmp_path / "train-labels-idx1-ubyte.gz", rng.integers(0, 10, 60))
+    (tmp_path / "train-images-idx3-ubyte.gz").write_bytes(
+        content if content.startswith(b"\x1f\x8b") else __import__("gzip").compress(content))
+    with pytest.raises(PermanentError, match="truncated|cannot read|not an unsigned-byte") as e:
+        load_dataset(DatasetSpec(kind="mnist", path=str(tmp_path)), "cnn")
+    assert e.value.reason == "DataInvalid"
+    (tmp_path / "cut.npz").write_bytes(b"PK\x03\x04" + b"\0" * 10)
+    with pytest.raises(PermanentError, match="as an .npz archive"):
+        load_dataset(DatasetSpec(kind="mnist", path=str(tmp_path / "cut.npz")), "cnn")
+
+
 def test_learning_rate_schedule_is_a_pure_function_of_the_step() -> None:
     from aiaas.contract.config import Hyperparameters, TrainerConfig
     from aiaas.trainer.train import learning_rate_at
