@@ -54,13 +54,15 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging()
     log = logging.getLogger("aiaas.trainer")
     rank = int(os.environ.get("RANK", "0"))
+    progress = None
     try:
         from .config import load_config
-        from .train import STOP, train
+        from .train import Progress, StopFlag, train
 
-        STOP.install()
+        stop, progress = StopFlag(), Progress()
+        stop.install()
         cfg = load_config(args.config)
-        result = train(cfg)
+        result = train(cfg, stop, progress)
         outcome = Outcome(SUCCEEDED, "Completed", f"trained {result.step} steps, eval accuracy "
                           f"{result.metrics.get('accuracy', float('nan')):.4f}", rank=rank, step=result.step,
                           artifact=result.artifact, extra={"accuracy": result.metrics.get("accuracy")})
@@ -75,9 +77,8 @@ def main(argv: list[str] | None = None) -> int:
         outcome = Outcome(RETRYABLE, e.reason, str(e), rank=rank, step=e.step)
     except Exception as e:  # noqa: BLE001 - anything unexpected: restart from the last checkpoint
         traceback.print_exc()
-        from .train import PROGRESS
-
-        outcome = Outcome(RETRYABLE, "TrainerFailed", f"{type(e).__name__}: {e}", rank=rank, step=PROGRESS["step"])
+        outcome = Outcome(RETRYABLE, "TrainerFailed", f"{type(e).__name__}: {e}", rank=rank,
+                          step=progress.step if progress else None)
     write_outcome(outcome)
     if outcome.outcome == SUCCEEDED:
         from . import distributed

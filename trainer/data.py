@@ -5,7 +5,8 @@
 * ``mnist``: IDX files (``train-images-idx3-ubyte[.gz]``, ``train-labels-idx1-ubyte[.gz]``, optional
   ``t10k-*`` used as the eval split) in a directory, or an ``.npz`` with ``x_train``/``y_train``
   (+ ``x_test``/``y_test``), as Keras ships it;
-* ``text``: a character-level text file; each sample is ``seqLength`` characters, the label the next one;
+* ``text``: a character-level text file; each sample is ``seqLength`` characters, the label the next one
+  (for the transformer language model: the ``seqLength`` characters shifted by one, a label per position);
   the last ``evalFraction`` of the text is held out;
 * ``synthetic``: Gaussian inputs labelled by a fixed random linear teacher, for benchmarks.
 
@@ -33,7 +34,7 @@ from torch.utils.data import DistributedSampler
 from aiaas.contract.config import Architecture, DatasetKind, DatasetSpec
 
 from .errors import PermanentError
-from .models import INPUT_IMAGE, INPUT_SEQUENCE, INPUT_TOKENS, InputSpec
+from .models import IMAGE_MODELS, INPUT_IMAGE, INPUT_SEQUENCE, INPUT_TOKENS, InputSpec
 
 SPLIT_SEED = 1234  # the train/eval split does not change with the training seed
 
@@ -69,7 +70,7 @@ def _images(name: str, x: torch.Tensor, y: torch.Tensor, ex: torch.Tensor, ey: t
     """``x``: [N, H, W] raw pixels; shaped for the architecture."""
     mean, std = _stats(x)
     labels = [str(i) for i in range(num_classes)]
-    if arch == Architecture.cnn:
+    if arch.value in IMAGE_MODELS:
         shape: tuple[int, ...] = (1, x.shape[1], x.shape[2])
         kind = INPUT_IMAGE
         x, ex = x.unsqueeze(1), ex.unsqueeze(1)
@@ -186,6 +187,8 @@ def load_text(spec: DatasetSpec, arch: Architecture) -> Dataset:
 
     def windows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = t.unfold(0, spec.seq_length, 1)[:-1]  # a view: [n - L, L]
+        if arch == Architecture.transformer:  # next character at every position: [n - L, L]
+            return x, t[1:].unfold(0, spec.seq_length, 1)
         return x, t[spec.seq_length:]
 
     x, y = windows(train_ids)
@@ -196,12 +199,12 @@ def load_text(spec: DatasetSpec, arch: Architecture) -> Dataset:
 
 def load_synthetic(spec: DatasetSpec, arch: Architecture, num_classes: int = 10) -> Dataset:
     g = torch.Generator().manual_seed(SPLIT_SEED)
-    shape: tuple[int, ...] = (1, 32, 32) if arch == Architecture.cnn else (16, 16)
+    shape: tuple[int, ...] = (1, 32, 32) if arch.value in IMAGE_MODELS else (16, 16)
     x = torch.randn(spec.num_samples, *shape, generator=g)
     teacher = torch.randn(math.prod(shape), num_classes, generator=g)
     y = (x.flatten(1) @ teacher).argmax(dim=1)
     tr, ev = _split(len(x), spec.eval_fraction)
-    kind = INPUT_IMAGE if arch == Architecture.cnn else INPUT_SEQUENCE
+    kind = INPUT_IMAGE if arch.value in IMAGE_MODELS else INPUT_SEQUENCE
     inputs = InputSpec(kind, shape, num_classes, labels=[str(i) for i in range(num_classes)])
     return Dataset("synthetic", x[tr], y[tr], x[ev], y[ev], inputs)
 
@@ -215,8 +218,9 @@ def load_dataset(spec: DatasetSpec, arch: Architecture | str) -> Dataset:
     if kind == DatasetKind.mnist:
         return load_mnist(spec, arch)
     if kind == DatasetKind.text:
-        if arch == Architecture.cnn:
-            raise PermanentError("model.architecture cnn cannot read the text dataset; use rnn, lstm or gru")
+        if arch.value in IMAGE_MODELS:
+            raise PermanentError(f"model.architecture {arch.value} cannot read the text dataset; use rnn, lstm, "
+                                 "gru or transformer")
         return load_text(spec, arch)
     return load_synthetic(spec, arch)
 

@@ -199,9 +199,9 @@ def assert_permanent(run: Run, *words: str) -> None:
 
 
 def test_unknown_model_is_permanent(tmp_path: Path) -> None:
-    run = train(tmp_path, nproc=0, model={"architecture": "transformer"})
+    run = train(tmp_path, nproc=0, model={"architecture": "mamba"})
     assert run.rc == EXIT_PERMANENT
-    assert_permanent(run, "model.architecture", "transformer")
+    assert_permanent(run, "model.architecture", "mamba")
 
 
 def test_missing_data_path_is_permanent(tmp_path: Path) -> None:

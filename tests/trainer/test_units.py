@@ -214,8 +214,8 @@ def test_no_checkpoint_means_a_fresh_start(tmp_path: Path) -> None:
 
 # ---------------------------------------------------------------------------------------------- config
 def test_config_errors_name_the_field(tmp_path: Path) -> None:
-    with pytest.raises(PermanentError, match=r"model.architecture: .*'transformer'"):
-        parse_config({"model": {"architecture": "transformer"}})
+    with pytest.raises(PermanentError, match=r"model.architecture: .*'mamba'"):
+        parse_config({"model": {"architecture": "mamba"}})
     with pytest.raises(PermanentError, match="hyperparameters.batchSze|batchSze"):
         parse_config({"hyperparameters": {"batchSze": 3}})
     with pytest.raises(PermanentError, match="no trainer config"):

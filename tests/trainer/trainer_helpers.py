@@ -124,3 +124,31 @@ def worker_rank(pid: int) -> int | None:
         if item.startswith(b"RANK="):
             return int(item[5:])
     return None
+
+
+WORDS = ["the", "model", "reads", "a", "line", "of", "text", "and", "learns", "which", "character", "comes",
+         "next", "so", "that", "it", "can", "write", "more", "lines", "like", "while", "ranks", "share", "work",
+         "agree", "on", "every", "step", "way"]
+
+
+def write_text(path: Path, chars: int = 6000, seed: int = 0) -> Path:
+    """A deterministic text file of sentences over a small vocabulary (no download)."""
+    import random
+
+    rng = random.Random(seed)
+    out: list[str] = []
+    size = 0
+    while size < chars:
+        sentence = " ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 12))).capitalize() + ". "
+        out.append(sentence)
+        size += len(sentence)
+    path.write_text("".join(out)[:chars])
+    return path
+
+
+def logged_losses(log: str) -> dict[int, float]:
+    """{step: training loss} from rank 0's progress lines."""
+    import re
+
+    return {int(m.group(1)): float(m.group(2))
+            for m in re.finditer(r"step (\d+)/\d+ \(\d+%\) loss ([\d.]+)", log)}
