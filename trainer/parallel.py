@@ -95,6 +95,17 @@ class Engine:
     def train(self, mode: bool = True) -> None:
         self.module.train(mode)
 
+    def sync_buffers(self) -> None:
+        """Average floating-point buffers (BatchNorm running statistics) over the data-parallel replicas, so
+        that evaluation and the exported model see one set (FSDP and the pipeline do not sync buffers; DDP
+        broadcasts rank 0's at each forward, which this keeps). Collective over the replicas."""
+        if self.env.dp_size == 1:
+            return
+        for buf in self.module.buffers():
+            if buf.is_floating_point():
+                dist.all_reduce(buf, group=self.env.dp_group)
+                buf /= self.env.dp_size
+
     def train_step(self, x: torch.Tensor, y: torch.Tensor, stats: torch.Tensor) -> None:
         """Forward and backward of one batch (gradients ready for the optimizer); adds
         ``[loss_sum, correct, count]`` of this rank's samples into ``stats``."""

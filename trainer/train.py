@@ -126,6 +126,7 @@ def optimizer_step_count(optimizer: torch.optim.Optimizer) -> int | None:
 
 def evaluate(engine: Engine, data: Dataset, env: D.DistEnv) -> dict[str, float]:
     """Loss and accuracy on the eval split, every rank evaluating its share (collective)."""
+    engine.sync_buffers()
     engine.train(False)
     stats = torch.zeros(3, device=env.device)
     for x, y, w in eval_batches(data.eval_x, data.eval_y, env.dp_size, env.dp_rank, EVAL_BATCH):
