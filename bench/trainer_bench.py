@@ -15,6 +15,12 @@ prints
    trainer's step rate, as a fraction of a matmul peak measured on this machine (fp32 GEMM, one thread, as the
    trainer run it is compared with).
 
+4. The Transformer language model's training step (the trainer's engine + AdamW, one thread): tokens/s and
+   achieved FLOP/s as a fraction of the matmul peak measured in the same run (goal >= 30% on CPU).
+5. The same for ResNet-18 (small width preset) on 32x32 images.
+6. DDP: the trainer's step vs the textbook DDP step of the language model in one 2-process torchrun job,
+   interleaved (keep >= 0.95x). ``--only-models`` runs 4.-6. only.
+
 Each measurement is repeated and the best run is kept (the machine may be shared: best-of-N is the least noisy
 estimate of what the code can do). Steady state excludes the first steps, evals and checkpoints.
 """
@@ -135,29 +141,54 @@ def interleaved_step_ratio(batch: int, blocks: int = 30, steps: int = 20) -> tup
     return times[trainer_step] / n * 1e3, times[plain_step] / n * 1e3
 
 
-def ddp_interleaved(batch: int, blocks: int = 20, steps: int = 20) -> dict[str, float]:
+def bench_model(kind: str, batch: int, context: int = 128, preset: str | None = None) -> tuple[Any, Any, Any]:
+    """(model, inputs, labels) of a benchmark: ``lenet`` on digits-shaped inputs, ``lm`` the Transformer language
+    model (``preset``, ``context`` characters of a 65-character vocabulary), ``resnet`` on 32x32 images."""
+    import torch
+
+    from aiaas.contract.config import ModelSpec
+    from aiaas.trainer.models import InputSpec, LeNet5, build_model
+
+    if kind == "lenet":
+        return LeNet5(1, 8, 10, 4.9, 6.0), torch.rand(batch, 1, 8, 8) * 16, torch.randint(0, 10, (batch,))
+    if kind == "lm":
+        inputs = InputSpec("tokens", (context,), 65, vocab_size=65)
+        model = build_model(ModelSpec(architecture="transformer", preset=preset or "lm-1m"), inputs)
+        return model, torch.randint(0, 65, (batch, context)), torch.randint(0, 65, (batch, context))
+    model = build_model(ModelSpec(architecture="resnet", preset=preset or "resnet18-small"),
+                        InputSpec("image", (1, 32, 32), 10))
+    return model, torch.randn(batch, 1, 32, 32), torch.randint(0, 10, (batch,))
+
+
+def textbook_loss(model: Any, x: Any, y: Any) -> Any:
+    import torch.nn.functional as F
+
+    out = model(x)
+    return F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
+
+
+def ddp_interleaved(batch: int, kind: str = "lenet", blocks: int = 20, steps: int = 20) -> dict[str, float]:
     """Under torchrun: the trainer's DDP step (engine + the loop's periodic control all-reduce) vs the textbook
-    DDP step, in the same process group, alternating blocks (both see the same load)."""
+    DDP step of the same model, in the same process group, alternating blocks (both see the same load)."""
     import torch
     import torch.distributed as dist
-    import torch.nn.functional as F
     from torch.nn.parallel import DistributedDataParallel
 
     from aiaas.trainer.distributed import all_reduce_sum, init_distributed
-    from aiaas.trainer.models import LeNet5
     from aiaas.trainer.parallel import DataParallelEngine
 
     world = int(os.environ["WORLD_SIZE"])
     env = init_distributed(world, 1)
     torch.manual_seed(0)
-    ours, plain = LeNet5(1, 8, 10, 4.9, 6.0), LeNet5(1, 8, 10, 4.9, 6.0)
+    b = batch // world
+    ours, x, y = bench_model(kind, b)
+    plain = bench_model(kind, b)[0]
     plain.load_state_dict(ours.state_dict())
     engine = DataParallelEngine(ours, env, "ddp", "fp32")
     textbook = DistributedDataParallel(plain)
     opt_a, opt_b = torch.optim.Adam(engine.parameters()), torch.optim.Adam(textbook.parameters())
-    b = batch // world
-    x, y = torch.rand(b, 1, 8, 8) * 16, torch.randint(0, 10, (b,))
     window, count = torch.zeros(3), 0
+    sync_every = 20 if kind == "lenet" else 1  # the trainer syncs about every 0.5 s: LeNet ~15 ms/step, LM > 0.5 s
 
     def trainer_step() -> None:
         nonlocal count
@@ -165,18 +196,18 @@ def ddp_interleaved(batch: int, blocks: int = 20, steps: int = 20) -> dict[str, 
         engine.train_step(x, y, window)
         opt_a.step()
         count += 1
-        if count % 20 == 0:  # the trainer syncs about twice a second; at ~15 ms/step that is every ~30 steps
+        if count % sync_every == 0:
             control = all_reduce_sum(torch.cat([torch.zeros(2), window]), env)
             control[0].item()
 
     def textbook_step() -> None:
         opt_b.zero_grad(set_to_none=True)
-        F.cross_entropy(textbook(x), y).backward()
+        textbook_loss(textbook, x, y).backward()
         opt_b.step()
 
     times = {trainer_step: 0.0, textbook_step: 0.0}
     for f in times:
-        for _ in range(steps):
+        for _ in range(min(steps, 3)):
             f()
     for _ in range(blocks):
         for f in times:
@@ -189,6 +220,46 @@ def ddp_interleaved(batch: int, blocks: int = 20, steps: int = 20) -> dict[str, 
     n = blocks * steps
     return {"trainerMs": times[trainer_step] / n * 1e3, "textbookMs": times[textbook_step] / n * 1e3,
             "rank": env.rank}
+
+
+def engine_throughput(kind: str, batch: int, preset: str | None, context: int, blocks: int = 3,
+                      steps: int = 3) -> dict[str, float]:
+    """The trainer's training step (engine + AdamW, one process, one thread) on ``kind``: FLOPs per step
+    (FlopCounterMode: forward + backward), best seconds per step over ``blocks``, and the matmul peak measured
+    right before and after (the better of the two), so the fraction is of this machine at this moment."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from aiaas.trainer.distributed import DistEnv
+    from aiaas.trainer.models import count_parameters
+    from aiaas.trainer.parallel import DataParallelEngine
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model, x, y = bench_model(kind, batch, context, preset)
+    with FlopCounterMode(display=False) as fc:
+        textbook_loss(model, x, y).backward()
+    flops = int(fc.get_total_flops())
+    engine = DataParallelEngine(model, DistEnv(0, 1, 0, 1, 0, torch.device("cpu"), None), "ddp", "fp32")
+    opt = torch.optim.AdamW(engine.parameters())
+    window = torch.zeros(3)
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        engine.train_step(x, y, window)
+        opt.step()
+
+    peak = matmul_peak()
+    step()
+    best = float("inf")
+    for _ in range(blocks):
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        best = min(best, (time.perf_counter() - t0) / steps)
+    peak = max(peak, matmul_peak())
+    return {"parameters": count_parameters(model), "stepFlops": flops, "secondsPerStep": best,
+            "achievedFlops": flops / best, "peakFlops": peak, "fractionOfPeak": flops / best / peak}
 
 
 def flops_per_step(batch: int) -> int:
@@ -284,9 +355,17 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--plain", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--ddp-interleaved", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--kind", default="lenet", help=argparse.SUPPRESS)
+    ap.add_argument("--lm-preset", default="lm-1m", help="language model preset for 4.")
+    ap.add_argument("--lm-context", type=int, default=128, help="language model context (characters) for 4.")
+    ap.add_argument("--lm-batch", type=int, default=16, help="language model batch (sequences) for 4. and 6.")
+    ap.add_argument("--resnet-batch", type=int, default=32, help="ResNet batch (32x32 images) for 5.")
+    ap.add_argument("--only-models", action="store_true", help="only 4.-6. (the new models)")
     args = ap.parse_args()
     if args.plain or args.ddp_interleaved:
-        result = plain_loop(args.steps, args.batch) if args.plain else ddp_interleaved(args.batch)
+        result = plain_loop(args.steps, args.batch) if args.plain else \
+            ddp_interleaved(args.batch, args.kind, blocks=20 if args.kind == "lenet" else 8,
+                            steps=20 if args.kind == "lenet" else 3)
         if result["rank"] == 0:  # one line on stdout, from rank 0
             print(json.dumps(result), flush=True)
         return
@@ -294,6 +373,9 @@ def main() -> None:
     import torch
 
     cores = os.cpu_count() or 1
+    if args.only_models:
+        models_section(args)
+        return
     print(f"trainer benchmark: LeNet-5 on digits, global batch {args.batch}, {args.steps} steps, best of "
           f"{args.repeats}; torch {torch.__version__}, {cores} CPU cores, load average "
           f"{os.getloadavg()[0]:.1f}")
@@ -340,6 +422,33 @@ def main() -> None:
                       "samplesPerSecond2": round(two), "trainerSamplesPerSecond": round(trainer_sps),
                       "plainSamplesPerSecond": round(plain_sps), "stepFlops": flops,
                       "matmulPeakFlops": round(peak)}))
+    models_section(args)
+
+
+def models_section(args: argparse.Namespace) -> None:
+    """4. the language model and 5. the ResNet as fractions of the matmul peak; 6. DDP vs textbook DDP (LM)."""
+    lm = engine_throughput("lm", args.lm_batch, args.lm_preset, args.lm_context)
+    tokens = args.lm_batch * args.lm_context
+    print(f"\n4. language model {args.lm_preset} ({lm['parameters'] / 1e6:.2f} M parameters), batch "
+          f"{args.lm_batch} x {args.lm_context} characters, 1 thread: {tokens / lm['secondsPerStep']:,.0f} "
+          f"tokens/s, {lm['stepFlops'] / 1e9:.1f} GFLOP per step -> {lm['achievedFlops'] / 1e9:.1f} GFLOP/s vs "
+          f"matmul peak {lm['peakFlops'] / 1e9:.1f} GFLOP/s = {lm['fractionOfPeak']:.1%} (goal >= 30%)")
+    rn = engine_throughput("resnet", args.resnet_batch, None, 0)
+    print(f"5. ResNet-18 small ({rn['parameters'] / 1e6:.2f} M parameters), batch {args.resnet_batch} x 32x32, "
+          f"1 thread: {args.resnet_batch / rn['secondsPerStep']:,.0f} images/s, {rn['stepFlops'] / 1e9:.1f} GFLOP "
+          f"per step -> {rn['achievedFlops'] / 1e9:.1f} GFLOP/s = {rn['fractionOfPeak']:.1%} of the matmul peak")
+    out = _python(["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(HERE),
+                   "--ddp-interleaved", "--kind", "lm", "--batch", str(args.lm_batch)],
+                  dict(os.environ, OMP_NUM_THREADS="1"))
+    ddp = next(r for r in (json.loads(line) for line in out.splitlines() if line.startswith("{")) if r["rank"] == 0)
+    print(f"6. language model (lm-1m, context 128, global batch {args.lm_batch}), trainer vs textbook DDP step in "
+          f"one 2-process job, interleaved: {ddp['trainerMs']:.0f} ms vs {ddp['textbookMs']:.0f} ms -> "
+          f"{ddp['textbookMs'] / ddp['trainerMs']:.2f}x (keep >= 0.95x)")
+    print(json.dumps({"lmTokensPerSecond": round(tokens / lm["secondsPerStep"]),
+                      "lmFractionOfPeak": round(lm["fractionOfPeak"], 3),
+                      "resnetImagesPerSecond": round(args.resnet_batch / rn["secondsPerStep"]),
+                      "resnetFractionOfPeak": round(rn["fractionOfPeak"], 3),
+                      "lmDdpVsTextbook": round(ddp["textbookMs"] / ddp["trainerMs"], 3)}))
 
 
 if __name__ == "__main__":

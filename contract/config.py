@@ -18,6 +18,18 @@ class Architecture(str, Enum):
     rnn = "rnn"
     lstm = "lstm"
     gru = "gru"
+    transformer = "transformer"
+    resnet = "resnet"
+
+
+class Preset(str, Enum):
+    """Named sizes; a preset sets the width, depth and heads (transformer) or the width (resnet)."""
+
+    lm_1m = "lm-1m"  # transformer: width 128, 5 blocks, 4 heads (~1 M parameters)
+    lm_10m = "lm-10m"  # transformer: width 384, 6 blocks, 6 heads (~10.6 M)
+    lm_50m = "lm-50m"  # transformer: width 512, 16 blocks, 8 heads (~50 M)
+    resnet18 = "resnet18"  # ResNet-18, widths 64-128-256-512 (~11 M)
+    resnet18_small = "resnet18-small"  # ResNet-18, widths 16-32-64-128 (~0.7 M), for tests
 
 
 class DatasetKind(str, Enum):
@@ -54,10 +66,20 @@ class ModelSpec(Model):
 
     architecture: Architecture = Field(
         Architecture.cnn,
-        description="Network to train: cnn (LeNet-5), rnn (nn.RNN sequence classifier), lstm or gru.",
+        description="Network to train: cnn (LeNet-5), rnn (nn.RNN sequence classifier), lstm, gru, transformer "
+        "(decoder-only language model over the text dataset's characters) or resnet (ResNet-18 for images).",
     )
-    hidden_size: int = Field(64, ge=1, le=8192, description="Hidden state size of the rnn/lstm/gru layers.")
-    num_layers: int = Field(1, ge=1, le=16, description="Number of stacked recurrent layers (rnn/lstm/gru).")
+    preset: Preset | None = Field(
+        None, description="A named size that sets hiddenSize/numLayers/numHeads (transformer: lm-1m, lm-10m, "
+        "lm-50m) or the width (resnet: resnet18, resnet18-small).",
+    )
+    hidden_size: int = Field(
+        64, ge=1, le=8192, description="Hidden state size of the rnn/lstm/gru layers; the width of a transformer."
+    )
+    num_layers: int = Field(
+        1, ge=1, le=64, description="Number of stacked recurrent layers (rnn/lstm/gru) or transformer blocks."
+    )
+    num_heads: int = Field(4, ge=1, le=128, description="Attention heads of a transformer (divides hiddenSize).")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout probability between layers.")
 
 
@@ -114,6 +136,10 @@ class Parallelism(Model):
     )
     microbatches: int = Field(
         4, ge=1, le=1024, description="Micro-batches per step when the model is pipelined (model > 1)."
+    )
+    activation_checkpointing: bool = Field(
+        False, description="Recompute each transformer block's / residual stage's activations in the backward "
+        "pass instead of keeping them (less memory, about a third more compute).",
     )
 
 

@@ -91,9 +91,16 @@ def check_config(cfg: TrainerConfig, world_size: int) -> None:
                 reason="DataNotFound",
             )
     arch = Architecture(cfg.model.architecture)
-    if kind == DatasetKind.text and arch == Architecture.cnn:
+    if kind == DatasetKind.text and arch in (Architecture.cnn, Architecture.resnet):
         raise PermanentError(
-            "model.architecture cnn cannot read the text dataset (character ids); use rnn, lstm or gru",
+            f"model.architecture {arch.value} cannot read the text dataset (character ids); use rnn, lstm, gru "
+            "or transformer",
+            reason="InvalidConfig",
+        )
+    if arch == Architecture.transformer and kind != DatasetKind.text:
+        raise PermanentError(
+            f"model.architecture transformer is a language model over characters: it needs dataset.kind text, "
+            f"not {kind.value}",
             reason="InvalidConfig",
         )
 

@@ -5,7 +5,8 @@
 * ``mnist``: IDX files (``train-images-idx3-ubyte[.gz]``, ``train-labels-idx1-ubyte[.gz]``, optional
   ``t10k-*`` used as the eval split) in a directory, or an ``.npz`` with ``x_train``/``y_train``
   (+ ``x_test``/``y_test``), as Keras ships it;
-* ``text``: a character-level text file; each sample is ``seqLength`` characters, the label the next one;
+* ``text``: a character-level text file; each sample is ``seqLength`` characters, the label the next one
+  (for the transformer language model: the ``seqLength`` characters shifted by one, a label per position);
   the last ``evalFraction`` of the text is held out;
 * ``synthetic``: Gaussian inputs labelled by a fixed random linear teacher, for benchmarks.
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 import gzip
 import math
 import struct
+import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +34,7 @@ from torch.utils.data import DistributedSampler
 from aiaas.contract.config import Architecture, DatasetKind, DatasetSpec
 
 from .errors import PermanentError
-from .models import INPUT_IMAGE, INPUT_SEQUENCE, INPUT_TOKENS, InputSpec
+from .models import IMAGE_MODELS, INPUT_IMAGE, INPUT_SEQUENCE, INPUT_TOKENS, InputSpec
 
 SPLIT_SEED = 1234  # the train/eval split does not change with the training seed
 
@@ -68,7 +70,7 @@ def _images(name: str, x: torch.Tensor, y: torch.Tensor, ex: torch.Tensor, ey: t
     """``x``: [N, H, W] raw pixels; shaped for the architecture."""
     mean, std = _stats(x)
     labels = [str(i) for i in range(num_classes)]
-    if arch == Architecture.cnn:
+    if arch.value in IMAGE_MODELS:
         shape: tuple[int, ...] = (1, x.shape[1], x.shape[2])
         kind = INPUT_IMAGE
         x, ex = x.unsqueeze(1), ex.unsqueeze(1)
@@ -89,14 +91,26 @@ def load_digits(spec: DatasetSpec, arch: Architecture) -> Dataset:
 
 
 def _read_idx(path: Path) -> np.ndarray:
+    """An unsigned-byte IDX array; anything malformed (a short header or body, a bad gzip stream) is a
+    :class:`PermanentError`: re-reading the same file cannot fix it."""
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        data = f.read()
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError) as e:  # gzip.BadGzipFile is an OSError; a cut gzip stream an EOFError
+        raise PermanentError(f"cannot read {path}: {e}", reason="DataInvalid") from e
+    if len(data) < 4:
+        raise PermanentError(f"{path} is truncated: {len(data)} bytes, shorter than the 4-byte IDX header",
+                             reason="DataInvalid")
     zero, dtype_code, ndim = struct.unpack(">HBB", data[:4])
-    if zero != 0 or dtype_code != 0x08:
+    if zero != 0 or dtype_code != 0x08 or ndim == 0:
         raise PermanentError(f"{path} is not an unsigned-byte IDX file", reason="DataInvalid")
-    dims = struct.unpack(">" + "I" * ndim, data[4:4 + 4 * ndim])
-    arr = np.frombuffer(bytearray(data), dtype=np.uint8, offset=4 + 4 * ndim)  # writable for torch
+    header = 4 + 4 * ndim
+    if len(data) < header:
+        raise PermanentError(f"{path} is truncated: its IDX header needs {header} bytes for {ndim} dimensions, "
+                             f"the file has {len(data)}", reason="DataInvalid")
+    dims = struct.unpack(">" + "I" * ndim, data[4:header])
+    arr = np.frombuffer(bytearray(data), dtype=np.uint8, offset=header)  # writable for torch
     if arr.size != math.prod(dims):
         raise PermanentError(f"{path} is truncated: expected {math.prod(dims)} values, found {arr.size}",
                              reason="DataInvalid")
@@ -115,15 +129,18 @@ def load_mnist(spec: DatasetSpec, arch: Architecture) -> Dataset:
     p = Path(spec.path)
     x_test = y_test = None
     if p.is_file() and p.suffix == ".npz":
-        with np.load(p) as z:
-            keys = set(z.files)
-            xk, yk = ("x_train", "y_train") if "x_train" in keys else ("x", "y")
-            if xk not in keys or yk not in keys:
-                raise PermanentError(f"{p} has arrays {sorted(keys)}; expected x_train/y_train (and optionally "
-                                     "x_test/y_test)", reason="DataInvalid")
-            x_train, y_train = z[xk], z[yk]
-            if "x_test" in keys and "y_test" in keys:
-                x_test, y_test = z["x_test"], z["y_test"]
+        try:
+            with np.load(p) as z:
+                keys = set(z.files)
+                xk, yk = ("x_train", "y_train") if "x_train" in keys else ("x", "y")
+                if xk not in keys or yk not in keys:
+                    raise PermanentError(f"{p} has arrays {sorted(keys)}; expected x_train/y_train (and "
+                                         "optionally x_test/y_test)", reason="DataInvalid")
+                x_train, y_train = z[xk], z[yk]
+                if "x_test" in keys and "y_test" in keys:
+                    x_test, y_test = z["x_test"], z["y_test"]
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:  # a cut or corrupt archive
+            raise PermanentError(f"cannot read {p} as an .npz archive: {e}", reason="DataInvalid") from e
     elif p.is_dir():
         xi, yi = _find(p, "train-images-idx3-ubyte"), _find(p, "train-labels-idx1-ubyte")
         if not xi or not yi:
@@ -170,6 +187,8 @@ def load_text(spec: DatasetSpec, arch: Architecture) -> Dataset:
 
     def windows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = t.unfold(0, spec.seq_length, 1)[:-1]  # a view: [n - L, L]
+        if arch == Architecture.transformer:  # next character at every position: [n - L, L]
+            return x, t[1:].unfold(0, spec.seq_length, 1)
         return x, t[spec.seq_length:]
 
     x, y = windows(train_ids)
@@ -180,12 +199,12 @@ def load_text(spec: DatasetSpec, arch: Architecture) -> Dataset:
 
 def load_synthetic(spec: DatasetSpec, arch: Architecture, num_classes: int = 10) -> Dataset:
     g = torch.Generator().manual_seed(SPLIT_SEED)
-    shape: tuple[int, ...] = (1, 32, 32) if arch == Architecture.cnn else (16, 16)
+    shape: tuple[int, ...] = (1, 32, 32) if arch.value in IMAGE_MODELS else (16, 16)
     x = torch.randn(spec.num_samples, *shape, generator=g)
     teacher = torch.randn(math.prod(shape), num_classes, generator=g)
     y = (x.flatten(1) @ teacher).argmax(dim=1)
     tr, ev = _split(len(x), spec.eval_fraction)
-    kind = INPUT_IMAGE if arch == Architecture.cnn else INPUT_SEQUENCE
+    kind = INPUT_IMAGE if arch.value in IMAGE_MODELS else INPUT_SEQUENCE
     inputs = InputSpec(kind, shape, num_classes, labels=[str(i) for i in range(num_classes)])
     return Dataset("synthetic", x[tr], y[tr], x[ev], y[ev], inputs)
 
@@ -199,8 +218,9 @@ def load_dataset(spec: DatasetSpec, arch: Architecture | str) -> Dataset:
     if kind == DatasetKind.mnist:
         return load_mnist(spec, arch)
     if kind == DatasetKind.text:
-        if arch == Architecture.cnn:
-            raise PermanentError("model.architecture cnn cannot read the text dataset; use rnn, lstm or gru")
+        if arch.value in IMAGE_MODELS:
+            raise PermanentError(f"model.architecture {arch.value} cannot read the text dataset; use rnn, lstm, "
+                                 "gru or transformer")
         return load_text(spec, arch)
     return load_synthetic(spec, arch)
 

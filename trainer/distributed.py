@@ -12,7 +12,6 @@ pipeline stage ``r % model``, so the stages of one replica are neighbouring rank
 
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
 import logging
 import os
@@ -135,6 +134,17 @@ def barrier(env: DistEnv) -> None:
 
 
 def shutdown(env: DistEnv) -> None:
+    """Leave the process group after the last collective. Training is over by then, so a failure here is
+    logged, never raised: it must not turn a finished job into a failed one.
+
+    ``destroy_process_group`` shuts the backends down but does not end gloo's threads (``pt_gloo_runloop``,
+    ``gloo_tcp_loop``): torch keeps references to the process groups until the interpreter exits, and
+    destroying them then, in whatever order exit-time teardown takes, aborted a worker now and then
+    ("terminate called without an active exception", SIGABRT) after a successful run. The process therefore
+    ends with :func:`os._exit` once its outcome is written (see ``aiaas.trainer.__main__``).
+    """
     if env.distributed and dist.is_initialized():
-        with contextlib.suppress(Exception):  # best effort at exit
+        try:
             dist.destroy_process_group()
+        except Exception as e:  # noqa: BLE001 - see the docstring
+            log.warning("rank %d: leaving the process group failed (training is complete): %s", env.rank, e)

@@ -26,8 +26,9 @@ The manifest (``model.json``)::
     }
 
 Inputs are *raw* values (digits pixels 0..16, MNIST pixels 0..255, character ids for text: ``labels[i]`` is
-the character of id ``i``); the network normalises them itself. The network returns logits;
-:func:`predict` turns them into the manifest's outputs.
+the character of id ``i``); the network normalises them itself. The network returns logits (a language model
+``{"architecture": "transformer", ...}`` at every position); :func:`predict` turns them into the manifest's
+outputs (for a language model: the distribution of the character that follows the input).
 
 Public API (stable, used by ``aiaas.server``)::
 
@@ -199,5 +200,7 @@ def predict(model: nn.Module, manifest: Mapping[str, Any], data: Any) -> dict[st
     x = as_input_tensor(manifest, data)
     device = next(model.parameters()).device
     logits = model(x.to(device)).float()
+    if logits.dim() == 3:  # a language model: the next token after the whole input
+        logits = logits[:, -1]
     probs = torch.softmax(logits, dim=-1)
     return {OUTPUT_PROBABILITIES: probs.cpu(), OUTPUT_CLASS: probs.argmax(dim=-1).cpu()}

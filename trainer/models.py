@@ -1,4 +1,5 @@
-"""The networks: LeNet-5 and the recurrent sequence classifiers (RNN, LSTM, GRU).
+"""The networks: LeNet-5, the recurrent sequence classifiers (RNN, LSTM, GRU), a decoder-only Transformer
+language model and ResNet-18.
 
 Every network is an :class:`torch.nn.Sequential` of *named* layers, so that
 
@@ -14,11 +15,13 @@ Inputs (what :class:`InputSpec` describes and the artifact manifest records):
 * ``sequence``: float ``[batch, steps, features]``, e.g. digits as 8 rows of 8 pixels  (rnn/lstm/gru)
 * ``tokens``:   int64 ``[batch, steps]`` of character ids                             (rnn/lstm/gru)
 
-All networks return logits ``[batch, num_classes]``.
+The classifiers return logits ``[batch, num_classes]``; the language model returns next-token logits at every
+position, ``[batch, steps, vocab]`` (its labels are the inputs shifted by one).
 """
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -26,8 +29,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
-from aiaas.contract.config import Architecture, ModelSpec
+from aiaas.contract.config import Architecture, ModelSpec, Preset
 
 INPUT_IMAGE = "image"
 INPUT_SEQUENCE = "sequence"
@@ -207,14 +211,191 @@ class SequenceClassifier(nn.Sequential):
         super().__init__(layers)
 
 
+# ------------------------------------------------------------------------------------------ transformer
+# (width, blocks, heads) of each language-model preset
+LM_PRESETS = {Preset.lm_1m: (128, 5, 4), Preset.lm_10m: (384, 6, 6), Preset.lm_50m: (512, 16, 8)}
+
+
+class Checkpointed(nn.Module):
+    """A layer whose activations can be recomputed in the backward pass (activation checkpointing): set
+    ``checkpoint_activations`` and training-mode forwards keep only the layer's input."""
+
+    checkpoint_activations = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.checkpoint_activations and self.training and torch.is_grad_enabled():
+            out: torch.Tensor = checkpoint(self.compute, x, use_reentrant=False)
+            return out
+        return self.compute(x)
+
+    def compute(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class TokenEmbedding(nn.Module):
+    """Token ids ``[batch, steps]`` -> token + learned position embeddings ``[batch, steps, width]``."""
+
+    def __init__(self, vocab_size: int, context: int, width: int, dropout: float) -> None:
+        super().__init__()
+        self.tokens = nn.Embedding(vocab_size, width)
+        self.positions = nn.Embedding(context, width)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        pos = torch.arange(ids.shape[1], device=ids.device)
+        return self.drop(self.tokens(ids) + self.positions(pos))
+
+
+class Block(Checkpointed):
+    """A pre-norm decoder block: ``x + attn(ln1(x))`` (causal, scaled-dot-product), then ``x + mlp(ln2(x))``."""
+
+    def __init__(self, width: int, heads: int, dropout: float) -> None:
+        super().__init__()
+        self.heads = heads
+        self.ln1 = nn.LayerNorm(width)
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+        self.ln2 = nn.LayerNorm(width)
+        self.fc = nn.Linear(width, 4 * width)
+        self.out = nn.Linear(4 * width, width)
+        self.dropout = dropout
+
+    def compute(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, c = x.shape
+        q, k, v = self.qkv(self.ln1(x)).view(b, t, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        p = self.dropout if self.training else 0.0
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)
+        x = x + F.dropout(self.proj(a.transpose(1, 2).reshape(b, t, c)), p, self.training)
+        return x + F.dropout(self.out(F.gelu(self.fc(self.ln2(x)))), p, self.training)
+
+
+class TransformerLM(nn.Sequential):
+    """A decoder-only (GPT-style) language model: ``embed``, ``block0`` .. ``block{n-1}``, ``norm``, ``head``.
+
+    Every block is a pipeline unit and an FSDP unit; the head is not tied to the embedding, so the two may
+    sit on different pipeline stages.
+    """
+
+    def __init__(self, vocab_size: int, context: int, width: int, blocks: int, heads: int,
+                 dropout: float = 0.0) -> None:
+        if width % heads:
+            raise ValueError(f"model.hiddenSize ({width}) must be divisible by model.numHeads ({heads})")
+        layers: OrderedDict[str, nn.Module] = OrderedDict()
+        layers["embed"] = TokenEmbedding(vocab_size, context, width, dropout)
+        for i in range(blocks):
+            layers[f"block{i}"] = Block(width, heads, dropout)
+        layers["norm"] = nn.LayerNorm(width)
+        layers["head"] = nn.Linear(width, vocab_size, bias=False)
+        super().__init__(layers)
+        for name, param in self.named_parameters():  # GPT-2's initialisation
+            if name.endswith("weight") and param.dim() == 2:
+                std = 0.02 / math.sqrt(2 * blocks) if name.endswith(("proj.weight", "out.weight")) else 0.02
+                nn.init.normal_(param, 0.0, std)
+            elif name.endswith("bias"):
+                nn.init.zeros_(param)
+
+
+def transformer_dims(spec: ModelSpec) -> tuple[int, int, int]:
+    """(width, blocks, heads) of a transformer ``spec``: its preset's, else its own fields."""
+    if spec.preset is not None:
+        if Preset(spec.preset) not in LM_PRESETS:
+            raise ValueError(f"model.preset {Preset(spec.preset).value} is not a transformer preset; use one of "
+                             f"{', '.join(p.value for p in LM_PRESETS)}")
+        return LM_PRESETS[Preset(spec.preset)]
+    return spec.hidden_size, spec.num_layers, spec.num_heads
+
+
+# --------------------------------------------------------------------------------------------------- resnet
+RESNET_PRESETS = {Preset.resnet18: 64, Preset.resnet18_small: 16}  # width of the first stage
+
+
+class BasicBlock(Checkpointed):
+    """ResNet's basic block: two 3x3 conv-BN layers and the identity (or a 1x1 projection) shortcut."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+
+    def compute(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class Stem(nn.Module):
+    """ResNet-18's stem for 32x32 inputs (CIFAR style): one 3x3 conv-BN-ReLU, no max-pool."""
+
+    def __init__(self, c_in: int, width: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(c_in, width, 3, 1, 1, bias=False)
+        self.bn = nn.BatchNorm2d(width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.bn(self.conv(x)))
+
+
+class ResNet18(nn.Sequential):
+    """ResNet-18 adapted to 32x32 inputs: ``norm`` (+ ``resize``/``pad`` to 32x32), ``stem``, eight basic blocks
+    ``layer1_0`` .. ``layer4_1`` (widths w, 2w, 4w, 8w; stride 2 at the first block of stages 2-4),
+    global average pooling, ``fc``. ``width`` 64 is the classic network."""
+
+    def __init__(self, in_channels: int, image_size: int, num_classes: int, width: int = 64,
+                 mean: float = 0.0, std: float = 1.0) -> None:
+        layers: OrderedDict[str, nn.Module] = OrderedDict()
+        layers["norm"] = Normalize(mean, std)
+        if image_size == 28:
+            layers["pad"] = nn.ZeroPad2d(2)
+        elif image_size != LENET_SIZE:
+            layers["resize"] = Resize(LENET_SIZE)
+        layers["stem"] = Stem(in_channels, width)
+        c = width
+        for stage in range(4):
+            c_out = width * 2 ** stage
+            for i in range(2):
+                layers[f"layer{stage + 1}_{i}"] = BasicBlock(c, c_out, 2 if stage > 0 and i == 0 else 1)
+                c = c_out
+        layers["pool"] = nn.AdaptiveAvgPool2d(1)
+        layers["flatten"] = nn.Flatten(1)
+        layers["fc"] = nn.Linear(c, num_classes)
+        super().__init__(layers)
+
+
+def resnet_width(spec: ModelSpec) -> int:
+    if spec.preset is None:
+        return RESNET_PRESETS[Preset.resnet18]
+    if Preset(spec.preset) not in RESNET_PRESETS:
+        raise ValueError(f"model.preset {Preset(spec.preset).value} is not a resnet preset; use one of "
+                         f"{', '.join(p.value for p in RESNET_PRESETS)}")
+    return RESNET_PRESETS[Preset(spec.preset)]
+
+
+def set_activation_checkpointing(model: nn.Module, enabled: bool) -> int:
+    """Turn activation checkpointing on or off for every checkpointable layer; returns how many there are."""
+    layers = [m for m in model.modules() if isinstance(m, Checkpointed)]
+    for m in layers:
+        m.checkpoint_activations = enabled
+    return len(layers)
+
+
+# ------------------------------------------------------------------------------------------------ building
+IMAGE_MODELS = ("cnn", "resnet")
+
+
 def input_spec_error(spec: ModelSpec, inputs: InputSpec) -> str | None:
     """Why ``spec`` cannot consume ``inputs`` (None when it can)."""
     arch = Architecture(spec.architecture).value
-    if arch == "cnn" and inputs.kind != INPUT_IMAGE:
-        return f"model architecture cnn needs image inputs, but the dataset gives {inputs.kind} inputs " \
-               "(use rnn, lstm or gru for text)"
-    if arch != "cnn" and inputs.kind == INPUT_IMAGE:
+    if arch in IMAGE_MODELS and inputs.kind != INPUT_IMAGE:
+        return f"model architecture {arch} needs image inputs, but the dataset gives {inputs.kind} inputs " \
+               "(use rnn, lstm, gru or transformer for text)"
+    if arch not in IMAGE_MODELS and inputs.kind == INPUT_IMAGE:
         return f"model architecture {arch} needs sequence inputs, but got images"
+    if arch == "transformer" and inputs.kind != INPUT_TOKENS:
+        return "model architecture transformer is a language model: it needs the text dataset (dataset.kind text)"
     return None
 
 
@@ -224,11 +405,17 @@ def build_model(spec: ModelSpec, inputs: InputSpec) -> nn.Module:
     if problem:
         raise ValueError(problem)
     arch = Architecture(spec.architecture).value
-    if arch == "cnn":
+    if arch in IMAGE_MODELS:
         channels, height, width = inputs.shape
         if height != width:
-            raise ValueError(f"LeNet-5 needs square images, got {height}x{width}")
+            raise ValueError(f"{arch} needs square images, got {height}x{width}")
+        if arch == "resnet":
+            return ResNet18(channels, height, inputs.num_classes, resnet_width(spec), inputs.mean, inputs.std)
         return LeNet5(channels, height, inputs.num_classes, inputs.mean, inputs.std)
+    if arch == "transformer":
+        assert inputs.vocab_size is not None
+        width, blocks, heads = transformer_dims(spec)
+        return TransformerLM(inputs.vocab_size, inputs.shape[0], width, blocks, heads, spec.dropout)
     input_size = inputs.shape[-1] if inputs.kind == INPUT_SEQUENCE else 0
     return SequenceClassifier(
         arch, input_size, spec.hidden_size, spec.num_layers, inputs.num_classes, spec.dropout,

@@ -51,12 +51,20 @@ def uses_bf16(precision: str, device: torch.device) -> bool:
     return not isinstance(autocast_context(precision, device), contextlib.nullcontext)
 
 
+def _flat(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits ``[..., classes]`` and labels ``[...]`` as ``[n, classes]`` and ``[n]``: one row per prediction
+    (a sample of a classifier, a position of a language model)."""
+    return logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1)
+
+
 def _batch_stats(logits: torch.Tensor, y: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
-    logits = logits.float()
+    """``[loss_sum, correct, count]`` over the predictions of a batch; ``w`` weighs samples (0: padding)."""
+    if w is not None and y.dim() > 1:  # a weight per sample -> per prediction
+        w = w.reshape(-1, *([1] * (y.dim() - 1))).expand_as(y)
+    logits, y = _flat(logits, y)
     losses = F.cross_entropy(logits, y, reduction="none")
     correct = (logits.argmax(dim=1) == y).float()
-    if w is None:
-        w = torch.ones_like(losses)
+    w = torch.ones_like(losses) if w is None else w.reshape(-1).float()
     return torch.stack([(losses * w).sum(), (correct * w).sum(), w.sum()]).detach()
 
 
@@ -86,6 +94,17 @@ class Engine:
 
     def train(self, mode: bool = True) -> None:
         self.module.train(mode)
+
+    def sync_buffers(self) -> None:
+        """Average floating-point buffers (BatchNorm running statistics) over the data-parallel replicas, so
+        that evaluation and the exported model see one set (FSDP and the pipeline do not sync buffers; DDP
+        broadcasts rank 0's at each forward, which this keeps). Collective over the replicas."""
+        if self.env.dp_size == 1:
+            return
+        for buf in self.module.buffers():
+            if buf.is_floating_point():
+                dist.all_reduce(buf, group=self.env.dp_group)
+                buf /= self.env.dp_size
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor, stats: torch.Tensor) -> None:
         """Forward and backward of one batch (gradients ready for the optimizer); adds
@@ -124,12 +143,13 @@ class DataParallelEngine(Engine):
         x, y = x.to(self.env.device, non_blocking=True), y.to(self.env.device, non_blocking=True)
         with self.amp():
             logits = self.module(x)
-        loss = F.cross_entropy(logits.float(), y)
+        flat_logits, flat_y = _flat(logits, y)
+        loss = F.cross_entropy(flat_logits, flat_y)
         loss.backward()
         with torch.no_grad():
-            stats[0] += loss.detach() * len(y)
-            stats[1] += (logits.argmax(dim=1) == y).sum()
-            stats[2] += len(y)
+            stats[0] += loss.detach() * len(flat_y)
+            stats[1] += (flat_logits.argmax(dim=1) == flat_y).sum()
+            stats[2] += len(flat_y)
 
     @torch.no_grad()
     def eval_step(self, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -218,8 +238,7 @@ class PipelineEngine(Engine):
             with self.amp():
                 out = self.stage(inp)
             if env.last_stage:
-                out = out.float()
-                loss = F.cross_entropy(out, y_mbs[i]) * (len(y_mbs[i]) / n)
+                loss = F.cross_entropy(*_flat(out, y_mbs[i])) * (len(y_mbs[i]) / n)
                 stats += _batch_stats(out, y_mbs[i])
                 outputs.append(loss)
             else:

@@ -166,8 +166,8 @@ BAD = [
     # OpenAPI schema
     ("unknown field (strict)", _with(TJ, spec__topology__nodez=3), ['unknown field "spec.topology.nodez"']),
     ("wrong type", _with(TJ, spec__topology__nodes="two"), ["spec.topology.nodes", "must be of type integer"]),
-    ("enum", _with(TJ, spec__trainer={"model": {"architecture": "transformer"}}),
-     ["spec.trainer.model.architecture", 'Unsupported value: "transformer"', '"cnn"']),
+    ("enum", _with(TJ, spec__trainer={"model": {"architecture": "perceptron"}}),
+     ["spec.trainer.model.architecture", 'Unsupported value: "perceptron"', '"cnn"']),
     ("minimum", _with(TJ, spec__trainer={"hyperparameters": {"epochs": 0}}),
      ["spec.trainer.hyperparameters.epochs", "greater than or equal to 1"]),
     ("zero nodes", _with(TJ, spec__topology__nodes=0), ["spec.topology.nodes", "greater than or equal to 1"]),

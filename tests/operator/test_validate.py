@@ -33,7 +33,7 @@ def with_spec(**changes) -> dict:
 BAD = [
     ("unknown field", with_spec(spec__topology__nodez=3), ["spec.topology.nodez", "unknown field"]),
     ("wrong type", with_spec(spec__topology__nodes="two"), ["spec.topology.nodes", "integer"]),
-    ("bad enum", with_spec(spec__trainer={"model": {"architecture": "transformer"}}),
+    ("bad enum", with_spec(spec__trainer={"model": {"architecture": "perceptron"}}),
      ["spec.trainer.model.architecture", "'cnn'"]),
     ("data x model != world", with_spec(spec__topology={"nodes": 2, "nprocPerNode": 2, "parallelism": {"data": 3}}),
      ["spec.topology.parallelism", "3 x 1 = 3 must equal nodes x nprocPerNode = 2 x 2 = 4"]),

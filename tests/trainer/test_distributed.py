@@ -169,6 +169,25 @@ def test_sigkill_a_rank_then_resume(tmp_path: Path, ddp: Run, digits_cnn: dict[s
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=f"{k} differs from the uninterrupted run")
 
 
+def test_runs_with_a_read_only_home(tmp_path: Path) -> None:
+    """As in a pod with readOnlyRootFilesystem: $HOME lies under a regular file, so nothing (not even root)
+    can create anything there; $TMPDIR is the only scratch space. A 2-process job trains, checkpoints and
+    exports, and writes nothing besides its checkpoints, artifact, termination log and scratch files."""
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    run_dir, scratch = tmp_path / "run", tmp_path / "tmp"
+    scratch.mkdir()
+    env = {"HOME": str(blocker / "home"), "TMPDIR": str(scratch)}
+    for name in ("XDG_CACHE_HOME", "TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR", "MPLCONFIGDIR"):
+        env[name] = ""  # unset: the trainer's own defaults apply
+    run = train(run_dir, nproc=2, extra_env=env, parallelism={"data": 2}, model={"architecture": "cnn"},
+                hyperparameters={"epochs": 1, "maxSteps": 6, "batchSize": 32}, checkpoint={"intervalSteps": 3})
+    assert_succeeded(run, 6)
+    assert sorted(p.name for p in run_dir.iterdir()) == [".termination-log.lock", "artifact", "checkpoints", "output.log",
+                                                         "termination-log"]
+    assert blocker.read_text() == ""
+
+
 # ------------------------------------------------------------------------------------------ bad configs
 def assert_permanent(run: Run, *words: str) -> None:
     assert run.rc != 0
@@ -180,9 +199,9 @@ def assert_permanent(run: Run, *words: str) -> None:
 
 
 def test_unknown_model_is_permanent(tmp_path: Path) -> None:
-    run = train(tmp_path, nproc=0, model={"architecture": "transformer"})
+    run = train(tmp_path, nproc=0, model={"architecture": "mamba"})
     assert run.rc == EXIT_PERMANENT
-    assert_permanent(run, "model.architecture", "transformer")
+    assert_permanent(run, "model.architecture", "mamba")
 
 
 def test_missing_data_path_is_permanent(tmp_path: Path) -> None:

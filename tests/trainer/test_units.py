@@ -23,7 +23,6 @@ from aiaas.trainer.errors import PermanentError
 from aiaas.trainer.export import ArtifactError, load_artifact, make_manifest, predict, write_artifact
 from aiaas.trainer.metrics import TrainerMetrics
 from aiaas.trainer.models import InputSpec, LeNet5, build_model, max_stages, split_stages
-from aiaas.trainer.termination import Outcome, read_outcome, write_outcome
 
 DIGITS_IMG = InputSpec("image", (1, 8, 8), 10, mean=4.9, std=6.0, labels=[str(i) for i in range(10)])
 DIGITS_SEQ = InputSpec("sequence", (8, 8), 10, mean=4.9, std=6.0)
@@ -215,8 +214,8 @@ def test_no_checkpoint_means_a_fresh_start(tmp_path: Path) -> None:
 
 # ---------------------------------------------------------------------------------------------- config
 def test_config_errors_name_the_field(tmp_path: Path) -> None:
-    with pytest.raises(PermanentError, match=r"model.architecture: .*'transformer'"):
-        parse_config({"model": {"architecture": "transformer"}})
+    with pytest.raises(PermanentError, match=r"model.architecture: .*'mamba'"):
+        parse_config({"model": {"architecture": "mamba"}})
     with pytest.raises(PermanentError, match="hyperparameters.batchSze|batchSze"):
         parse_config({"hyperparameters": {"batchSze": 3}})
     with pytest.raises(PermanentError, match="no trainer config"):
@@ -245,18 +244,7 @@ def test_check_config_against_the_world(tmp_path: Path, monkeypatch: pytest.Monk
     assert elastic.parallelism.data == 2
 
 
-# ------------------------------------------------------------------------------ termination and metrics
-def test_termination_log_keeps_the_most_severe_first_outcome(tmp_path: Path) -> None:
-    log = tmp_path / "termination-log"
-    write_outcome(Outcome("RetryableError", "TrainerFailed", "root cause", rank=1), log)
-    write_outcome(Outcome("RetryableError", "TrainerFailed", "connection closed by peer", rank=0), log)
-    write_outcome(Outcome("Preempted", "Preempted", "SIGTERM", rank=2), log)
-    assert read_outcome(log)["message"] == "root cause"  # type: ignore[index]
-    write_outcome(Outcome("PermanentError", "InvalidConfig", "bad", rank=0), log)
-    data = read_outcome(log)
-    assert data and data["outcome"] == "PermanentError" and data["exitCode"] == 78
-
-
+# ------------------------------------------------------------------------------------------------ metrics
 def test_metrics_endpoint() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -302,6 +290,26 @@ def test_mnist_from_idx_and_npz(tmp_path: Path) -> None:
     np.savez(tmp_path / "bad.npz", images=x)
     with pytest.raises(PermanentError, match="expected x_train/y_train"):
         load_dataset(DatasetSpec(kind="mnist", path=str(tmp_path / "bad.npz")), "cnn")
+
+
+@pytest.mark.parametrize("content", [
+    b"\x00\x00\x08",  # shorter than the 4-byte magic
+    b"\x00\x00\x08\x03\x00\x00\x00\x3c",  # 3 dimensions announced, 1 given
+    b"\x00\x00\x08\x03\x00\x00\x00\x3c\x00\x00\x00\x1c\x00\x00\x00\x1c\x00",  # header whole, body cut
+    b"\x1f\x8b\x08\x00",  # a cut gzip stream (the name ends in .gz)
+])
+def test_truncated_mnist_idx_is_permanent(tmp_path: Path, content: bytes) -> None:
+    """A truncated file stays truncated however often the pod restarts: DataInvalid, exit 78, never a retry."""
+    rng = np.random.default_rng(0)
+    _write_idx(tmp_path / "train-labels-idx1-ubyte.gz", rng.integers(0, 10, 60))
+    (tmp_path / "train-images-idx3-ubyte.gz").write_bytes(
+        content if content.startswith(b"\x1f\x8b") else __import__("gzip").compress(content))
+    with pytest.raises(PermanentError, match="truncated|cannot read|not an unsigned-byte") as e:
+        load_dataset(DatasetSpec(kind="mnist", path=str(tmp_path)), "cnn")
+    assert e.value.reason == "DataInvalid"
+    (tmp_path / "cut.npz").write_bytes(b"PK\x03\x04" + b"\0" * 10)
+    with pytest.raises(PermanentError, match="as an .npz archive"):
+        load_dataset(DatasetSpec(kind="mnist", path=str(tmp_path / "cut.npz")), "cnn")
 
 
 def test_learning_rate_schedule_is_a_pure_function_of_the_step() -> None:

@@ -60,9 +60,11 @@ def trainer_command(nproc: int) -> list[str]:
             "--rdzv-endpoint=127.0.0.1:0", "--max-restarts=0", "-m", "aiaas.trainer"]
 
 
-def start(run_dir: Path, cfg: dict[str, Any], nproc: int) -> tuple[subprocess.Popen[bytes], Path]:
+def start(run_dir: Path, cfg: dict[str, Any], nproc: int, extra_env: dict[str, str] | None = None
+          ) -> tuple[subprocess.Popen[bytes], Path]:
     run_dir.mkdir(parents=True, exist_ok=True)
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(extra_env or {})
     env[ENV_CONFIG] = json.dumps(cfg)
     env[ENV_TERMINATION_LOG] = str(run_dir / "termination-log")
     env["PYTHONUNBUFFERED"] = "1"
@@ -87,11 +89,12 @@ def finish(proc: subprocess.Popen[bytes], run_dir: Path, cfg: dict[str, Any], ti
     return Run(rc, (run_dir / "output.log").read_text(), outcome, run_dir, cfg, time.monotonic() - t0)
 
 
-def train(run_dir: Path, nproc: int = 1, timeout: float = 300, **overrides: Any) -> Run:
+def train(run_dir: Path, nproc: int = 1, timeout: float = 300, extra_env: dict[str, str] | None = None,
+          **overrides: Any) -> Run:
     """Run the trainer to the end (``nproc`` 0: plain ``python -m aiaas.trainer``; else torchrun)."""
     cfg = job_config(run_dir, **overrides)
     t0 = time.monotonic()
-    proc, _ = start(run_dir, cfg, nproc)
+    proc, _ = start(run_dir, cfg, nproc, extra_env)
     return finish(proc, run_dir, cfg, timeout, t0)
 
 
@@ -121,3 +124,31 @@ def worker_rank(pid: int) -> int | None:
         if item.startswith(b"RANK="):
             return int(item[5:])
     return None
+
+
+WORDS = ["the", "model", "reads", "a", "line", "of", "text", "and", "learns", "which", "character", "comes",
+         "next", "so", "that", "it", "can", "write", "more", "lines", "like", "while", "ranks", "share", "work",
+         "agree", "on", "every", "step", "way"]
+
+
+def write_text(path: Path, chars: int = 6000, seed: int = 0) -> Path:
+    """A deterministic text file of sentences over a small vocabulary (no download)."""
+    import random
+
+    rng = random.Random(seed)
+    out: list[str] = []
+    size = 0
+    while size < chars:
+        sentence = " ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 12))).capitalize() + ". "
+        out.append(sentence)
+        size += len(sentence)
+    path.write_text("".join(out)[:chars])
+    return path
+
+
+def logged_losses(log: str) -> dict[int, float]:
+    """{step: training loss} from rank 0's progress lines."""
+    import re
+
+    return {int(m.group(1)): float(m.group(2))
+            for m in re.finditer(r"step (\d+)/\d+ \(\d+%\) loss ([\d.]+)", log)}
