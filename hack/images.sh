@@ -152,6 +152,8 @@ build_one() { # <image> <base> <wheelhouse>
 cmd_build() {
   need_tools
   mkdir -p "$IMAGES_DIR"
+  exec 9>"$IMAGES_DIR/.build.lock"
+  flock 9  # one build at a time (buildah's storage and the archives are shared)
   local base wheels image
   base=$(ensure_base)
   wheels=$(ensure_wheelhouse)
