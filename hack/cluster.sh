@@ -15,6 +15,7 @@
 #   hack/cluster.sh logs [component]  tail the logs
 #   hack/cluster.sh load-images <docker-archive>...  import images into the
 #                             real node's containerd (namespace k8s.io)
+#   hack/cluster.sh ctr <args>  ctr against the real node's containerd
 #
 # The cluster: etcd, kube-apiserver (RBAC, service-account tokens, TLS with a
 # private CA), kube-controller-manager (all controllers except cloud ones),
@@ -661,6 +662,8 @@ case $cmd in
   load-images) (($# > 0)) || die "usage: hack/cluster.sh load-images <docker-archive>..."
     [[ -d $(node_dir) ]] || die "the cluster in $CLUSTER_DIR has no real node (AIAAS_REAL_NODE=0, or not up)"
     node_load_images "$@" ;;
+  ctr) [[ -d $(node_dir) ]] || die "the cluster in $CLUSTER_DIR has no real node"
+    ctr_node "$@" ;;
   -h|--help|help) usage ;;
   *) usage >&2; exit 2 ;;
 esac

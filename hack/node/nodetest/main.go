@@ -5,7 +5,7 @@
 //	nodetest echo <words>...         print the words, exit 0
 //	nodetest sleep                   sleep until SIGTERM/SIGINT, then exit 0
 //	nodetest serve <port>            HTTP on :<port>, answers "hello from <hostname>"
-//	nodetest get <url> [<seconds>]   GET until 200 (default 60 s), print the body
+//	nodetest get <url>...            GET each until 200 (60 s each), print the bodies
 //	nodetest resolve <name>          print the addresses of <name>
 //	nodetest write <file> <text>     write text to file (creating it)
 //	nodetest cat <file>              print a file
@@ -18,7 +18,6 @@ import (
 	"net/http"
 	"os"
 	"os/signal"
-	"strconv"
 	"strings"
 	"syscall"
 	"time"
@@ -41,11 +40,9 @@ func main() {
 		serve(args[0])
 	case "get":
 		need(args, 1)
-		seconds := 60
-		if len(args) > 1 {
-			seconds = atoi(args[1])
+		for _, url := range args {
+			get(url, 60*time.Second)
 		}
-		get(args[0], time.Duration(seconds)*time.Second)
 	case "resolve":
 		need(args, 1)
 		addrs, err := net.LookupHost(args[0])
@@ -100,12 +97,6 @@ func need(args []string, n int) {
 	if len(args) < n {
 		fail(fmt.Sprintf("%s needs %d argument(s), got %d", os.Args[1], n, len(args)))
 	}
-}
-
-func atoi(s string) int {
-	n, err := strconv.Atoi(s)
-	check(err)
-	return n
 }
 
 func check(err error) {
