@@ -114,7 +114,8 @@ find_go() {
 # must be rebuilt.
 stamp_of() { # <module dir> <version> [<stable ldflags>]
   local dir=$1 ver=$2 flags=${3:-}
-  { echo "$ver"; echo "$flags"; echo "cgo=${BUILD_CGO:-0} tags=${BUILD_TAGS:-}"; "$GO_BIN" env GOVERSION; cat "$dir"/go.mod "$dir"/go.sum "$dir"/*.go 2>/dev/null || true; } | sha256sum | cut -c1-16
+  { echo "$ver"; echo "$flags"; [[ -z ${BUILD_CGO:-}${BUILD_TAGS:-} ]] || echo "cgo=${BUILD_CGO:-} tags=${BUILD_TAGS:-}"
+    "$GO_BIN" env GOVERSION; cat "$dir"/go.mod "$dir"/go.sum "$dir"/*.go 2>/dev/null || true; } | sha256sum | cut -c1-16
 }
 
 # BUILD_CGO=1 / BUILD_TAGS=<tags> in the environment: cgo and build tags.

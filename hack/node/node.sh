@@ -42,7 +42,6 @@ node_blocker() {
   [[ -d /sys/fs/cgroup/cpu || -f /sys/fs/cgroup/cgroup.controllers ]] || { echo "no cgroups mounted"; return; }
   local t
   for t in ip iptables gcc buildah; do command -v "$t" >/dev/null || { echo "$t not installed"; return; }; done
-  [[ -e /dev/net/tun || -d /proc/sys/net/ipv4 ]] || { echo "no networking"; return; }
 }
 
 # AIAAS_REAL_NODE: 1 = required, 0 = kwok only, unset/auto = when the host can.
@@ -365,12 +364,12 @@ node_up() {
   wait_up containerd 60 ctr_node version
   node_load_images "$TOOLS_DIR/images/node-base.tar" "$TOOLS_DIR/images/node-test.tar"
 
-  start kube-proxy --config="$nd/kube-proxy.yaml"
-  start coredns -conf "$nd/Corefile"
   # shellcheck disable=SC2086
   start kubelet --config="$nd/kubelet/config.yaml" --kubeconfig="$nd/kubelet.kubeconfig" \
     --root-dir="$nd/kubelet" --hostname-override="$NODE_NAME" --node-ip="$NODE_IP" \
     --node-labels="$NODE_LABEL=true" ${AIAAS_KUBELET_EXTRA_ARGS:-}
+  start kube-proxy --config="$nd/kube-proxy.yaml"
+  start coredns -conf "$nd/Corefile"
 
   kctl apply -f - >/dev/null <<<"$(node_manifests)"
   start local-path-provisioner --debug start --kubeconfig="$nd/local-path-provisioner.kubeconfig" \

@@ -2,7 +2,7 @@
 processes, mounts, network interfaces, iptables chains and rules, cgroups,
 sysctls, files outside the cluster directory.
 
-Starts a cluster of its own (its own directory and ports, no kwok nodes), so
+Starts a cluster of its own (its own directory and ports, one kwok node), so
 it runs only where no real node runs yet (one per machine). This file sorts
 before the others of tests/e2e/node, so in a plain run it goes before the
 session cluster starts.
@@ -89,7 +89,7 @@ def test_down_leaves_nothing_of_the_real_node(tmp_path_factory):
     cluster_dir = str(tmp_path_factory.mktemp("down") / "cluster")
     offset = int(os.environ.get("AIAAS_PORT_OFFSET", "0")) + 500
     env = {**os.environ, "AIAAS_CLUSTER_DIR": cluster_dir, "AIAAS_PORT_OFFSET": str(offset),
-           "AIAAS_REAL_NODE": "1", "AIAAS_GPU_NODES": "0", "AIAAS_CPU_NODES": "0"}
+           "AIAAS_REAL_NODE": "1", "AIAAS_GPU_NODES": "0", "AIAAS_CPU_NODES": "1"}
     before = _host_state(cluster_dir)
     up = run([str(CLUSTER_SH), "up"], check=False, env=env, timeout=3600)
     try:
