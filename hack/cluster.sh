@@ -33,7 +33,7 @@
 # Beside the kwok nodes, one REAL worker node (hack/node/node.sh): kubelet,
 # containerd + runc, CNI bridge, kube-proxy, CoreDNS and the local-path volume
 # provisioner (StorageClass local-path), all host processes, node address
-# 10.244.255.1 on a dummy interface, no traffic leaving the machine. It is
+# 10.244.0.1 on the pods' bridge aiaas-cni0, no traffic leaving the machine. It is
 # labelled and tainted aiaas.dev/real-node=true(:NoSchedule): only pods that
 # ask for it land there. A namespace annotated
 #   scheduler.alpha.kubernetes.io/node-selector: aiaas.dev/real-node=true

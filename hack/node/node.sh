@@ -8,17 +8,17 @@
 # One real node per machine (its network, iptables chains and cgroups are
 # machine-wide): kubelet, containerd + runc, CNI (Debian's plugins: bridge,
 # host-local, loopback, portmap), kube-proxy (iptables), CoreDNS and the
-# local-path volume provisioner run as host processes. The node's address
-# NODE_IP sits on a dummy interface that `up` creates; pods live on the bridge
-# NODE_BRIDGE in POD_CIDR. No traffic leaves the machine.
+# local-path volume provisioner run as host processes. Pods live on the bridge
+# NODE_BRIDGE in POD_CIDR; the node's address NODE_IP is the bridge's own
+# (the pods' gateway; `up` creates the bridge: this kernel has no dummy
+# interfaces, and CNI's bridge plugin allows no second IPv4 address on it).
+# No traffic leaves the machine.
 
 NODE_NAME=aiaas-node
 NODE_LABEL=aiaas.dev/real-node
-NODE_IP=10.244.255.1
-NODE_DUMMY=aiaas0
 NODE_BRIDGE=aiaas-cni0
 POD_CIDR=10.244.0.0/24
-POD_GATEWAY=10.244.0.1
+NODE_IP=10.244.0.1
 CNI_NETWORK=aiaas-pods
 NODE_CGROUP_ROOT=/aiaas-node
 NODE_OWNER_FILE=/run/aiaas-real-node.owner
@@ -191,7 +191,7 @@ EOF
   "plugins": [
     {"type": "bridge", "bridge": "$NODE_BRIDGE", "isGateway": true, "ipMasq": false, "hairpinMode": true,
      "ipam": {"type": "host-local", "dataDir": "$nd/cni/ipam",
-              "ranges": [[{"subnet": "$POD_CIDR", "gateway": "$POD_GATEWAY"}]],
+              "ranges": [[{"subnet": "$POD_CIDR", "gateway": "$NODE_IP"}]],
               "routes": [{"dst": "0.0.0.0/0"}]}},
     {"type": "portmap", "capabilities": {"portMappings": true}},
     {"type": "loopback"}
@@ -325,9 +325,9 @@ EOF
 
 node_network_up() {
   local nd; nd=$(node_dir)
-  ip link add "$NODE_DUMMY" type dummy
-  ip addr add "$NODE_IP/32" dev "$NODE_DUMMY"
-  ip link set "$NODE_DUMMY" up
+  ip link add "$NODE_BRIDGE" type bridge
+  ip addr add "$NODE_IP/${POD_CIDR#*/}" dev "$NODE_BRIDGE"
+  ip link set "$NODE_BRIDGE" up
   # Routing between pods and the node address needs forwarding; bridged
   # traffic must pass iptables (kube-proxy's Service rules). Restored by down.
   local s
@@ -359,6 +359,7 @@ node_up() {
   [[ -d $SHIM_SOCKETS ]] || touch "$CLUSTER_DIR/.created-shim-sockets-dir"
   node_configs
   node_network_up
+  make_cgroup_root "$NODE_CGROUP_ROOT"
 
   PATH=$BIN_DIR:$PATH start containerd --config "$nd/containerd/config.toml"
   wait_up containerd 60 ctr_node version
@@ -391,7 +392,7 @@ node_load_images() { # <docker-archive>...
   local f
   for f in "$@"; do
     [[ -f $f ]] || die "no such image archive: $f"
-    ctr_node -n k8s.io images import "$f" >/dev/null ||
+    ctr_node -n k8s.io images import "$f" >/dev/null 2>&1 ||
       die "importing $f into the node's containerd failed"
     log "loaded $(basename "$f") into the real node"
   done
@@ -416,7 +417,6 @@ node_cleanup() { # <cluster dir>
   unmount_under "$nd"
   remove_cgroups "$NODE_CGROUP_ROOT"
   ip link del "$NODE_BRIDGE" 2>/dev/null || true
-  ip link del "$NODE_DUMMY" 2>/dev/null || true
   [[ -x $BIN_DIR/kube-proxy ]] && "$BIN_DIR/kube-proxy" --cleanup >/dev/null 2>&1 || true
   local ipt
   for ipt in iptables ip6tables; do command -v $ipt >/dev/null && purge_chains $ipt; done
@@ -439,13 +439,29 @@ kill_pidfile() { local p; p=$(cat "$1" 2>/dev/null) && kill -KILL "$p" 2>/dev/nu
 kill_cgroup_tree() {
   local n pids
   for n in 1 2 3 4 5 6 7 8 9 10; do
-    pids=$(find /sys/fs/cgroup/*"$1" /sys/fs/cgroup"$1" -name cgroup.procs -exec cat {} + 2>/dev/null | sort -u)
+    pids=$(find /sys/fs/cgroup/*"$1" /sys/fs/cgroup"$1" -name cgroup.procs -exec cat {} + 2>/dev/null | sort -u || true)
     [[ -z $pids ]] && return 0
     # shellcheck disable=SC2086
     kill -KILL $pids 2>/dev/null || true
     sleep 0.3
   done
   log "processes left in cgroup $1: $pids"
+}
+
+# The kubelet's --cgroup-root must exist in every hierarchy (cgroup v1: one
+# per controller; a new cpuset starts without CPUs and memory nodes).
+make_cgroup_root() {
+  local h
+  if [[ -f /sys/fs/cgroup/cgroup.controllers ]]; then mkdir -p "/sys/fs/cgroup$1"; return; fi
+  for h in /sys/fs/cgroup/*/; do
+    h=${h%/}
+    [[ -f $h/cgroup.procs ]] || continue
+    mkdir -p "$h$1"
+    if [[ -f $h/cpuset.cpus ]]; then
+      cat "$h/cpuset.cpus" > "$h$1/cpuset.cpus"
+      cat "$h/cpuset.mems" > "$h$1/cpuset.mems"
+    fi
+  done
 }
 
 remove_cgroups() {

@@ -25,7 +25,7 @@ from node_util import (
 
 pytestmark = pytest.mark.e2e
 
-NODE_ADDRESS = "10.244.255.1"  # hack/node/node.sh NODE_IP, on the dummy interface aiaas0
+NODE_ADDRESS = "10.244.0.1"  # hack/node/node.sh NODE_IP, on the pods' bridge aiaas-cni0
 
 
 def test_node_is_ready_with_an_address_on_its_own_interface(real_node, k8s_cluster):
@@ -34,8 +34,8 @@ def test_node_is_ready_with_an_address_on_its_own_interface(real_node, k8s_clust
     taints = real_node["spec"].get("taints", [])
     assert {"key": REAL_NODE_LABEL, "value": "true", "effect": "NoSchedule"} in taints, taints
     if k8s_cluster.local:
-        out = subprocess.run(["ip", "-o", "addr", "show", "dev", "aiaas0"], capture_output=True, text=True)
-        assert f"inet {NODE_ADDRESS}/32" in out.stdout, out
+        out = subprocess.run(["ip", "-o", "addr", "show", "dev", "aiaas-cni0"], capture_output=True, text=True)
+        assert f"inet {NODE_ADDRESS}/24" in out.stdout, out
 
 
 def test_pod_runs_to_completion_and_shows_its_logs(node_ns, kubectl, real_node):
