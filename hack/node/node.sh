@@ -7,7 +7,7 @@
 #
 # One real node per machine (its network, iptables chains and cgroups are
 # machine-wide): kubelet, containerd + runc, CNI (Debian's plugins: bridge,
-# host-local, loopback, portmap), kube-proxy (iptables), CoreDNS and the
+# host-local, portmap; containerd sets up each pod's lo with loopback), kube-proxy (iptables), CoreDNS and the
 # local-path volume provisioner run as host processes. Pods live on the bridge
 # NODE_BRIDGE in POD_CIDR; the node's address NODE_IP is the bridge's own
 # (the pods' gateway; `up` creates the bridge: this kernel has no dummy
@@ -27,10 +27,13 @@ NODE_IMAGE_BASE=localhost/aiaas-node-base:local   # /pause (sandbox) and /local-
 NODE_IMAGE_TEST=localhost/aiaas-node-test:local   # /nodetest (tests/e2e/node)
 CNI_BIN_DIR=/usr/lib/cni
 LOCAL_PATH_NS=local-path-storage
-# Host files outside the cluster dir that the node writes and `down` removes.
+# Host directories outside the cluster dir that the node writes into (fixed
+# paths in kubelet, containerd's shims, libcni): `down` removes its entries
+# there, and each directory that `up` found missing.
 POD_LOG_LINKS=/var/log/containers
-CNI_RESULTS=/var/lib/cni/results
+CNI_CACHE=/var/lib/cni
 SHIM_SOCKETS=/run/containerd
+HOST_DIRS=("$POD_LOG_LINKS" "$CNI_CACHE" "$SHIM_SOCKETS")
 
 node_dir() { echo "${1:-$CLUSTER_DIR}/node"; }
 
@@ -193,8 +196,7 @@ EOF
      "ipam": {"type": "host-local", "dataDir": "$nd/cni/ipam",
               "ranges": [[{"subnet": "$POD_CIDR", "gateway": "$NODE_IP"}]],
               "routes": [{"dst": "0.0.0.0/0"}]}},
-    {"type": "portmap", "capabilities": {"portMappings": true}},
-    {"type": "loopback"}
+    {"type": "portmap", "capabilities": {"portMappings": true}}
   ]
 }
 EOF
@@ -356,7 +358,8 @@ node_claim() {
 node_up() {
   local nd; nd=$(node_dir)
   node_claim
-  [[ -d $SHIM_SOCKETS ]] || touch "$CLUSTER_DIR/.created-shim-sockets-dir"
+  local d
+  for d in "${HOST_DIRS[@]}"; do [[ -e $d ]] || echo "$d" >> "$CLUSTER_DIR/.node-created-dirs"; done
   node_configs
   node_network_up
   make_cgroup_root "$NODE_CGROUP_ROOT"
@@ -425,10 +428,13 @@ node_cleanup() { # <cluster dir>
     while read -r kv; do echo "${kv#*=}" > "/proc/sys/${kv%%=*}" || true; done < "$nd/sysctl.saved"
   fi
   find "$POD_LOG_LINKS" -maxdepth 1 -type l -lname "$nd/*" -delete 2>/dev/null || true
-  rm -f "$CNI_RESULTS/$CNI_NETWORK"-* 2>/dev/null || true
-  rmdir "$CNI_RESULTS" /var/lib/cni 2>/dev/null || true
-  [[ -f $cdir/.created-shim-sockets-dir ]] && rm -rf "$SHIM_SOCKETS"
-  rm -rf "$nd" "$cdir/.created-shim-sockets-dir"
+  # libcni's result cache: our network and containerd's own loopback network.
+  rm -f "$CNI_CACHE/results/$CNI_NETWORK"-* "$CNI_CACHE/results/cni-loopback"-* 2>/dev/null || true
+  local d
+  if [[ -f $cdir/.node-created-dirs ]]; then
+    while read -r d; do rm -rf "$d"; done < "$cdir/.node-created-dirs"
+  fi
+  rm -rf "$nd" "$cdir/.node-created-dirs"
   [[ $(cat "$NODE_OWNER_FILE" 2>/dev/null) == "$cdir" ]] && rm -f "$NODE_OWNER_FILE"
   return 0
 }

@@ -62,13 +62,24 @@ def _processes(cluster_dir: str) -> set[str]:
     return found
 
 
+# What the node creates is recognisable by name; other work on the machine
+# (image builds, other clusters) may add and remove its own mounts, links and
+# rules meanwhile, which must not fail this test.
+NODE_PATTERN = re.compile(r"aiaas|veth|KUBE-|CNI-|cni0|10\.244\.|kubelet|containerd")
+
+
+def _ours(lines: set[str], cluster_dir: str) -> set[str]:
+    return {line for line in lines if NODE_PATTERN.search(line) or cluster_dir in line}
+
+
 def _host_state(cluster_dir: str) -> dict[str, set[str]]:
+    mounts = {line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()}
     return {
-        "mounts": {line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()},
-        "links": {line.split(":")[1].strip().split("@")[0] for line in _lines(["ip", "-o", "link"])},
-        "addresses": _lines(["ip", "-o", "addr"]),
-        "iptables": _lines(["iptables-save"]),
-        "ip6tables": _lines(["ip6tables-save"]),
+        "mounts": _ours(mounts, cluster_dir),
+        "links": _ours({line.split(":")[1].strip().split("@")[0] for line in _lines(["ip", "-o", "link"])}, cluster_dir),
+        "addresses": _ours(_lines(["ip", "-o", "addr"]), cluster_dir),
+        "iptables": _ours(_lines(["iptables-save"]), cluster_dir),
+        "ip6tables": _ours(_lines(["ip6tables-save"]), cluster_dir),
         "nft tables": _lines(["nft", "list", "tables"]),
         "processes": _processes(cluster_dir),
         "cgroups": {str(p) for p in Path("/sys/fs/cgroup").glob("*/aiaas-node")},
