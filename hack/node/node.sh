@@ -54,10 +54,14 @@ real_node_wanted() {
     1|true|yes)
       local why; why=$(node_blocker)
       [[ -z $why ]] || die "AIAAS_REAL_NODE=1 but this host cannot run a real node: $why"
+      why=$(node_owner_running)
+      [[ -z $why ]] || die "AIAAS_REAL_NODE=1 but the cluster in $why runs this machine's real node (one per machine)"
       ;;
     auto)
-      local why; why=$(node_blocker)
+      local why owner; why=$(node_blocker)
       [[ -z $why ]] || { log "no real node: $why (AIAAS_REAL_NODE=0 silences this)"; return 1; }
+      owner=$(node_owner_running)
+      [[ -z $owner ]] || { log "no real node: the cluster in $owner runs this machine's real node (AIAAS_REAL_NODE=0 silences this)"; return 1; }
       ;;
     *) die "AIAAS_REAL_NODE must be 0, 1 or auto, not '${AIAAS_REAL_NODE}'" ;;
   esac
@@ -342,13 +346,20 @@ node_network_up() {
 
 # --- start ---------------------------------------------------------------------
 
+# The cluster dir of another cluster whose real node runs (empty if none).
+node_owner_running() {
+  local owner; owner=$(cat "$NODE_OWNER_FILE" 2>/dev/null) || return 0
+  [[ $owner != "$CLUSTER_DIR" ]] && kill -0 "$(cat "$owner/run/kubelet.pid" 2>/dev/null || echo x)" 2>/dev/null &&
+    echo "$owner"
+  return 0
+}
+
 # Refuse a second real node on this machine; clean up after a crashed one.
 node_claim() {
+  local owner; owner=$(node_owner_running)
+  [[ -z $owner ]] || die "the real node of the cluster in $owner runs on this machine (one per machine: its network and iptables chains are machine-wide). Stop it, or start this cluster with AIAAS_REAL_NODE=0"
   if [[ -f $NODE_OWNER_FILE ]]; then
-    local owner; owner=$(cat "$NODE_OWNER_FILE")
-    if [[ $owner != "$CLUSTER_DIR" ]] && kill -0 "$(cat "$owner/run/kubelet.pid" 2>/dev/null || echo x)" 2>/dev/null; then
-      die "the real node of the cluster in $owner runs on this machine (one per machine: its network and iptables chains are machine-wide). Stop it, or start this cluster with AIAAS_REAL_NODE=0"
-    fi
+    owner=$(cat "$NODE_OWNER_FILE")
     log "cleaning up after the real node of $owner (not running)"
     node_cleanup "$owner"
   fi
