@@ -78,7 +78,7 @@ def get_pod(kubectl: Kubectl, namespace: str, name: str) -> dict:
 def wait_phase(kubectl: Kubectl, namespace: str, name: str, phases: set[str], timeout: float = 180) -> dict:
     """Wait until the pod is in one of ``phases``; fail at once on an unexpected end."""
 
-    def reached() -> dict | None:
+    def reached() -> Any:  # the pod, or None: not yet
         p = get_pod(kubectl, namespace, name)
         phase = p["status"].get("phase")
         if phase in phases:
@@ -96,7 +96,7 @@ def wait_phase(kubectl: Kubectl, namespace: str, name: str, phases: set[str], ti
 
 
 def wait_ready(kubectl: Kubectl, namespace: str, name: str, timeout: float = 180) -> dict:
-    def ready() -> dict | None:
+    def ready() -> Any:  # the pod, or None: not yet
         p = get_pod(kubectl, namespace, name)
         conds = p["status"].get("conditions", [])
         return p if any(c["type"] == "Ready" and c["status"] == "True" for c in conds) else None
