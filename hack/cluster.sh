@@ -13,6 +13,9 @@
 #   hack/cluster.sh bin-dir   print the directory holding the built binaries
 #   hack/cluster.sh kubeconfig print the kubeconfig path
 #   hack/cluster.sh logs [component]  tail the logs
+#   hack/cluster.sh load-images <docker-archive>...  import images into the
+#                             real node's containerd (namespace k8s.io)
+#   hack/cluster.sh ctr <args>  ctr against the real node's containerd
 #
 # The cluster: etcd, kube-apiserver (RBAC, service-account tokens, TLS with a
 # private CA), kube-controller-manager (all controllers except cloud ones),
@@ -27,6 +30,18 @@
 # PVCs of the default StorageClass kwok-volume are bound to fake volumes.
 # Objects in hack/kwok/manifests/*.yaml are applied after start.
 #
+# Beside the kwok nodes, one REAL worker node (hack/node/node.sh): kubelet,
+# containerd + runc, CNI bridge, kube-proxy, CoreDNS and the local-path volume
+# provisioner (StorageClass local-path), all host processes, node address
+# 10.244.0.1 on the pods' bridge aiaas-cni0, no traffic leaving the machine. It is
+# labelled and tainted aiaas.dev/real-node=true(:NoSchedule): only pods that
+# ask for it land there. A namespace annotated
+#   scheduler.alpha.kubernetes.io/node-selector: aiaas.dev/real-node=true
+#   scheduler.alpha.kubernetes.io/defaultTolerations: '[{"key":"aiaas.dev/real-node","operator":"Exists","effect":"NoSchedule"}]'
+# sends all its pods there (admission plugins PodNodeSelector and
+# PodTolerationRestriction). Images come from `load-images` (no registry).
+# Needs root and cgroups; one real node per machine.
+#
 # Environment (all optional):
 #   AIAAS_CACHE          cache root (default ~/.cache/aiaas); binaries go to
 #                        $AIAAS_CACHE/k8s-<KUBE_VERSION>/bin
@@ -37,15 +52,21 @@
 #                        machine is AIAAS_CLUSTER_DIR=/tmp/c2 AIAAS_PORT_OFFSET=1000
 #   AIAAS_GPU_NODES (2) AIAAS_GPUS_PER_NODE (8) AIAAS_CPU_NODES (2)
 #   AIAAS_UP_TIMEOUT     seconds to wait for readiness (default 180)
+#   AIAAS_REAL_NODE      1: require the real node; 0: kwok only; auto (default):
+#                        the real node when the host can run it
+#   AIAAS_KUBELET_EXTRA_ARGS  extra kubelet flags (word-split)
 #   AIAAS_APISERVER_EXTRA_ARGS, AIAAS_KCM_EXTRA_ARGS, AIAAS_SCHEDULER_EXTRA_ARGS,
 #   AIAAS_KWOK_EXTRA_ARGS  extra flags (word-split)
-#   KUBE_VERSION ETCD_VERSION KWOK_VERSION HELM_VERSION  see hack/k8s/versions.sh
+#   KUBE_VERSION ETCD_VERSION KWOK_VERSION HELM_VERSION CONTAINERD_VERSION
+#   RUNC_VERSION COREDNS_VERSION LOCAL_PATH_PROVISIONER_VERSION  see hack/k8s/versions.sh
 #   GO                   the go command (default: go on PATH, else /usr/local/go/bin/go)
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 # shellcheck source=SCRIPTDIR/k8s/versions.sh
 source "$ROOT/hack/k8s/versions.sh"
+# shellcheck source=SCRIPTDIR/node/node.sh
+source "$ROOT/hack/node/node.sh"
 
 CACHE=${AIAAS_CACHE:-$HOME/.cache/aiaas}
 TOOLS_DIR=$CACHE/k8s-$KUBE_VERSION
@@ -89,12 +110,15 @@ find_go() {
 # ---------------------------------------------------------------------------
 
 # Hash of the scaffolding of one module dir (go.mod, go.sum, *.go) + version
-# + go version: a stamp per binary decides whether it must be rebuilt.
+# + go version (+ cgo and build tags): a stamp per binary decides whether it
+# must be rebuilt.
 stamp_of() { # <module dir> <version> [<stable ldflags>]
   local dir=$1 ver=$2 flags=${3:-}
-  { echo "$ver"; echo "$flags"; "$GO_BIN" env GOVERSION; cat "$dir"/go.mod "$dir"/go.sum "$dir"/*.go 2>/dev/null || true; } | sha256sum | cut -c1-16
+  { echo "$ver"; echo "$flags"; [[ -z ${BUILD_CGO:-}${BUILD_TAGS:-} ]] || echo "cgo=${BUILD_CGO:-} tags=${BUILD_TAGS:-}"
+    "$GO_BIN" env GOVERSION; cat "$dir"/go.mod "$dir"/go.sum "$dir"/*.go 2>/dev/null || true; } | sha256sum | cut -c1-16
 }
 
+# BUILD_CGO=1 / BUILD_TAGS=<tags> in the environment: cgo and build tags.
 build_module() { # <name> <version> <ldflags> <package>...
   local name=$1 ver=$2 ldflags=$3; shift 3
   local src=$ROOT/hack/k8s/$name work=$TOOLS_DIR/work/$name
@@ -118,14 +142,18 @@ build_module() { # <name> <version> <ldflags> <package>...
     etcd) sed -i -E "s#(go.etcd.io/etcd/server/v3) v[^ ]+#\1 $ver#" "$work/go.mod" ;;
     kwok) sed -i -E "s#(sigs.k8s.io/kwok) v[^ ]+#\1 $ver#" "$work/go.mod" ;;
     helm) sed -i -E "s#(helm.sh/helm/v3) v[^ ]+#\1 $ver#" "$work/go.mod" ;;
+    containerd) sed -i -E "s#(github.com/containerd/containerd/v2) v[^ ]+#\1 $ver#" "$work/go.mod" ;;
+    runc) sed -i -E "s#(github.com/opencontainers/runc) v[^ ]+#\1 $ver#" "$work/go.mod" ;;
+    coredns) sed -i -E "s#(github.com/coredns/coredns) v[^ ]+#\1 $ver#" "$work/go.mod" ;;
+    local-path-provisioner) sed -i -E "s#(github.com/rancher/local-path-provisioner) v[^ ]+#\1 $ver#" "$work/go.mod" ;;
   esac
   local t0=$SECONDS
   log "building $name $ver ($*)$([[ $name == kubernetes ]] && echo " — the first build takes several minutes")"
   (
     cd "$work"
-    export CGO_ENABLED=0 GOFLAGS=-mod=mod
+    export CGO_ENABLED=${BUILD_CGO:-0} GOFLAGS=-mod=mod
     "$GO_BIN" mod tidy >/dev/null 2>&1 || "$GO_BIN" mod download
-    "$GO_BIN" build -trimpath -ldflags "-s -w $ldflags" -o "$work/out/" "$@"
+    "$GO_BIN" build -trimpath -tags "${BUILD_TAGS:-}" -ldflags "-s -w $ldflags" -o "$work/out/" "$@"
   ) >"$TOOLS_DIR/build-$name.log" 2>&1 || { tail -30 "$TOOLS_DIR/build-$name.log" >&2; die "build of $name failed, see $TOOLS_DIR/build-$name.log"; }
   for p in "$@"; do
     local b=${p##*/}; [[ $b == . ]] && b=$name
@@ -159,7 +187,8 @@ do_build() {
   build_module etcd "$ETCD_VERSION" "" .
   build_module kubernetes "$KUBE_VERSION" "$(kube_ldflags)" \
     k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager \
-    k8s.io/kubernetes/cmd/kube-scheduler k8s.io/kubernetes/cmd/kubectl
+    k8s.io/kubernetes/cmd/kube-scheduler k8s.io/kubernetes/cmd/kubectl \
+    k8s.io/kubernetes/cmd/kubelet k8s.io/kubernetes/cmd/kube-proxy
   build_module kwok "$KWOK_VERSION" "-X sigs.k8s.io/kwok/pkg/consts.Version=${KWOK_VERSION#v}" sigs.k8s.io/kwok/cmd/kwok
   # helm assumes Kubernetes v1.20 for `template`/`lint` unless told the version it was built against
   local p kmajor=${KUBE_VERSION#v}; kmajor=${kmajor%%.*}
@@ -169,6 +198,7 @@ do_build() {
     hv+=" -X $p.k8sVersionMajor=$kmajor -X $p.k8sVersionMinor=$kminor"
   done
   build_module helm "$HELM_VERSION" "$hv" helm.sh/helm/v3/cmd/helm
+  if real_node_wanted; then node_build; fi
   flock -u 9
   local b
   for b in "${BINARIES[@]}"; do [[ -x $BIN_DIR/$b ]] || die "missing $BIN_DIR/$b"; done
@@ -301,6 +331,7 @@ subjectAltName=IP:127.0.0.1,IP:10.96.0.1,DNS:localhost,DNS:kubernetes,DNS:kubern
     # kwok acts for many nodes (node status, leases, pod status) and needs more
     # than the Node authorizer grants to a single kubelet identity.
     cert kwok "/O=system:masters/CN=kwok-controller" "$client"
+    node_pki
     # Aggregation layer (front proxy): its own CA, as kubeadm does.
     openssl req -x509 -newkey rsa:2048 -nodes -keyout front-proxy-ca.key -out front-proxy-ca.crt -days 3650 \
       -subj "/CN=$CLUSTER_NAME-front-proxy-ca" 2>/dev/null
@@ -445,6 +476,8 @@ do_up() {
   for p in "$ETCD_PORT" "$ETCD_PEER_PORT" "$APISERVER_PORT" "$KCM_PORT" "$SCHEDULER_PORT" "$KWOK_PORT"; do
     port_busy "$p" && die "port $HOST:$p is in use by another process (override with AIAAS_*_PORT)"
   done
+  # A real node of this cluster dir that crashed may have left mounts below it.
+  [[ $(cat "$NODE_OWNER_FILE" 2>/dev/null) == "$CLUSTER_DIR" ]] && node_cleanup "$CLUSTER_DIR"
   rm -rf "$CLUSTER_DIR"
   mkdir -p "$CLUSTER_DIR" "$LOGS" "$RUN"
   # From here on, a failure (set -e) tears everything down again.
@@ -481,6 +514,10 @@ do_up() {
     --service-account-key-file="$PKI/sa.pub" --service-account-signing-key-file="$PKI/sa.key" \
     --service-cluster-ip-range="$SERVICE_CIDR" \
     --allow-privileged=true \
+    --enable-admission-plugins=PodNodeSelector,PodTolerationRestriction \
+    --kubelet-client-certificate="$PKI/apiserver-kubelet-client.crt" \
+    --kubelet-client-key="$PKI/apiserver-kubelet-client.key" \
+    --kubelet-preferred-address-types=InternalIP \
     --profiling=false \
     ${AIAAS_APISERVER_EXTRA_ARGS:-}
   wait_up kube-apiserver 120 apiserver_ready
@@ -530,13 +567,15 @@ do_up() {
   # Cluster add-ons of the harness (default StorageClass, ...).
   kctl apply -f "$ROOT/hack/kwok/manifests/" >/dev/null
   wait_for "the default service account" "$UP_TIMEOUT" kctl -n default get serviceaccount default
+  local real_node=0
+  if real_node_wanted; then node_up; real_node=1; fi
   wait_for "nodes to be Ready" "$UP_TIMEOUT" kctl wait --for=condition=Ready node --all --timeout=5s
   # Nodes start with the not-ready taint until the node lifecycle controller
   # sees them Ready; pods would otherwise go Pending for a few seconds.
   wait_for "node.kubernetes.io/not-ready taints to go" "$UP_TIMEOUT" no_not_ready_taints
   trap - EXIT
 
-  log "cluster up in $((SECONDS - t0))s: $((GPU_NODES)) GPU node(s) x $GPUS_PER_NODE nvidia.com/gpu, $CPU_NODES CPU node(s)"
+  log "cluster up in $((SECONDS - t0))s: $((GPU_NODES)) GPU node(s) x $GPUS_PER_NODE nvidia.com/gpu, $CPU_NODES CPU node(s)$( ((real_node)) && echo ", real node $NODE_NAME")"
   print_env
 }
 
@@ -556,6 +595,7 @@ do_down() {
   local keep_logs=0
   [[ ${1:-} == --keep-logs ]] && keep_logs=1
   # Clients of the apiserver first, then the apiserver, etcd last.
+  node_down
   stop kwok kube-scheduler kube-controller-manager
   stop kube-apiserver
   stop etcd
@@ -567,9 +607,10 @@ do_down() {
   return 0
 }
 
-do_status() {
+# component_status <component>...: a line each; exit 1 if one is not running.
+component_status() {
   local c ok=0 pid rss total=0
-  for c in "${COMPONENTS[@]}"; do
+  for c in "$@"; do
     pid=$(pid_of "$c")
     if alive "$c"; then
       rss=$(awk '/^VmRSS/{print $2}' "/proc/$pid/status" 2>/dev/null || echo 0)
@@ -582,6 +623,13 @@ do_status() {
     fi
   done
   ((total > 0)) && printf '%-24s %s MiB\n' "memory (rss total)" "$((total / 1024))"
+  return $ok
+}
+
+do_status() {
+  local ok=0
+  component_status "${COMPONENTS[@]}" || ok=1
+  node_status || ok=1
   if [[ -f $PKI/admin.crt ]] && apiserver_ready; then
     echo "apiserver                https://$HOST:$APISERVER_PORT ready"
     echo "kubeconfig               $KUBECONFIG_PATH"
@@ -612,6 +660,11 @@ case $cmd in
   kubeconfig) echo "$KUBECONFIG_PATH" ;;
   env) print_env ;;
   logs) do_logs "$@" ;;
+  load-images) (($# > 0)) || die "usage: hack/cluster.sh load-images <docker-archive>..."
+    [[ -d $(node_dir) ]] || die "the cluster in $CLUSTER_DIR has no real node (AIAAS_REAL_NODE=0, or not up)"
+    node_load_images "$@" ;;
+  ctr) [[ -d $(node_dir) ]] || die "the cluster in $CLUSTER_DIR has no real node"
+    ctr_node "$@" ;;
   -h|--help|help) usage ;;
   *) usage >&2; exit 2 ;;
 esac

@@ -1,0 +1,108 @@
+"""Helpers of the real-node tests (tests/e2e/node): pod manifests for the test
+image, the namespace annotations that steer pods to the real node, waiting for
+pod phases.
+
+The names here mirror hack/node/node.sh (label, image, StorageClass); nothing
+here starts or stops a cluster.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from e2e_util import wait_for
+
+REAL_NODE_LABEL = "aiaas.dev/real-node"
+TEST_IMAGE = "localhost/aiaas-node-test:local"  # /nodetest, built and loaded by hack/cluster.sh up
+LOCAL_PATH_CLASS = "local-path"
+
+# Namespace annotations: PodNodeSelector and PodTolerationRestriction add the
+# node selector and the toleration to every pod of the namespace.
+STEER_ANNOTATIONS = {
+    "scheduler.alpha.kubernetes.io/node-selector": f"{REAL_NODE_LABEL}=true",
+    "scheduler.alpha.kubernetes.io/defaultTolerations": json.dumps(
+        [{"key": REAL_NODE_LABEL, "operator": "Exists", "effect": "NoSchedule"}]
+    ),
+}
+
+Kubectl = Callable[..., Any]
+
+
+def pod(
+    name: str,
+    args: Sequence[str],
+    *,
+    labels: dict[str, str] | None = None,
+    restart: str = "Never",
+    volumes: Sequence[dict] = (),
+    mounts: Sequence[dict] = (),
+    port: int | None = None,
+    **spec: Any,
+) -> dict:
+    """A pod running ``/nodetest <args>`` of the test image."""
+    container: dict[str, Any] = {
+        "name": "main",
+        "image": TEST_IMAGE,
+        "imagePullPolicy": "Never",
+        "command": ["/nodetest", *args],
+        "volumeMounts": list(mounts),
+    }
+    if port is not None:
+        container["ports"] = [{"containerPort": port}]
+        container["readinessProbe"] = {"tcpSocket": {"port": port}, "periodSeconds": 1}
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "labels": labels or {}},
+        "spec": {
+            "restartPolicy": restart,
+            "terminationGracePeriodSeconds": 2,
+            "containers": [container],
+            "volumes": list(volumes),
+            **spec,
+        },
+    }
+
+
+def apply(kubectl: Kubectl, namespace: str, *docs: dict) -> None:
+    kubectl("apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": list(docs)}),
+            namespace=namespace)
+
+
+def get_pod(kubectl: Kubectl, namespace: str, name: str) -> dict:
+    return json.loads(kubectl("get", "pod", name, "-o", "json", namespace=namespace).stdout)
+
+
+def wait_phase(kubectl: Kubectl, namespace: str, name: str, phases: set[str], timeout: float = 180) -> dict:
+    """Wait until the pod is in one of ``phases``; fail at once on an unexpected end."""
+
+    def reached() -> Any:  # the pod, or None: not yet
+        p = get_pod(kubectl, namespace, name)
+        phase = p["status"].get("phase")
+        if phase in phases:
+            return p
+        if phase in ("Succeeded", "Failed"):
+            logs = kubectl("logs", name, namespace=namespace, check=False)
+            raise AssertionError(f"pod {name} ended {phase}, wanted {phases}: {logs.stdout}{logs.stderr}")
+        return None
+
+    try:
+        return wait_for(reached, timeout=timeout, interval=1, what=f"pod {name} to be {'/'.join(sorted(phases))}")
+    except TimeoutError:
+        describe = kubectl("describe", "pod", name, namespace=namespace, check=False).stdout
+        raise AssertionError(f"pod {name} never became {phases}:\n{describe}") from None
+
+
+def wait_ready(kubectl: Kubectl, namespace: str, name: str, timeout: float = 180) -> dict:
+    def ready() -> Any:  # the pod, or None: not yet
+        p = get_pod(kubectl, namespace, name)
+        conds = p["status"].get("conditions", [])
+        return p if any(c["type"] == "Ready" and c["status"] == "True" for c in conds) else None
+
+    return wait_for(ready, timeout=timeout, interval=1, what=f"pod {name} to be Ready")
+
+
+def logs(kubectl: Kubectl, namespace: str, name: str) -> str:
+    return kubectl("logs", name, namespace=namespace).stdout
