@@ -220,12 +220,12 @@ alive() {
   [[ -z $exe || ${exe##*/} == "$1" || ${exe##*/} == "$1 (deleted)" ]]
 }
 
-start() { # <component> <args...>
+start() { # <component> <args...>  (START_BIN: a program not built here, named like the component)
   local c=$1; shift
   mkdir -p "$RUN" "$LOGS"
   # setsid: own session, so ^C in the calling shell / pytest does not kill it.
   # 8>&- 9>&-: the daemons must not inherit (and so hold) the cluster and build locks.
-  setsid "$BIN_DIR/$c" "$@" >>"$LOGS/$c.log" 2>&1 </dev/null 8>&- 9>&- &
+  setsid "${START_BIN:-$BIN_DIR/$c}" "$@" >>"$LOGS/$c.log" 2>&1 </dev/null 8>&- 9>&- &
   echo $! > "$RUN/$c.pid"
   log "started $c (pid $!, log $LOGS/$c.log)"
 }

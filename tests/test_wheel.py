@@ -121,7 +121,9 @@ def test_trainer_and_server_extras_train_and_serve(wheel: Path, wheelhouse: Path
 
 
 def _version(repo: Path) -> str:
-    return (repo / "aiaas" / "__init__.py").read_text().split('"')[1]
+    import re
+
+    return re.search(r'^__version__ = "([^"]+)"', (repo / "aiaas" / "__init__.py").read_text(), re.M).group(1)
 
 
 def _free_port() -> int:

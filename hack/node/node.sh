@@ -22,7 +22,7 @@ NODE_IP=10.244.0.1
 CNI_NETWORK=aiaas-pods
 NODE_CGROUP_ROOT=/aiaas-node
 NODE_OWNER_FILE=/run/aiaas-real-node.owner
-NODE_COMPONENTS=(containerd kubelet kube-proxy coredns local-path-provisioner)
+NODE_COMPONENTS=(containerd kubelet kube-proxy socat coredns local-path-provisioner)
 NODE_IMAGE_BASE=localhost/aiaas-node-base:local   # /pause (sandbox) and /local-path-helper
 NODE_IMAGE_TEST=localhost/aiaas-node-test:local   # /nodetest (tests/e2e/node)
 CNI_BIN_DIR=/usr/lib/cni
@@ -71,6 +71,7 @@ real_node_wanted() {
 node_host_packages() {
   local missing=()
   [[ -f /usr/include/seccomp.h ]] || missing+=(libseccomp-dev)
+  command -v socat >/dev/null || missing+=(socat)
   local p
   for p in bridge host-local loopback portmap; do
     [[ -x $CNI_BIN_DIR/$p ]] || { missing+=(containernetworking-plugins); break; }
@@ -324,6 +325,27 @@ metadata:
 provisioner: rancher.io/local-path
 volumeBindingMode: WaitForFirstConsumer
 reclaimPolicy: Delete
+---
+# In-cluster clients (the operator's pods) reach the API server through the
+# kubernetes Service (10.96.0.1:443): kube-proxy sends them to the node address,
+# where socat forwards to the API server on 127.0.0.1 (it listens nowhere else).
+# The API server runs with --endpoint-reconciler-type=none, so this slice is ours.
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: kubernetes-real-node
+  namespace: default
+  labels:
+    kubernetes.io/service-name: kubernetes
+    endpointslice.kubernetes.io/managed-by: hack-cluster-sh.aiaas.dev
+addressType: IPv4
+endpoints:
+  - addresses: ["$NODE_IP"]
+    conditions: {ready: true}
+ports:
+  - name: https
+    port: $APISERVER_PORT
+    protocol: TCP
 EOF
 }
 
@@ -384,6 +406,8 @@ node_up() {
     --root-dir="$nd/kubelet" --hostname-override="$NODE_NAME" --node-ip="$NODE_IP" \
     --node-labels="$NODE_LABEL=true" ${AIAAS_KUBELET_EXTRA_ARGS:-}
   start kube-proxy --config="$nd/kube-proxy.yaml"
+  START_BIN=$(command -v socat) start socat \
+    "TCP-LISTEN:$APISERVER_PORT,bind=$NODE_IP,fork,reuseaddr" "TCP:$HOST:$APISERVER_PORT"
   start coredns -conf "$nd/Corefile"
 
   kctl apply -f - >/dev/null <<<"$(node_manifests)"
@@ -416,7 +440,7 @@ node_load_images() { # <docker-archive>...
 
 node_down() {
   [[ -d $(node_dir) || $(cat "$NODE_OWNER_FILE" 2>/dev/null) == "$CLUSTER_DIR" ]] || return 0
-  stop local-path-provisioner kubelet coredns kube-proxy
+  stop local-path-provisioner kubelet coredns kube-proxy socat
   node_cleanup "$CLUSTER_DIR"
 }
 

@@ -84,14 +84,17 @@ def container_process(container: dict[str, Any], pod_name: str, namespace: str =
 
 def run_in(image: Image, argv: list[str], workdir: Path, *, user: tuple[int, int], env: dict[str, str] | None = None,
            mounts: list[Mount] = (), hosts: dict[str, str] | None = None, private_network: bool = False,
-           detach: bool = False, timeout: float = 900) -> subprocess.CompletedProcess[str] | subprocess.Popen[str]:
+           hostname: str = "container", detach: bool = False, timeout: float = 900) -> subprocess.CompletedProcess[str] | subprocess.Popen[str]:
     """Run argv in the image with runc: foreground (returns the finished process) or detached (a Popen)."""
     bundle = workdir / f"bundle-{uuid.uuid4().hex[:8]}"
     bundle.mkdir(parents=True)
     sh("runc", "spec", "--bundle", str(bundle))
     spec = json.loads((bundle / "config.json").read_text())
     hosts_file = bundle / "hosts"
-    hosts_file.write_text("127.0.0.1 localhost\n" + "".join(f"{ip} {name}\n" for name, ip in (hosts or {}).items()))
+    # like the kubelet's /etc/hosts: localhost, the pod's own hostname, and what the test adds
+    entries = {"localhost": "127.0.0.1", hostname: "127.0.0.1", **(hosts or {})}
+    hosts_file.write_text("".join(f"{ip} {name}\n" for name, ip in entries.items()))
+    spec["hostname"] = hostname
     spec["root"] = {"path": str(image.rootfs), "readonly": True}
     process = spec["process"]
     process.update(terminal=False, args=argv, cwd=image.config.get("WorkingDir") or "/",

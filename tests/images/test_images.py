@@ -24,8 +24,7 @@ from oci_run import Image, Mount, archives, container_process, run_in, runtime_a
 
 from aiaas.operator import api
 from aiaas.operator.load import load_file
-from aiaas.operator.render import render_trainingjob
-from aiaas.operator.render.inferenceservice import deployment
+from aiaas.operator.render import render_inferenceservice, render_trainingjob
 from aiaas.operator.render.settings import RenderSettings
 
 pytestmark = [pytest.mark.images, pytest.mark.skipif(runtime_available() is not None,
@@ -116,7 +115,7 @@ def trained(trainer_image: Image, repo: Path, tmp_path_factory: pytest.TempPathF
     t0 = time.monotonic()
     # The pod's own network namespace (loopback only): the rendezvous name resolves to it via /etc/hosts.
     done = run_in(trainer_image, argv, work, user=(uid, gid), env=env, mounts=mounts, private_network=True,
-                  hosts={f"{name}-0.{name}": "127.0.0.1"}, timeout=1200)
+                  hostname=f"{name}-0", hosts={f"{name}-0.{name}": "127.0.0.1"}, timeout=1200)
     return {"rc": done.returncode, "log": done.stdout + done.stderr, "storage": storage,
             "termination": termination.read_text(), "seconds": time.monotonic() - t0}
 
@@ -144,7 +143,7 @@ kind: InferenceService
 metadata: {{name: {model_name}, namespace: default}}
 spec: {{model: {{storageUri: "pvc://models/artifacts"}}}}
 """))
-    dep = deployment(isvc, RenderSettings(), "pvc://models/artifacts")
+    dep = next(m for m in render_inferenceservice(isvc, RenderSettings()) if m["kind"] == "Deployment")
     pod = dep["spec"]["template"]["spec"]
     [container] = pod["containers"]
     return container, pod
