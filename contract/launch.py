@@ -22,6 +22,8 @@ ARTIFACT_DIR = "/var/run/aiaas/artifacts"
 DATA_DIR = "/var/run/aiaas/data"
 TERMINATION_LOG = "/dev/termination-log"
 MODEL_DIR = "/mnt/models"  # where an inference pod finds the artifact (KServe's convention)
+AUTH_TOKEN_DIR = "/var/run/secrets/aiaas"  # an inference pod's bearer-token Secret, mounted read-only
+AUTH_TOKEN_FILE = f"{AUTH_TOKEN_DIR}/token"  # passed to the server as --auth-token-file
 
 # Container names: the operator reads the trainer's status by name.
 TRAINER_CONTAINER = "trainer"
@@ -60,6 +62,7 @@ GROUP = "aiaas.dev"
 LABEL_JOB = "aiaas.dev/job-name"
 LABEL_ISVC = "aiaas.dev/inferenceservice"
 LABEL_ROLE = "aiaas.dev/role"
+LABEL_TRACK = "aiaas.dev/track"  # an inference pod's version: stable or canary (one Deployment each)
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 MANAGED_BY = "aiaas-operator"
 ANNOTATION_CONFIG_HASH = "aiaas.dev/config-hash"

@@ -80,6 +80,7 @@ class ServiceConditionType(str, Enum):
     ready = "Ready"
     predictor_ready = "PredictorReady"
     model_ready = "ModelReady"
+    canary_ready = "CanaryReady"  # only with spec.canary
 
 
 class Condition(Model):
@@ -372,6 +373,89 @@ class Protocol(str, Enum):
     v1 = "v1"
 
 
+class ExplainMethod(str, Enum):
+    integrated_gradients = "integratedGradients"
+
+
+MAX_EXPLAIN_STEPS = 512  # the model server's bound on --explain-steps
+
+
+class ExplainerSpec(Model):
+    """Explanations: POST /v2/models/<name>/explain (and /v1/models/<name>:explain) answer attributions."""
+
+    method: ExplainMethod = Field(
+        ExplainMethod.integrated_gradients,
+        description="integratedGradients: Integrated Gradients (Captum) over the input, or over the embedding of "
+        "token models. Passed to the server as --explain-method integrated-gradients.",
+    )
+    steps: int = Field(
+        32, ge=1, le=MAX_EXPLAIN_STEPS,
+        description="Integration steps of one explanation, also the most a request may ask for "
+        "(--explain-steps). More steps: more exact attributions, proportionally more compute.",
+    )
+
+
+class SecretKeySelector(Model):
+    """A key of a Secret in the InferenceService's namespace."""
+
+    name: str = Field(
+        max_length=253, pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$", description="Name of the Secret."
+    )
+    key: str = Field(
+        max_length=253, pattern=r"^[-._a-zA-Z0-9]+$", description="Key in the Secret that holds the token."
+    )
+
+
+class AuthSpec(Model):
+    """Bearer-token authentication of the model server."""
+
+    token_secret_ref: SecretKeySelector = Field(
+        description="The Secret key holding the token. The operator never reads it: it names it in the pod spec, "
+        "the kubelet mounts it read-only and the server reads it at start (--auth-token-file). Every endpoint but "
+        "health, readiness and /metrics then wants 'Authorization: Bearer <token>' (gRPC: 'authorization' "
+        "metadata). The token is read once: restart the pods (kubectl rollout restart) after changing it."
+    )
+
+
+class CanarySpec(Model):
+    """A second model version that takes a share of the traffic before it replaces the current one."""
+
+    model: ModelSource = Field(
+        description="The canary's model, in the same form as spec.model (served under spec.model's name). "
+        "Promote it by moving it to spec.model and removing spec.canary; roll back by removing spec.canary."
+    )
+    traffic_percent: int = Field(
+        ge=0, le=100,
+        description="Share of the replicas (and so of the requests the Service spreads over them) that serve "
+        "the canary: canary = round(total x percent / 100), at least 1 when percent > 0; the stable version "
+        "keeps the rest, at least 1 when percent < 100. total is spec.replicas (with autoscaling, minReplicas "
+        "and maxReplicas are split the same way, one HorizontalPodAutoscaler per version).",
+    )
+
+
+class NetworkPeer(Model):
+    """Who may connect: pods matching podSelector in namespaces matching namespaceSelector (both: the
+    intersection; podSelector alone: this namespace), as a NetworkPolicy peer."""
+
+    namespace_selector: KubeObject | None = Field(
+        None, description="Label selector of namespaces ({} selects all), as in a NetworkPolicy peer."
+    )
+    pod_selector: KubeObject | None = Field(
+        None, description="Label selector of pods ({} selects all), as in a NetworkPolicy peer."
+    )
+
+
+class NetworkPolicySpec(Model):
+    """A NetworkPolicy that admits only the listed clients to the server's HTTP and gRPC ports."""
+
+    allow_from: list[NetworkPeer] = Field(
+        min_length=1, max_length=32,
+        description="Clients allowed to reach the model server (e.g. [{podSelector: {}}] for this namespace, "
+        "[{namespaceSelector: {matchLabels: {team: a}}}] for a team's namespaces). Everything else is refused "
+        "once your network plugin enforces NetworkPolicies (kubelet probes are not affected).",
+    )
+
+
 class InferenceServiceSpec(Model):
     """Desired state of an InferenceService."""
 
@@ -387,6 +471,22 @@ class InferenceServiceSpec(Model):
     max_batch_delay_ms: float = Field(2.0, ge=0, le=1000, description="Longest a request waits for a batch.")
     scheduling: Scheduling = Field(default_factory=Scheduling, description="Where replicas may run.")
     env: list[EnvVar] = Field(default_factory=list, description="Extra environment variables.")
+    explainer: ExplainerSpec | None = Field(
+        None, description="Turns on explanations (POST .../explain); default: off."
+    )
+    auth: AuthSpec | None = Field(None, description="Bearer-token authentication; default: open to anyone who can "
+                                  "reach the Service.")
+    canary: CanarySpec | None = Field(
+        None, description="A canary version beside the stable one (spec.model), behind the same Service."
+    )
+    network_policy: NetworkPolicySpec | None = Field(
+        None, description="Admit only the listed clients (a NetworkPolicy); default: none, every pod may connect."
+    )
+
+    @property
+    def total_replicas(self) -> int:
+        """The replicas asked for when not autoscaling (the HPA's lower bound when autoscaling)."""
+        return self.min_replicas if self.min_replicas is not None else self.replicas
 
 
 class ServedModel(Model):
@@ -397,17 +497,31 @@ class ServedModel(Model):
     version: str | None = Field(None, description="Model version.")
 
 
+class TrackStatus(Model):
+    """One version (stable or canary) of the service: its model and its replicas."""
+
+    model: ServedModel | None = Field(None, description="The model this version serves.")
+    traffic_percent: int | None = Field(None, description="Share of the replicas it was given (%).")
+    replicas: int | None = Field(None, description="Replicas asked for.")
+    ready_replicas: int | None = Field(None, description="Replicas ready.")
+
+
 class InferenceServiceStatus(Model):
     """Observed state of an InferenceService."""
 
     phase: str | None = Field(None, description="WaitingForModel, Deploying, Ready or Failed.")
-    url: str | None = Field(None, description="In-cluster URL of the service.")
+    url: str | None = Field(None, description="In-cluster URL of the service (REST).")
+    grpc_address: str | None = Field(None, description="In-cluster host:port of the gRPC endpoint.")
     reason: str | None = Field(None, description="Reason of the current phase.")
     message: str | None = Field(None, description="What is happening, in words.")
-    conditions: list[Condition] = Field(default_factory=list, description="Ready, PredictorReady, ModelReady.")
-    replicas: int | None = Field(None, description="Replicas asked for.")
-    ready_replicas: int | None = Field(None, description="Replicas ready.")
-    model: ServedModel | None = Field(None, description="The model being served.")
+    conditions: list[Condition] = Field(
+        default_factory=list, description="Ready, PredictorReady, ModelReady (and CanaryReady with a canary)."
+    )
+    replicas: int | None = Field(None, description="Replicas asked for (both versions).")
+    ready_replicas: int | None = Field(None, description="Replicas ready (both versions).")
+    model: ServedModel | None = Field(None, description="The model being served (the stable version).")
+    stable: TrackStatus | None = Field(None, description="The stable version (spec.model), with a canary.")
+    canary: TrackStatus | None = Field(None, description="The canary version (spec.canary.model).")
     observed_generation: int | None = Field(None, description="The .metadata.generation last acted on.")
 
 
@@ -522,12 +636,40 @@ def _storage_error(job: TrainingJob) -> str | None:
     return None
 
 
-def _source_error(svc: InferenceService) -> str | None:
-    m = svc.spec.model
+_PVC_URI = r"^pvc://[a-z0-9]([-a-z0-9.]*[a-z0-9])?(/.*)?$"
+
+
+def _model_error(m: ModelSource | None, where: str) -> str | None:
+    if m is None:
+        return None
     if bool(m.training_job) == bool(m.storage_uri):
-        return "spec.model: set exactly one of trainingJob (a TrainingJob's name) or storageUri (pvc://claim/path)"
-    if m.storage_uri and not re.match(r"^pvc://[a-z0-9]([-a-z0-9.]*[a-z0-9])?(/.*)?$", m.storage_uri):
-        return f"spec.model.storageUri: {m.storage_uri!r} is not of the form pvc://<claim>/<path>"
+        return f"{where}: set exactly one of trainingJob (a TrainingJob's name) or storageUri (pvc://claim/path)"
+    if m.storage_uri and not re.match(_PVC_URI, m.storage_uri):
+        return f"{where}.storageUri: {m.storage_uri!r} is not of the form pvc://<claim>/<path>"
+    return None
+
+
+def _source_error(svc: InferenceService) -> str | None:
+    return _model_error(svc.spec.model, "spec.model")
+
+
+def _canary_source_error(svc: InferenceService) -> str | None:
+    return _model_error(svc.spec.canary.model if svc.spec.canary else None, "spec.canary.model")
+
+
+def _canary_name_error(svc: InferenceService) -> str | None:
+    c = svc.spec.canary
+    if c is not None and c.model.name is not None and c.model.name != svc.model_name:
+        return (f"spec.canary.model.name: the canary answers under the service's model name {svc.model_name!r} "
+                f"(clients keep their URLs), not {c.model.name!r}; leave name out")
+    return None
+
+
+def _peer_error(svc: InferenceService) -> str | None:
+    n = svc.spec.network_policy
+    if n is not None and any(p.namespace_selector is None and p.pod_selector is None for p in n.allow_from):
+        return ("spec.networkPolicy.allowFrom: every entry needs namespaceSelector, podSelector or both "
+                "({} selects all)")
     return None
 
 
@@ -623,7 +765,7 @@ INFERENCESERVICE_RULES: tuple[Rule, ...] = (
     Rule(
         "spec",
         "spec.model.storageUri",
-        "!has(self.model.storageUri) || self.model.storageUri.matches('^pvc://[a-z0-9]([-a-z0-9.]*[a-z0-9])?(/.*)?$')",
+        f"!has(self.model.storageUri) || self.model.storageUri.matches('{_PVC_URI}')",
         "spec.model.storageUri: must be of the form pvc://<claim>/<path>",
         lambda s: _source_error(s) if s.spec.model.storage_uri else None,
     ),
@@ -633,6 +775,39 @@ INFERENCESERVICE_RULES: tuple[Rule, ...] = (
         "!(has(self.minReplicas) && has(self.maxReplicas)) || self.minReplicas <= self.maxReplicas",
         "spec.minReplicas must not exceed spec.maxReplicas",
         _replicas_error,
+    ),
+    Rule(
+        "spec",
+        "spec.canary.model",
+        "!has(self.canary) || has(self.canary.model.trainingJob) != has(self.canary.model.storageUri)",
+        "spec.canary.model: set exactly one of trainingJob (a TrainingJob's name) or storageUri (pvc://claim/path)",
+        lambda s: _canary_source_error(s) if s.spec.canary and bool(s.spec.canary.model.training_job) == bool(
+            s.spec.canary.model.storage_uri) else None,
+    ),
+    Rule(
+        "spec",
+        "spec.canary.model.storageUri",
+        "!has(self.canary) || !has(self.canary.model.storageUri) || "
+        f"self.canary.model.storageUri.matches('{_PVC_URI}')",
+        "spec.canary.model.storageUri: must be of the form pvc://<claim>/<path>",
+        lambda s: _canary_source_error(s) if s.spec.canary and s.spec.canary.model.storage_uri else None,
+    ),
+    Rule(
+        "",
+        "spec.canary.model.name",
+        "!has(self.spec.canary) || !has(self.spec.canary.model.name) || self.spec.canary.model.name == "
+        "(has(self.spec.model.name) ? self.spec.model.name : self.metadata.name)",
+        "spec.canary.model.name: the canary answers under the service's model name (clients keep their URLs); "
+        "leave name out",
+        _canary_name_error,
+    ),
+    Rule(
+        "spec",
+        "spec.networkPolicy.allowFrom",
+        "!has(self.networkPolicy) || self.networkPolicy.allowFrom.all(p, has(p.namespaceSelector) || "
+        "has(p.podSelector))",
+        "spec.networkPolicy.allowFrom: every entry needs namespaceSelector, podSelector or both ({} selects all)",
+        _peer_error,
     ),
 )
 

@@ -29,6 +29,7 @@ RESOURCES: dict[tuple[str, str], tuple[str, str]] = {
     ("apps/v1", "StatefulSet"): ("/apis/apps/v1", "statefulsets"),
     ("apps/v1", "Deployment"): ("/apis/apps/v1", "deployments"),
     ("autoscaling/v2", "HorizontalPodAutoscaler"): ("/apis/autoscaling/v2", "horizontalpodautoscalers"),
+    ("networking.k8s.io/v1", "NetworkPolicy"): ("/apis/networking.k8s.io/v1", "networkpolicies"),
     ("scheduling.volcano.sh/v1beta1", "PodGroup"): ("/apis/scheduling.volcano.sh/v1beta1", "podgroups"),
     ("aiaas.dev/v1alpha1", "TrainingJob"): ("/apis/aiaas.dev/v1alpha1", "trainingjobs"),
     ("aiaas.dev/v1alpha1", "InferenceService"): ("/apis/aiaas.dev/v1alpha1", "inferenceservices"),

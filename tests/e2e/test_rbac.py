@@ -193,7 +193,9 @@ def test_cluster_wide_rbac_suffices_and_denies_secrets(kubectl, helm, namespace,
         assert not can_i(kubectl, sa, "get", "configmaps", "-n", namespace)
         assert not can_i(kubectl, sa, "create", "pods", "-n", namespace)
         assert not can_i(kubectl, sa, "update", "statefulsets", "-n", namespace)  # apply = patch, never PUT
-        assert not can_i(kubectl, sa, "delete", "deployments", "-n", namespace)
+        assert not can_i(kubectl, sa, "delete", "statefulsets", "-n", namespace)  # a job's StatefulSet is GC'd
+        # an InferenceService's canary Deployment, HPAs and NetworkPolicy go when its spec drops them
+        assert can_i(kubectl, sa, "delete", "deployments", "-n", namespace)
         assert not can_i(kubectl, sa, "create", "clusterroles")
         # the cluster-wide watches of the default install
         for resource in ("trainingjobs.aiaas.dev", "inferenceservices.aiaas.dev", "pods", "statefulsets.apps",
