@@ -69,6 +69,39 @@ ANNOTATION_CONFIG_HASH = "aiaas.dev/config-hash"
 ANNOTATION_RESTART = "aiaas.dev/restart-count"
 
 
+# Finished work is never run twice. A StatefulSet pod restarts its container under restartPolicy Always, even
+# after exit 0, before the operator has seen the exit and scaled the job down: without a guard the trainer (or
+# your command) would start again and could overwrite a finished artifact. The renderer wraps every training
+# container's command in RUN_ONCE_SCRIPT: after a successful run it keeps the termination message in a marker
+# on the pod's /tmp volume (it lives as long as the pod); a restarted container finds the marker, reports the
+# same outcome again and exits 0 without running anything. SIGTERM and SIGINT are passed on to the command.
+ENV_RUN_ONCE_MARKER = "AIAAS_RUN_ONCE_MARKER"  # the local runner points it at the pod's own directory
+RUN_ONCE_MARKER = "/tmp/.aiaas-finished"
+RUN_ONCE_NAME = "aiaas-run-once"  # $0 of the wrapper, how it is recognised
+RUN_ONCE_SCRIPT = (
+    f'marker="${{{ENV_RUN_ONCE_MARKER}:-{RUN_ONCE_MARKER}}}"; '
+    f'log="${{{ENV_TERMINATION_LOG}:-{TERMINATION_LOG}}}"; '
+    'if [ -f "$marker" ]; then '
+    'echo "aiaas: this pod already finished its work; not running it again" >&2; '
+    'cat "$marker" > "$log" 2>/dev/null; exit 0; fi; '
+    '"$@" & child=$!; '
+    "trap 'kill -TERM \"$child\" 2>/dev/null' TERM INT; "
+    'wait "$child"; code=$?; '
+    'while kill -0 "$child" 2>/dev/null; do wait "$child"; code=$?; done; '
+    'if [ "$code" -eq 0 ]; then cat "$log" > "$marker" 2>/dev/null || : > "$marker"; fi; '
+    'exit "$code"'
+)
+
+
+RUN_ONCE_COMMAND = ("/bin/sh", "-c", RUN_ONCE_SCRIPT, RUN_ONCE_NAME)  # the container's command; args follow
+
+
+def unwrap_run_once(argv: list[str]) -> list[str]:
+    """The command inside the RUN_ONCE_COMMAND wrapper (argv itself when it is not wrapped)."""
+    n = len(RUN_ONCE_COMMAND)
+    return argv[n:] if tuple(argv[:n]) == RUN_ONCE_COMMAND else argv
+
+
 def pod_dns_name(job_name: str, ordinal: int, namespace: str | None, service: str | None = None) -> str:
     """The stable DNS name of a StatefulSet pod behind its headless Service (without a namespace, the short
     name that resolves inside the pod's own namespace)."""

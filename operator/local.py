@@ -214,7 +214,9 @@ def plan_pods(sts: dict[str, Any], run_dir: Path, mounts: dict[str, str] | None 
             env[launch.ENV_CONFIG] = json.dumps(cfg, separators=(",", ":"))
         term = pod_dir / "termination-log"
         env[launch.ENV_TERMINATION_LOG] = str(term)
-        argv = [localize(expand_vars(a, env)) for a in [*container.get("command", []), *container.get("args", [])]]
+        # no kubelet restarts a finished process here: the run-once wrapper is not needed
+        wanted = launch.unwrap_run_once([*container.get("command", []), *container.get("args", [])])
+        argv = [localize(expand_vars(a, env)) for a in wanted]
         pods.append(LocalPod(pod_name, ordinal, _resolve_command(argv), env, term, pod_dir / "output.log", ports))
     return pods, mount_map
 

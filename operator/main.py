@@ -135,6 +135,13 @@ def _no_diffbase(kopf: Any) -> Any:
 
 
 # ------------------------------------------------------------------------------------------------- run
+async def _heartbeat(health: Health, period: float) -> None:
+    """Refresh the liveness heartbeat while the event loop runs (a stalled loop stops it)."""
+    while True:
+        health.heartbeat()
+        await asyncio.sleep(period)
+
+
 def run(args: argparse.Namespace) -> int:
     s = settings_mod.from_args(args)
     logging.basicConfig(level=s.log_level.upper(), stream=sys.stderr,
@@ -162,6 +169,9 @@ async def operate(s: OperatorSettings, stop_flag: asyncio.Event | None = None) -
     if server is not None:
         log.info("metrics on http://%s:%d/metrics (also /healthz, /readyz)", s.metrics_host, server.server_address[1])
 
+    # Liveness is the event loop's heartbeat, from the start: a standby replica waiting for the Lease is alive
+    # (a real kubelet restarted standbys whose heartbeat went stale while they waited).
+    beating = asyncio.create_task(_heartbeat(health, period=min(5.0, s.resync_seconds)))
     elector: LeaderElector | None = None
     if not s.standalone:
         elector = LeaderElector(kube, s)
@@ -192,6 +202,7 @@ async def operate(s: OperatorSettings, stop_flag: asyncio.Event | None = None) -
             stop_flag=stop_flag,
         )
     finally:
+        beating.cancel()
         if elector is not None:
             await asyncio.to_thread(elector.release)
         if server is not None:

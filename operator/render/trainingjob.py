@@ -202,8 +202,11 @@ def statefulset(job: api.TrainingJob, settings: RenderSettings, plan: JobPlan) -
         "name": launch.TRAINER_CONTAINER,
         "image": trainer.image or settings.trainer_image,
         "imagePullPolicy": trainer.image_pull_policy or settings.image_pull_policy,
-        "command": trainer.command or ["torchrun"],
-        "args": (torchrun_args(job) if not trainer.command else []) + list(trainer.args),
+        # the pod runs its work at most once (contract.launch.RUN_ONCE_SCRIPT): command = the wrapper,
+        # args = what you asked for (torchrun ... -m aiaas.trainer, or your own command and args)
+        "command": list(launch.RUN_ONCE_COMMAND),
+        "args": (trainer.command or ["torchrun"]) + (torchrun_args(job) if not trainer.command else [])
+        + list(trainer.args),
         "env": _env(job, config_json),
         "ports": _ports(job),
         "volumeMounts": mounts,

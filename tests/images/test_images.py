@@ -105,19 +105,25 @@ def trained(trainer_image: Image, repo: Path, tmp_path_factory: pytest.TempPathF
     name, container, pod = _statefulset_container(repo)
     assert container["securityContext"].get("readOnlyRootFilesystem") is True
     assert pod["securityContext"]["runAsUser"] == uid
-    storage = _owned_dir(work / "storage", uid)
+    # the pod's emptyDirs that outlive a container restart are host dirs here, so a second run is a restart
+    volumes = {"storage": _owned_dir(work / "storage", uid), "tmp": _owned_dir(work / "tmp", uid)}
     termination = work / "termination-log"
     termination.touch()
     os.chown(termination, uid, gid)
     argv, env = container_process(container, f"{name}-0")
-    mounts = _pod_mounts(container, pod, {"storage": storage})
+    mounts = _pod_mounts(container, pod, volumes)
     mounts.append(Mount(container["terminationMessagePath"], str(termination)))
+
+    def start_container() -> subprocess.CompletedProcess[str]:
+        # The pod's own network namespace (loopback only): the rendezvous name resolves to it via /etc/hosts.
+        return run_in(trainer_image, argv, work, user=(uid, gid), env=env, mounts=mounts, private_network=True,
+                      hostname=f"{name}-0", hosts={f"{name}-0.{name}": "127.0.0.1"}, timeout=1200)
+
     t0 = time.monotonic()
-    # The pod's own network namespace (loopback only): the rendezvous name resolves to it via /etc/hosts.
-    done = run_in(trainer_image, argv, work, user=(uid, gid), env=env, mounts=mounts, private_network=True,
-                  hostname=f"{name}-0", hosts={f"{name}-0.{name}": "127.0.0.1"}, timeout=1200)
-    return {"rc": done.returncode, "log": done.stdout + done.stderr, "storage": storage,
-            "termination": termination.read_text(), "seconds": time.monotonic() - t0}
+    done = start_container()
+    return {"rc": done.returncode, "log": done.stdout + done.stderr, "storage": volumes["storage"],
+            "termination": termination.read_text(), "termination_log": termination,
+            "seconds": time.monotonic() - t0, "restart": start_container}
 
 
 def test_trainer_image_trains_the_rendered_example(trained: dict[str, Any]) -> None:
@@ -134,6 +140,20 @@ def test_trainer_image_trains_the_rendered_example(trained: dict[str, Any]) -> N
          "m, man = load_artifact(sys.argv[1]); print(man['name'])", str(artifact)],
         capture_output=True, text=True, check=False)
     assert check.returncode == 0 and check.stdout.strip() == "cnn-digits", check.stderr
+
+
+def test_a_restarted_container_does_not_run_finished_work_again(trained: dict[str, Any]) -> None:
+    """restartPolicy Always restarts a container that exited 0; the rendered command must not train again."""
+    assert trained["rc"] == 0, trained["log"][-4000:]
+    artifact = trained["storage"] / "artifacts"
+    before = {p.name: p.stat().st_mtime_ns for p in artifact.iterdir()}
+    trained["termination_log"].write_text("")  # the kubelet gives each container start a fresh file
+    again = trained["restart"]()
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "already finished its work; not running it again" in again.stderr
+    assert "step" not in again.stdout, again.stdout  # no training progress lines
+    assert {p.name: p.stat().st_mtime_ns for p in artifact.iterdir()} == before  # the artifact is untouched
+    assert json.loads(trained["termination_log"].read_text())["outcome"] == "Succeeded"  # reported again
 
 
 def _server_container(model_name: str) -> tuple[dict[str, Any], dict[str, Any]]:

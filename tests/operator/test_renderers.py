@@ -78,7 +78,7 @@ def test_statefulset_runs_torchrun_with_kubeflow_compatible_env() -> None:
     assert sts["spec"]["podManagementPolicy"] == "Parallel" and sts["spec"]["replicas"] == 3
     assert sts["spec"]["serviceName"] == "demo"
     c = sts["spec"]["template"]["spec"]["containers"][0]
-    assert c["command"] == ["torchrun"]
+    assert c["command"] == list(launch.RUN_ONCE_COMMAND) and c["args"][0] == "torchrun"  # run at most once per pod
     assert "--nnodes=3" in c["args"] and "--nproc-per-node=2" in c["args"]
     assert "--rdzv-endpoint=demo-0.demo.ns.svc:29400" in c["args"] and c["args"][-2:] == ["-m", "aiaas.trainer"]
     env = {e["name"]: e for e in c["env"]}
@@ -154,7 +154,8 @@ def test_custom_command_keeps_the_env_contract() -> None:
     j = job(trainer={"command": ["python", "train.py"], "args": ["--lr", "0.1"],
                      "env": [{"name": "WORLD_SIZE", "value": "override"}, {"name": "EXTRA", "value": "1"}]})
     c = by_kind(render_trainingjob(j, SETTINGS))["StatefulSet"]["spec"]["template"]["spec"]["containers"][0]
-    assert c["command"] == ["python", "train.py"] and c["args"] == ["--lr", "0.1"]
+    assert c["command"] == list(launch.RUN_ONCE_COMMAND)  # your command runs at most once per pod
+    assert c["args"] == ["python", "train.py", "--lr", "0.1"]
     env = {e["name"]: e.get("value") for e in c["env"]}
     assert env["WORLD_SIZE"] == "override" and env["EXTRA"] == "1" and env["MASTER_ADDR"] == "demo-0.demo.ns.svc"
 
