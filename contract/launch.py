@@ -64,12 +64,20 @@ LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 MANAGED_BY = "aiaas-operator"
 ANNOTATION_CONFIG_HASH = "aiaas.dev/config-hash"
 ANNOTATION_RESTART = "aiaas.dev/restart-count"
+HEADLESS_SERVICE_SUFFIX = "workers"  # <job>-workers: the headless Service of a TrainingJob
 
 
-def pod_dns_name(job_name: str, ordinal: int, namespace: str | None, service: str | None = None) -> str:
-    """The stable DNS name of a StatefulSet pod behind its headless Service (without a namespace, the short
-    name that resolves inside the pod's own namespace)."""
-    short = f"{job_name}-{ordinal}.{service or job_name}"
+def headless_service_name(job_name: str) -> str:
+    """The headless Service that gives a job's pods their DNS names. Never the plain job name: an
+    InferenceService's Service takes its plain name (users call ``http://<isvc>.<ns>.svc``), and a TrainingJob
+    and an InferenceService may share a name in one namespace."""
+    return f"{job_name}-{HEADLESS_SERVICE_SUFFIX}"
+
+
+def pod_dns_name(job_name: str, ordinal: int, namespace: str | None) -> str:
+    """The stable DNS name of a job's StatefulSet pod behind its headless Service (without a namespace, the
+    short name that resolves inside the pod's own namespace)."""
+    short = f"{job_name}-{ordinal}.{headless_service_name(job_name)}"
     return f"{short}.{namespace}.svc" if namespace else short
 
 

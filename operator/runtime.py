@@ -28,6 +28,7 @@ from .k8s import Kube, KubeError
 from .metrics import Health, OperatorMetrics
 from .reconciler import (
     REASON_INVALID_SPEC,
+    REASON_NAME_CONFLICT,
     REASON_RECONCILE_ERROR,
     Body,
     ChildWatch,
@@ -36,10 +37,12 @@ from .reconciler import (
     Reconciler,
     Result,
     Snapshot,
+    controlled_by,
+    name_conflict,
     slim_resource,
 )
 from .settings import OperatorSettings
-from .status import Event
+from .status import Event, name_conflict_status
 
 log = logging.getLogger("aiaas.operator")
 
@@ -95,6 +98,12 @@ def same_object(cached: Body | None, body: Body) -> bool:
 def key_of(body: Body) -> Key:
     meta = body.get("metadata") or {}
     return meta.get("namespace", ""), meta.get("name", "")
+
+
+def _condition_message(status: Body, type_: str) -> str | None:
+    """The message of the condition ``type_`` if it is True (None otherwise)."""
+    c = next((c for c in status.get("conditions") or [] if c.get("type") == type_), None)
+    return str(c.get("message")) if c and c.get("status") == "True" else None
 
 
 # ------------------------------------------------------------------------------------------------- store
@@ -344,37 +353,62 @@ class Runtime:
 
     def _carry_out(self, rec: Reconciler, snap: Snapshot, result: Result) -> float | None:
         """Children, then status (a restart generation is recorded before pods go for it), then the rest."""
-        self._apply_children(rec, snap, result)
+        conflicts = self._apply_children(rec, snap, result)
         old = snap.body.get("status") or {}
-        if self._write_status(rec, snap, result.status):
+        meta = snap.body.get("metadata") or {}
+        status = name_conflict_status(result.status, conflicts, REASON_NAME_CONFLICT, self.clock(),
+                                      meta.get("generation"))
+        if self._write_status(rec, snap, status):
             rec.count(self.metrics, old, result)
-        self._post_events(snap.body, result.events)
+        events = list(result.events)
+        if conflicts and _condition_message(old, REASON_NAME_CONFLICT) != _condition_message(status,
+                                                                                             REASON_NAME_CONFLICT):
+            events.append(Event("Warning", REASON_NAME_CONFLICT, "; ".join(conflicts)))
+        self._post_events(snap.body, events)
         ns, name = snap.key
         if result.delete_self:
             log.info("%s %s/%s finished: deleting it (ttlSecondsAfterFinished)", rec.kind, ns, name)
-            self.kube.delete(api.API_VERSION, rec.kind, ns, name, uid=(snap.body.get("metadata") or {}).get("uid"))
+            self.kube.delete(api.API_VERSION, rec.kind, ns, name, uid=meta.get("uid"))
             return None
         if result.evict:
             log.info("%s %s/%s: deleting %s", rec.kind, ns, name, ", ".join(r.name for r in result.evict))
             for r in result.evict:
                 self.kube.delete(r.api_version, r.kind, ns, r.name)
+        if conflicts:  # look again: the user may remove the object that is in the way
+            return min(result.requeue_after or self.settings.resync_seconds, self.settings.resync_seconds)
         return result.requeue_after
 
-    def _apply_children(self, rec: Reconciler, snap: Snapshot, result: Result) -> None:
-        """Apply what the reconciler wants, unless it is what was last applied and nothing drifted."""
+    def _apply_children(self, rec: Reconciler, snap: Snapshot, result: Result) -> list[str]:
+        """Apply what the reconciler wants, unless it is what was last applied and nothing drifted. A child
+        whose name is taken by an object this resource does not control is neither applied (adopted) nor
+        deleted: the conflicts are returned, and everything is tried again next time."""
         ref = (rec.kind, snap.key)
         digest = manifests_hash([*result.children, *(repr(a) for a in result.absent)])
         if self._applied.get(ref) == digest and not result.drifted:
-            return
+            return []
+        owner_uid = (snap.body.get("metadata") or {}).get("uid")
         watched = {w.kind: w for w in rec.children}
+        conflicts: list[str] = []
         for manifest in result.children:
+            existing = self.kube.get(manifest["apiVersion"], manifest["kind"], snap.key[0],
+                                     manifest["metadata"]["name"])
+            if existing is not None and not controlled_by(existing, owner_uid):
+                conflicts.append(name_conflict(existing, rec.kind))
+                continue
             stored = self.kube.apply(manifest)
             child = watched.get(manifest["kind"])
             if child is not None and stored:
                 self.store.put_child(child.kind, snap.key, child.slim(stored))
         for absent in result.absent:
-            self.kube.delete(absent.api_version, absent.kind, snap.key[0], absent.name)
-        self._applied[ref] = digest
+            existing = self.kube.get(absent.api_version, absent.kind, snap.key[0], absent.name)
+            if existing is not None and controlled_by(existing, owner_uid):
+                self.kube.delete(absent.api_version, absent.kind, snap.key[0], absent.name,
+                                 uid=(existing.get("metadata") or {}).get("uid"))
+        if conflicts:
+            log.warning("%s %s/%s: %s", rec.kind, *snap.key, "; ".join(conflicts))
+        else:
+            self._applied[ref] = digest
+        return conflicts
 
     def _write_status(self, rec: Reconciler, snap: Snapshot, new: Body) -> bool:
         """Patch the status if it changed (True); cache what the API server stored."""

@@ -180,7 +180,7 @@ def headless_service(job: api.TrainingJob) -> dict[str, Any]:
     return {
         "apiVersion": "v1",
         "kind": "Service",
-        "metadata": metadata(job, job.metadata.name, job_labels(job)),
+        "metadata": metadata(job, launch.headless_service_name(job.metadata.name), job_labels(job)),
         "spec": {
             "clusterIP": "None",
             "publishNotReadyAddresses": True,  # pod 0's name resolves before it is ready: no worker race
@@ -242,7 +242,7 @@ def statefulset(job: api.TrainingJob, settings: RenderSettings, plan: JobPlan) -
         "metadata": metadata(job, job.metadata.name, labels),
         "spec": {
             "replicas": replicas,
-            "serviceName": job.metadata.name,
+            "serviceName": launch.headless_service_name(job.metadata.name),
             "podManagementPolicy": "Parallel",  # all nodes start together; torchrun's rendezvous waits for them
             "updateStrategy": {"type": "OnDelete"},  # the operator restarts the gang as a whole, never one by one
             "selector": {"matchLabels": selector(job)},

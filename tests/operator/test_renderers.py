@@ -76,13 +76,13 @@ def test_statefulset_runs_torchrun_with_kubeflow_compatible_env() -> None:
     svc, sts = objs["Service"], objs["StatefulSet"]
     assert svc["spec"]["clusterIP"] == "None" and svc["spec"]["publishNotReadyAddresses"] is True
     assert sts["spec"]["podManagementPolicy"] == "Parallel" and sts["spec"]["replicas"] == 3
-    assert sts["spec"]["serviceName"] == "demo"
+    assert sts["spec"]["serviceName"] == "demo-workers"
     c = sts["spec"]["template"]["spec"]["containers"][0]
     assert c["command"] == ["torchrun"]
     assert "--nnodes=3" in c["args"] and "--nproc-per-node=2" in c["args"]
-    assert "--rdzv-endpoint=demo-0.demo.ns.svc:29400" in c["args"] and c["args"][-2:] == ["-m", "aiaas.trainer"]
+    assert "--rdzv-endpoint=demo-0.demo-workers.ns.svc:29400" in c["args"] and c["args"][-2:] == ["-m", "aiaas.trainer"]
     env = {e["name"]: e for e in c["env"]}
-    assert env["MASTER_ADDR"]["value"] == "demo-0.demo.ns.svc"
+    assert env["MASTER_ADDR"]["value"] == "demo-0.demo-workers.ns.svc"
     assert env["WORLD_SIZE"]["value"] == "6"
     assert env["PET_NNODES"]["value"] == "3" and env["PET_NPROC_PER_NODE"]["value"] == "2"
     assert env["PET_NODE_RANK"]["valueFrom"]["fieldRef"]["fieldPath"] == (
@@ -156,7 +156,7 @@ def test_custom_command_keeps_the_env_contract() -> None:
     c = by_kind(render_trainingjob(j, SETTINGS))["StatefulSet"]["spec"]["template"]["spec"]["containers"][0]
     assert c["command"] == ["python", "train.py"] and c["args"] == ["--lr", "0.1"]
     env = {e["name"]: e.get("value") for e in c["env"]}
-    assert env["WORLD_SIZE"] == "override" and env["EXTRA"] == "1" and env["MASTER_ADDR"] == "demo-0.demo.ns.svc"
+    assert env["WORLD_SIZE"] == "override" and env["EXTRA"] == "1" and env["MASTER_ADDR"] == "demo-0.demo-workers.ns.svc"
 
 
 def test_render_is_pure_and_deterministic() -> None:
@@ -194,3 +194,19 @@ def test_inferenceservice_waiting_for_its_job_renders_no_deployment() -> None:
     assert [o["kind"] for o in objs] == ["Service"]
     assert [o["kind"] for o in render_inferenceservice(isvc(model={"trainingJob": "train"}), SETTINGS,
                                                        ServicePlan("pvc://c/train/artifacts"))] == ["Service", "Deployment"]
+
+
+def test_a_job_and_a_service_of_one_name_render_no_object_of_the_same_kind_and_name() -> None:
+    """examples/05 after examples/01 in one namespace: the InferenceService's Service keeps the plain name
+    (http://<name>.<ns>.svc), the job's headless Service and its pods' DNS names use another."""
+    j = job(topology={"nodes": 2})
+    svc = api.InferenceService.model_validate(
+        {"apiVersion": api.API_VERSION, "kind": "InferenceService",
+         "metadata": {"name": "demo", "namespace": "ns", "uid": "u-2"}, "spec": {"model": {"trainingJob": "demo"}}})
+    job_objs = {(o["kind"], o["metadata"]["name"]) for o in render_trainingjob(j, SETTINGS)}
+    svc_objs = {(o["kind"], o["metadata"]["name"])
+                for o in render_inferenceservice(svc, SETTINGS, ServicePlan(storage_uri="pvc://m/demo/artifacts"))}
+    assert ("Service", "demo") in svc_objs and not job_objs & svc_objs
+    sts = by_kind(render_trainingjob(j, SETTINGS))["StatefulSet"]
+    assert ("Service", sts["spec"]["serviceName"]) in job_objs
+    assert launch.pod_dns_name("demo", 0, "ns") == f"demo-0.{sts['spec']['serviceName']}.ns.svc"

@@ -1,0 +1,107 @@
+"""Issue 12 (security and reliability review) on a real control plane: names that cannot collide and objects
+that are never adopted, pods that count only when the job controls them, progress scrapes that cannot stall the
+operator, leader election that survives a stalled API connection and a skewed clock, custom commands, the
+hostPath admission policy and the per-job NetworkPolicy. kwok plays the kubelet, as in test_operator.py."""
+
+from __future__ import annotations
+
+import pytest
+from e2e_util import REPO_ROOT, load_yaml_docs, wait_for
+from test_operator import (  # noqa: F401 - fixtures
+    apply,
+    condition,
+    event_reasons,
+    finish_pod,
+    get,
+    job_status,
+    operator,
+    pods,
+    progress_endpoint,
+    ready_pods,
+    trainingjob,
+    wait_phase,
+)
+
+from aiaas.contract import launch
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240), pytest.mark.usefixtures("e2e_cluster")]
+
+
+def owner_uid(obj: dict) -> str | None:
+    return next((r["uid"] for r in obj["metadata"].get("ownerReferences") or [] if r.get("controller")), None)
+
+
+def uid(kubectl, namespace: str, kind: str, name: str) -> str:
+    obj = get(kubectl, namespace, kind, name)
+    assert obj is not None, f"{kind} {name}"
+    return str(obj["metadata"]["uid"])
+
+
+# ------------------------------------------------------------------------------------------------ item 7
+def test_a_job_and_a_service_of_one_name_keep_their_own_services(kubectl, namespace, operator):  # noqa: F811
+    op = operator()
+    job = load_yaml_docs(REPO_ROOT / "examples" / "01-cnn-digits.yaml")[0]
+    apply(kubectl, namespace, job)
+    wait_phase(kubectl, namespace, job["metadata"]["name"], "Running", op=op)
+    isvc = load_yaml_docs(REPO_ROOT / "examples" / "05-inferenceservice.yaml")[0]
+    isvc["metadata"]["name"] = job["metadata"]["name"]
+    apply(kubectl, namespace, isvc)
+    name = job["metadata"]["name"]
+    job_uid = uid(kubectl, namespace, "trainingjobs.aiaas.dev", name)
+    isvc_uid = uid(kubectl, namespace, "inferenceservices.aiaas.dev", name)
+    svc = wait_for(lambda: get(kubectl, namespace, "service", name), timeout=30, what="the InferenceService's Service")
+    assert owner_uid(svc) == isvc_uid
+    headless = get(kubectl, namespace, "service", launch.headless_service_name(name))
+    assert headless is not None and owner_uid(headless) == job_uid
+    assert headless["spec"]["selector"] == {launch.LABEL_JOB: name} and headless["spec"]["clusterIP"] == "None"
+    sts = get(kubectl, namespace, "statefulset", name)
+    assert sts is not None and sts["spec"]["serviceName"] == launch.headless_service_name(name)
+    st = job_status(kubectl, namespace, name)
+    assert st["phase"] == "Running" and not condition(st, "NameConflict")
+
+
+def test_a_foreign_object_with_a_childs_name_is_reported_not_adopted(kubectl, namespace, operator):  # noqa: F811
+    op = operator()
+    theirs = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": launch.headless_service_name("taken")},
+              "spec": {"selector": {"app": "theirs"}, "ports": [{"port": 80}]}}
+    apply(kubectl, namespace, theirs)
+    before = get(kubectl, namespace, "service", launch.headless_service_name("taken"))
+    assert before is not None
+    apply(kubectl, namespace, trainingjob("taken"))
+    st = wait_for(lambda: condition(s := job_status(kubectl, namespace, "taken"), "NameConflict").get("status") == "True"
+                  and s, timeout=30, what="NameConflict condition")
+    assert "Service taken-workers already exists" in condition(st, "NameConflict")["message"], op.log()
+    wait_for(lambda: "NameConflict" in event_reasons(kubectl, namespace, "taken"), timeout=20, what="Warning Event")
+    after = get(kubectl, namespace, "service", launch.headless_service_name("taken"))
+    assert after is not None and after["spec"]["selector"] == {"app": "theirs"}
+    assert not after["metadata"].get("ownerReferences")
+    # the user removes it: the job gets its own, and the condition clears
+    kubectl("delete", "service", launch.headless_service_name("taken"), namespace=namespace)
+    wait_for(lambda: condition(job_status(kubectl, namespace, "taken"), "NameConflict").get("status") == "False",
+             timeout=30, what="NameConflict resolved")
+    mine = get(kubectl, namespace, "service", launch.headless_service_name("taken"))
+    assert mine is not None and owner_uid(mine) == uid(kubectl, namespace, "trainingjobs.aiaas.dev", "taken")
+
+
+# ------------------------------------------------------------------------------------------------ item 8
+def test_a_pod_with_the_jobs_labels_cannot_finish_the_job(kubectl, namespace, operator):  # noqa: F811
+    op = operator("--success-policy", "Rank0")
+    apply(kubectl, namespace, trainingjob("guarded", nodes=1))
+    wait_phase(kubectl, namespace, "guarded", "Running", op=op)
+    impostor = {"apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": "guarded-0x", "labels": {launch.LABEL_JOB: "guarded",
+                                                             launch.POD_INDEX_LABEL: "0"},
+                             "annotations": {launch.ANNOTATION_RESTART: "0"}},
+                "spec": {"containers": [{"name": launch.TRAINER_CONTAINER, "image": "busybox"}]}}
+    apply(kubectl, namespace, impostor)
+    wait_for(lambda: get(kubectl, namespace, "pod", "guarded-0x")["status"].get("phase") == "Running",
+             timeout=30, what="impostor running")
+    finish_pod(kubectl, namespace, "guarded-0x", 0, {"outcome": "Succeeded", "message": "fake", "step": 1})
+    wait_for(lambda: (get(kubectl, namespace, "pod", "guarded-0x")["status"].get("containerStatuses") or [{}])[0]
+             .get("lastState", {}).get("terminated") or (get(kubectl, namespace, "pod", "guarded-0x")["status"]
+             .get("containerStatuses") or [{}])[0].get("state", {}).get("terminated"), timeout=30,
+             what="impostor terminated")
+    import time
+    time.sleep(3)  # several resyncs (1 s)
+    assert job_status(kubectl, namespace, "guarded")["phase"] == "Running", op.log()
+    assert get(kubectl, namespace, "pod", "guarded-0x") is not None, "not deleted by the operator"
