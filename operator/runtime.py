@@ -270,6 +270,9 @@ class Runtime:
         self._failures: dict[Ref, int] = {}  # consecutive failed reconciles, likewise
         self._executor = concurrent.futures.ThreadPoolExecutor(settings.workers, thread_name_prefix="reconcile")
         self._events = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="events")  # keeps their order
+        # Probes reach endpoints that users run: on threads of their own, so a slow one never holds a reconcile.
+        self._probe_pool = concurrent.futures.ThreadPoolExecutor(PROBE_CONCURRENCY, thread_name_prefix="probe")
+        self._probing: set[Ref] = set()  # probes in flight (touched on the loop only)
         self._queue: KeyedQueue | None = None
         self._resync_task: asyncio.Task[None] | None = None
 
@@ -282,6 +285,7 @@ class Runtime:
         if self._resync_task is not None:
             self._resync_task.cancel()
         self._executor.shutdown(wait=False, cancel_futures=True)
+        self._probe_pool.shutdown(wait=False, cancel_futures=True)
         self._events.shutdown(wait=False)
 
     def enqueue(self, ref: Ref) -> None:
@@ -455,21 +459,29 @@ class Runtime:
                 log.exception("resync failed")
 
     async def resync(self) -> None:
-        """Probe what needs probing (e.g. progress), then queue everything that wants a periodic look."""
+        """Queue everything that wants a periodic look, and start its probe (e.g. progress) unless one is still
+        running. Never waits for a probe: a probe's answer queues its resource again when it comes."""
         due = [(rec, key) for rec in self.reconcilers.values()
                for key, body in self.store.items(rec.kind) if rec.needs_resync(body)]
         loop = asyncio.get_running_loop()
-        sem = asyncio.Semaphore(PROBE_CONCURRENCY)
+        for rec, key in due:
+            ref = (rec.kind, key)
+            if ref not in self._probing:
+                self._probing.add(ref)
+                loop.create_task(self._probe(loop, rec, key))
+            self.enqueue(ref)
 
-        async def probe(rec: Reconciler, key: Key) -> None:
+    async def _probe(self, loop: asyncio.AbstractEventLoop, rec: Reconciler, key: Key) -> None:
+        ref = (rec.kind, key)
+        try:
             snap = self.store.snapshot(rec, key, self.clock())
             if snap is None:
                 return
-            async with sem:
-                value = await loop.run_in_executor(self._executor, rec.probe, snap)
+            value = await loop.run_in_executor(self._probe_pool, rec.probe, snap)
             if value is not None:
-                self.store.set_probe((rec.kind, key), value)
-
-        await asyncio.gather(*(probe(rec, key) for rec, key in due), return_exceptions=True)
-        for rec, key in due:
-            self.enqueue((rec.kind, key))
+                self.store.set_probe(ref, value)
+                self.enqueue(ref)
+        except Exception:  # noqa: BLE001 - a probe is best effort
+            log.exception("probe of %s %s/%s failed", rec.kind, *key)
+        finally:
+            self._probing.discard(ref)

@@ -101,7 +101,80 @@ def test_a_pod_with_the_jobs_labels_cannot_finish_the_job(kubectl, namespace, op
              .get("lastState", {}).get("terminated") or (get(kubectl, namespace, "pod", "guarded-0x")["status"]
              .get("containerStatuses") or [{}])[0].get("state", {}).get("terminated"), timeout=30,
              what="impostor terminated")
-    import time
     time.sleep(3)  # several resyncs (1 s)
     assert job_status(kubectl, namespace, "guarded")["phase"] == "Running", op.log()
     assert get(kubectl, namespace, "pod", "guarded-0x") is not None, "not deleted by the operator"
+
+
+# ------------------------------------------------------------------------------------------------ item 6
+@pytest.fixture
+def hostile_metrics():
+    """Rank 0 endpoints per job: /<job>/metrics. ``drip*`` sends a byte every 1.9 s forever, ``redirect*``
+    redirects to a good page, anything else answers the step in ``steps``."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from aiaas.contract import metrics as m
+
+    stop = threading.Event()
+    steps = {"step": 10}
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802
+            job = self.path.strip("/").split("/")[0]
+            if job.startswith("drip"):
+                self.send_response(200)
+                self.end_headers()
+                while not stop.is_set():
+                    try:
+                        self.wfile.write(b"#")
+                        self.wfile.flush()
+                    except OSError:
+                        return
+                    stop.wait(1.9)
+                return
+            if job.startswith("redirect"):
+                self.send_response(302)
+                self.send_header("Location", "/good/metrics")
+                self.end_headers()
+                return
+            body = f"{m.TRAINER_STEP} {steps['step']}\n{m.TRAINER_TOTAL_STEPS} 100\n".encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *a) -> None:
+            return
+
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    srv.daemon_threads = True
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    steps["url"] = f"http://127.0.0.1:{srv.server_address[1]}" + "/{job}/metrics"  # type: ignore[assignment]
+    try:
+        yield steps
+    finally:
+        stop.set()
+        srv.shutdown()
+        srv.server_close()
+
+
+
+def test_slow_and_redirecting_metrics_stall_nothing(kubectl, namespace, operator, hostile_metrics):  # noqa: F811
+    op = operator("--metrics-url-template", str(hostile_metrics["url"]), "--scrape-timeout", "2")
+    for name in ("drip-a", "drip-b", "redirect-a", "good"):
+        apply(kubectl, namespace, trainingjob(name))
+    for name in ("drip-a", "drip-b", "redirect-a", "good"):
+        wait_phase(kubectl, namespace, name, "Running", op=op)
+    wait_for(lambda: (job_status(kubectl, namespace, "good").get("progress") or {}).get("step") == 10,
+             timeout=20, what="progress of the good job")
+    for step in (20, 30):  # scrapes go on while the dripping ones hang
+        hostile_metrics["step"] = step
+        wait_for(lambda s=step: (job_status(kubectl, namespace, "good").get("progress") or {}).get("step") == s,
+                 timeout=20, what=f"progress step {step}")
+        assert op.get("/healthz")[0] == 200
+    apply(kubectl, namespace, trainingjob("late"))  # a new job is reconciled promptly
+    wait_phase(kubectl, namespace, "late", "Running", op=op)
+    assert op.get("/healthz")[0] == 200 and op.proc is not None and op.proc.poll() is None
+    assert "progress" not in job_status(kubectl, namespace, "redirect-a"), "a redirect is not followed"
+    assert "progress" not in job_status(kubectl, namespace, "drip-a")
