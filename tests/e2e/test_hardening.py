@@ -5,6 +5,8 @@ hostPath admission policy and the per-job NetworkPolicy. kwok plays the kubelet,
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from e2e_util import REPO_ROOT, load_yaml_docs, wait_for
 from test_operator import (  # noqa: F401 - fixtures
