@@ -180,3 +180,19 @@ def test_slow_and_redirecting_metrics_stall_nothing(kubectl, namespace, operator
     assert op.get("/healthz")[0] == 200 and op.proc is not None and op.proc.poll() is None
     assert "progress" not in job_status(kubectl, namespace, "redirect-a"), "a redirect is not followed"
     assert "progress" not in job_status(kubectl, namespace, "drip-a")
+
+
+# ------------------------------------------------------------------------------------------------ item 4
+def test_the_custom_command_example_is_accepted_with_3_nodes_and_succeeds_on_exit_0(kubectl, namespace,
+                                                                                    operator):  # noqa: F811
+    [job] = load_yaml_docs(REPO_ROOT / "examples" / "07-custom-command.yaml")
+    assert job["spec"]["topology"]["nodes"] == 3 and "batchSize" not in str(job)
+    op = operator()
+    apply(kubectl, namespace, job)  # the CRD's CEL rules accept the default batch size on 3 nodes
+    name = job["metadata"]["name"]
+    wait_phase(kubectl, namespace, name, "Running", op=op)
+    for p in ready_pods(kubectl, namespace, name, 3):  # a PyTorchJob script writes no termination message
+        kubectl("annotate", "pod", p["metadata"]["name"], "--overwrite", "fake.aiaas.dev/exit-code=0",
+                "fake.aiaas.dev/delay=100ms", namespace=namespace)
+    st = wait_phase(kubectl, namespace, name, "Succeeded", op=op)
+    assert st["succeededReplicas"] == 3
