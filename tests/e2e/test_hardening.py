@@ -196,3 +196,127 @@ def test_the_custom_command_example_is_accepted_with_3_nodes_and_succeeds_on_exi
                 "fake.aiaas.dev/delay=100ms", namespace=namespace)
     st = wait_phase(kubectl, namespace, name, "Succeeded", op=op)
     assert st["succeededReplicas"] == 3
+
+
+# ------------------------------------------------------------------------------------------------ item 9
+class PausableProxy:
+    """A TCP proxy on loopback to the API server; ``paused`` holds every byte (a stalled connection)."""
+
+    def __init__(self, host: str, port: int) -> None:
+        import socket
+        import threading
+
+        self.upstream = (host, port)
+        self.paused = threading.Event()
+        self.closed = threading.Event()
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import socket
+        import threading
+
+        while not self.closed.is_set():
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(self.upstream)
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    def _pipe(self, src, dst) -> None:
+        try:
+            while not self.closed.is_set():
+                data = src.recv(65536)
+                if not data:
+                    break
+                while self.paused.is_set() and not self.closed.is_set():
+                    self.closed.wait(0.1)
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.close()
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self.closed.set()
+        self.listener.close()
+
+
+def lease_flags(namespace: str, duration: float = 6, renew: float = 4, retry: float = 1) -> list[str]:
+    return ["--lease-name", "op", "--lease-namespace", namespace, "--lease-duration", str(duration),
+            "--renew-deadline", str(renew), "--retry-period", str(retry)]
+
+
+def test_a_leader_behind_a_stalled_connection_exits_by_its_renew_deadline(kubectl, namespace, operator,
+                                                                         k8s_cluster, tmp_path,
+                                                                         monkeypatch):  # noqa: F811
+    import urllib.parse
+
+    import yaml
+
+    config = yaml.safe_load(open(k8s_cluster.kubeconfig))
+    server = urllib.parse.urlsplit(config["clusters"][0]["cluster"]["server"])
+    proxy = PausableProxy(server.hostname or "127.0.0.1", server.port or 443)
+    try:
+        config["clusters"][0]["cluster"]["server"] = f"{server.scheme}://{server.hostname}:{proxy.port}"
+        path = tmp_path / "proxied-kubeconfig"
+        path.write_text(yaml.safe_dump(config))
+        monkeypatch.setenv("KUBECONFIG", str(path))
+        op = operator(*lease_flags(namespace), standalone=False)
+        wait_for(lambda: op.get("/readyz")[0] == 200, timeout=30, what="the operator leads")
+        proxy.paused.set()
+        t0 = time.monotonic()
+        assert op.proc is not None
+        wait_for(lambda: op.proc.poll() is not None, timeout=25, interval=0.2,
+                 what="the leader to exit (renew deadline 4 s; the old 30 s call timeout would overrun)")
+        took = time.monotonic() - t0
+        assert op.proc.returncode != 0 and took < 15, (took, op.log())
+        assert "lost the lease" in op.log()
+    finally:
+        proxy.close()
+
+
+def put_lease(kubectl, namespace: str, holder: str, renew: str, rv: str | None = None) -> None:
+    body = {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease", "metadata": {"name": "op"},
+            "spec": {"holderIdentity": holder, "leaseDurationSeconds": 6, "renewTime": renew,
+                     "acquireTime": renew}}
+    kubectl("apply", "--server-side", "--force-conflicts", "--field-manager=other-replica", "-f", "-",
+            input=__import__("json").dumps(body), namespace=namespace)
+
+
+def test_leases_are_judged_by_our_clock_not_the_holders(kubectl, namespace, operator):  # noqa: F811
+    import threading
+    from datetime import datetime, timedelta, timezone
+
+    fmt = "%Y-%m-%dT%H:%M:%S.%fZ"
+    # a live holder whose clock is an hour behind: it renews, so it must keep the lease
+    stop = threading.Event()
+
+    def renew_behind() -> None:
+        while not stop.is_set():
+            put_lease(kubectl, namespace, "behind", (datetime.now(timezone.utc) - timedelta(hours=1)).strftime(fmt))
+            stop.wait(1)
+
+    renewer = threading.Thread(target=renew_behind, daemon=True)
+    renewer.start()
+    try:
+        op = operator(*lease_flags(namespace), standalone=False)
+        time.sleep(15)  # 2.5 lease durations
+        assert op.get("/readyz")[0] == 503, "took a lease its live holder keeps renewing"
+        assert get(kubectl, namespace, "lease", "op")["spec"]["holderIdentity"] == "behind"
+    finally:
+        stop.set()
+        renewer.join(10)
+    wait_for(lambda: op.get("/readyz")[0] == 200, timeout=30, what="takes over once the holder stops")
+    op.stop()
+    # a dead holder whose clock was an hour ahead: its renewTime is in the future, yet it expires on our clock
+    put_lease(kubectl, namespace, "ahead", (datetime.now(timezone.utc) + timedelta(hours=1)).strftime(fmt))
+    op2 = operator(*lease_flags(namespace), standalone=False)
+    wait_for(lambda: op2.get("/readyz")[0] == 200, timeout=40, what="takes the lease of a dead holder")
