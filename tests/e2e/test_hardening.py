@@ -3,9 +3,11 @@ that are never adopted, pods that count only when the job controls them, progres
 operator, leader election that survives a stalled API connection and a skewed clock, custom commands, the
 hostPath admission policy and the per-job NetworkPolicy. kwok plays the kubelet, as in test_operator.py."""
 
+# ruff: noqa: F811 - pytest fixtures imported from test_operator are parameters here
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
 from e2e_util import REPO_ROOT, load_yaml_docs, wait_for
@@ -258,7 +260,7 @@ def test_a_leader_behind_a_stalled_connection_exits_by_its_renew_deadline(kubect
 
     import yaml
 
-    config = yaml.safe_load(open(k8s_cluster.kubeconfig))
+    config = yaml.safe_load(Path(k8s_cluster.kubeconfig).read_text())
     server = urllib.parse.urlsplit(config["clusters"][0]["cluster"]["server"])
     proxy = PausableProxy(server.hostname or "127.0.0.1", server.port or 443)
     try:
