@@ -74,6 +74,11 @@ def headless_service_name(job_name: str) -> str:
     return f"{job_name}-{HEADLESS_SERVICE_SUFFIX}"
 
 
+def network_policy_name(job_name: str) -> str:
+    """A TrainingJob's NetworkPolicy (suffixed, like its headless Service, so no other kind's child collides)."""
+    return f"{job_name}-{HEADLESS_SERVICE_SUFFIX}"
+
+
 def pod_dns_name(job_name: str, ordinal: int, namespace: str | None) -> str:
     """The stable DNS name of a job's StatefulSet pod behind its headless Service (without a namespace, the
     short name that resolves inside the pod's own namespace)."""

@@ -319,3 +319,57 @@ def test_leases_are_judged_by_our_clock_not_the_holders(kubectl, namespace, oper
     put_lease(kubectl, namespace, "ahead", (datetime.now(timezone.utc) + timedelta(hours=1)).strftime(fmt))
     op2 = operator(*lease_flags(namespace), standalone=False)
     wait_for(lambda: op2.get("/readyz")[0] == 200, timeout=40, what="takes the lease of a dead holder")
+
+
+# ------------------------------------------------------------------------------------------------ item 12
+def helm_policy(helm, release: str, *values: str) -> list[dict]:
+    out = helm("template", release, str(REPO_ROOT / "charts" / "aiaas"), *values).stdout
+    import yaml
+
+    return [d for d in yaml.safe_load_all(out) if d and d["kind"].startswith("ValidatingAdmissionPolicy")]
+
+
+def test_hostpath_volumes_are_refused_unless_the_chart_allows_them(kubectl, namespace, helm):
+    import json
+
+    release = f"hp{namespace[-6:]}"
+    docs = helm_policy(helm, release)
+    assert [d["kind"] for d in docs] == ["ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"]
+    assert helm_policy(helm, release, "--set", "policy.allowHostPath=true") == []
+    binding = docs[1]  # only this test's namespace: other tests share the cluster
+    binding["spec"]["matchResources"] = {"namespaceSelector": {"matchLabels": {
+        "kubernetes.io/metadata.name": namespace}}}
+    job = trainingjob("hostpath")
+    job["spec"]["trainer"]["volumes"] = [{"name": "node", "hostPath": {"path": "/etc"}}]
+    job["spec"]["trainer"]["volumeMounts"] = [{"name": "node", "mountPath": "/node"}]
+    plain = trainingjob("plain")
+
+    def dry_run(obj: dict):
+        return kubectl("apply", "--dry-run=server", "-f", "-", input=json.dumps(obj), namespace=namespace,
+                       check=False)
+
+    try:
+        for d in docs:
+            kubectl("apply", "-f", "-", input=json.dumps(d))
+        refused = wait_for(lambda: (r := dry_run(job)).returncode != 0 and r, timeout=60, what="the policy to act")
+        assert "hostPath volumes are not allowed" in refused.stderr and "(volume node)" in refused.stderr
+        assert "policy.allowHostPath=true" in refused.stderr, refused.stderr
+        assert dry_run(plain).returncode == 0
+    finally:
+        for d in reversed(docs):
+            kubectl("delete", d["kind"].lower(), d["metadata"]["name"], "--ignore-not-found")
+    wait_for(lambda: dry_run(job).returncode == 0, timeout=60, what="accepted without the policy (allowHostPath)")
+
+
+# ------------------------------------------------------------------------------------------------- item 5
+def test_each_job_gets_an_owned_network_policy(kubectl, namespace, operator):
+    op = operator("--operator-namespace", "aiaas-system", "--monitoring-namespace-selector",
+                  "kubernetes.io/metadata.name=monitoring")
+    apply(kubectl, namespace, trainingjob("fenced", nodes=2))
+    wait_phase(kubectl, namespace, "fenced", "Running", op=op)
+    np = get(kubectl, namespace, "networkpolicy", launch.network_policy_name("fenced"))
+    assert np is not None and owner_uid(np) == uid(kubectl, namespace, "trainingjobs.aiaas.dev", "fenced")
+    assert np["spec"]["podSelector"]["matchLabels"] == {launch.LABEL_JOB: "fenced"}
+    peers, scrapers = np["spec"]["ingress"]
+    assert peers["from"] == [{"podSelector": {"matchLabels": {launch.LABEL_JOB: "fenced"}}}]
+    assert [p["port"] for p in scrapers["ports"]] == [launch.METRICS_PORT]

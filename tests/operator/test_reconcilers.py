@@ -82,7 +82,7 @@ def pod_template_annotations(result: Any) -> dict[str, str]:
 # ------------------------------------------------------------------------------------------- TrainingJob
 def test_a_new_job_wants_its_service_and_statefulset_stamped_with_generation_zero():
     r = JOBS.reconcile(snap(job_body()))
-    assert kinds(r) == ["Service", "StatefulSet"] and r.absent == () and r.evict == ()
+    assert kinds(r) == ["NetworkPolicy", "Service", "StatefulSet"] and r.absent == () and r.evict == ()
     assert pod_template_annotations(r)[launch.ANNOTATION_RESTART] == "0"
     assert r.drifted, "no StatefulSet observed yet: apply even if it was applied before"
     assert r.status["phase"] == "Created" and [e.reason for e in r.events] == ["Created"]
@@ -229,7 +229,7 @@ def test_the_runtime_applies_then_writes_status_then_deletes_stale_pods():
         rt.store.put_child("Pod", ("ml", "lenet"), p)
     assert rt.reconcile(("TrainingJob", ("ml", "lenet"))) is None
     assert [c for c in kube.calls if c[0] != "event"] == [
-        ("apply", "Service"), ("apply", "StatefulSet"), ("status", "Restarting"),
+        ("apply", "NetworkPolicy"), ("apply", "Service"), ("apply", "StatefulSet"), ("status", "Restarting"),
         ("delete", "Pod/lenet-0"), ("delete", "Pod/lenet-1")]
 
 
@@ -257,7 +257,8 @@ def test_an_object_in_the_way_is_neither_adopted_nor_deleted_and_the_conflict_is
     rt = runtime(kube)
     rt.store.put("TrainingJob", job_body())
     delay = rt.reconcile(("TrainingJob", ("ml", "lenet")))
-    assert not [c for c in kube.calls if c[0] in ("apply", "delete")], "nothing foreign is taken over"
+    applied = [c for c in kube.calls if c[0] in ("apply", "delete")]
+    assert applied == [("apply", "NetworkPolicy")], "nothing foreign is taken over; the free names are applied"
     cond = next(c for c in kube.status["conditions"] if c["type"] == "NameConflict")
     assert cond["status"] == "True" and cond["reason"] == "NameConflict"
     assert "Service lenet-workers already exists and is controlled by InferenceService" in cond["message"]

@@ -210,3 +210,30 @@ def test_a_job_and_a_service_of_one_name_render_no_object_of_the_same_kind_and_n
     sts = by_kind(render_trainingjob(j, SETTINGS))["StatefulSet"]
     assert ("Service", sts["spec"]["serviceName"]) in job_objs
     assert launch.pod_dns_name("demo", 0, "ns") == f"demo-0.{sts['spec']['serviceName']}.ns.svc"
+
+
+def test_the_network_policy_admits_only_the_jobs_pods_and_the_scrapers_on_metrics_ports() -> None:
+    """Issue 12, item 5: torchrun's c10d store and the master port accept unauthenticated data."""
+    settings = RenderSettings(operator_namespace="aiaas-system",
+                              monitoring_namespace_selector={"kubernetes.io/metadata.name": "monitoring"})
+    j = job(topology={"nodes": 2, "nprocPerNode": 2})
+    np = by_kind(render_trainingjob(j, settings))["NetworkPolicy"]
+    assert np["metadata"]["name"] == launch.network_policy_name("demo") != "demo"
+    assert np["metadata"]["ownerReferences"][0]["uid"] == "u-1"
+    spec = np["spec"]
+    assert spec["podSelector"] == {"matchLabels": {launch.LABEL_JOB: "demo"}} and spec["policyTypes"] == ["Ingress"]
+    peers, scrapers = spec["ingress"]
+    assert peers == {"from": [{"podSelector": {"matchLabels": {launch.LABEL_JOB: "demo"}}}]}  # no namespaceSelector
+    assert scrapers["from"] == [
+        {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "aiaas-system"}}},
+        {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]
+    ports = {p["port"] for p in scrapers["ports"]}
+    assert ports == {launch.METRICS_PORT, launch.METRICS_PORT + 1}
+    assert launch.RDZV_PORT not in ports and launch.MASTER_PORT not in ports
+    kubernetes_validate.validate(np, K8S_VERSION, strict=True)
+
+
+def test_without_scrapers_or_when_turned_off() -> None:
+    np = by_kind(render_trainingjob(job(), SETTINGS))["NetworkPolicy"]
+    assert len(np["spec"]["ingress"]) == 1, "no namespace is allowed in unless configured"
+    assert "NetworkPolicy" not in by_kind(render_trainingjob(job(), RenderSettings(network_policy=False)))
