@@ -67,6 +67,7 @@ LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 MANAGED_BY = "aiaas-operator"
 ANNOTATION_CONFIG_HASH = "aiaas.dev/config-hash"
 ANNOTATION_RESTART = "aiaas.dev/restart-count"
+HEADLESS_SERVICE_SUFFIX = "workers"  # <job>-workers: the headless Service of a TrainingJob
 
 
 # Finished work is never run twice. A StatefulSet pod restarts its container under restartPolicy Always, even
@@ -102,10 +103,22 @@ def unwrap_run_once(argv: list[str]) -> list[str]:
     return argv[n:] if tuple(argv[:n]) == RUN_ONCE_COMMAND else argv
 
 
-def pod_dns_name(job_name: str, ordinal: int, namespace: str | None, service: str | None = None) -> str:
-    """The stable DNS name of a StatefulSet pod behind its headless Service (without a namespace, the short
-    name that resolves inside the pod's own namespace)."""
-    short = f"{job_name}-{ordinal}.{service or job_name}"
+def headless_service_name(job_name: str) -> str:
+    """The headless Service that gives a job's pods their DNS names. Never the plain job name: an
+    InferenceService's Service takes its plain name (users call ``http://<isvc>.<ns>.svc``), and a TrainingJob
+    and an InferenceService may share a name in one namespace."""
+    return f"{job_name}-{HEADLESS_SERVICE_SUFFIX}"
+
+
+def network_policy_name(job_name: str) -> str:
+    """A TrainingJob's NetworkPolicy (suffixed, like its headless Service, so no other kind's child collides)."""
+    return f"{job_name}-{HEADLESS_SERVICE_SUFFIX}"
+
+
+def pod_dns_name(job_name: str, ordinal: int, namespace: str | None) -> str:
+    """The stable DNS name of a job's StatefulSet pod behind its headless Service (without a namespace, the
+    short name that resolves inside the pod's own namespace)."""
+    short = f"{job_name}-{ordinal}.{headless_service_name(job_name)}"
     return f"{short}.{namespace}.svc" if namespace else short
 
 

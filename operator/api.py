@@ -560,7 +560,15 @@ class Rule:
     check: Callable[[Any], str | None]
 
 
+def _custom_command(job: TrainingJob) -> bool:
+    """Does the job run its own command? Then rules about the built-in trainer (its data/model split, batch,
+    dataset) do not apply: the built-in trainer does not run."""
+    return bool(job.spec.trainer.command)
+
+
 def _topology_error(job: TrainingJob) -> str | None:
+    if _custom_command(job):
+        return None
     t = job.spec.topology
     p = t.parallelism
     if t.world_size % p.model:
@@ -590,7 +598,7 @@ def _gpu_error(job: TrainingJob) -> str | None:
 
 
 def _batch_error(job: TrainingJob) -> str | None:
-    if _topology_error(job):
+    if _custom_command(job) or _topology_error(job):
         return None  # one message per mistake: fix the topology first
     data = job.spec.topology.data_degree
     batch = job.spec.trainer.hyperparameters.batch_size
@@ -613,6 +621,8 @@ def _elastic_error(job: TrainingJob) -> str | None:
 
 
 def _dataset_error(job: TrainingJob) -> str | None:
+    if _custom_command(job):
+        return None
     d = job.spec.trainer.dataset
     if d.kind in (DatasetKind.mnist.value, DatasetKind.text.value) and not d.path:
         return f"spec.trainer.dataset.path: the {d.kind} dataset reads files; set path to a file or directory"
@@ -683,6 +693,8 @@ def _replicas_error(svc: InferenceService) -> str | None:
 _WORLD = "self.topology.nodes * self.topology.nprocPerNode"
 _DATA = f"(has(self.topology.parallelism.data) ? self.topology.parallelism.data : ({_WORLD}) / self.topology.parallelism.model)"
 _GPUS = "int(string(self.topology.resources.limits['nvidia.com/gpu']))"
+# CEL: rules about the built-in trainer hold only when it runs (no spec.trainer.command).
+_BUILTIN = "(has(self.trainer.command) && size(self.trainer.command) > 0) || "
 _NAME_RULE = f"size(self.metadata.name) <= {MAX_JOB_NAME_LENGTH} && self.metadata.name.matches('{DNS_1035}')"
 _NAME_MSG = (
     f"metadata.name must be at most {MAX_JOB_NAME_LENGTH} characters of lower-case letters, digits and '-', "
@@ -696,7 +708,7 @@ TRAININGJOB_RULES: tuple[Rule, ...] = (
     Rule(
         "spec",
         "spec.topology.parallelism.model",
-        f"({_WORLD}) % self.topology.parallelism.model == 0",
+        f"{_BUILTIN}({_WORLD}) % self.topology.parallelism.model == 0",
         "spec.topology.parallelism.model: the pipeline stages must divide the world size (nodes x nprocPerNode); "
         "choose a model degree that divides it",
         _topology_error,
@@ -704,7 +716,8 @@ TRAININGJOB_RULES: tuple[Rule, ...] = (
     Rule(
         "spec",
         "spec.topology.parallelism",
-        f"!has(self.topology.parallelism.data) || self.topology.parallelism.data * self.topology.parallelism.model == {_WORLD}",
+        f"{_BUILTIN}!has(self.topology.parallelism.data) || "
+        f"self.topology.parallelism.data * self.topology.parallelism.model == {_WORLD}",
         "spec.topology.parallelism: data x model must equal nodes x nprocPerNode; change data, or omit it to use "
         "(nodes x nprocPerNode) / model",
         _topology_error,
@@ -722,7 +735,7 @@ TRAININGJOB_RULES: tuple[Rule, ...] = (
     Rule(
         "spec",
         "spec.trainer.hyperparameters.batchSize",
-        f"({_WORLD}) % self.topology.parallelism.model != 0 || (has(self.topology.parallelism.data) && "
+        f"{_BUILTIN}({_WORLD}) % self.topology.parallelism.model != 0 || (has(self.topology.parallelism.data) && "
         f"self.topology.parallelism.data * self.topology.parallelism.model != {_WORLD}) || {_DATA} == 0 || "
         f"self.trainer.hyperparameters.batchSize % {_DATA} == 0",
         "spec.trainer.hyperparameters.batchSize: the global batch must split evenly across the data-parallel "
@@ -740,7 +753,7 @@ TRAININGJOB_RULES: tuple[Rule, ...] = (
     Rule(
         "spec",
         "spec.trainer.dataset.path",
-        "!(self.trainer.dataset.kind in ['mnist', 'text']) || has(self.trainer.dataset.path)",
+        f"{_BUILTIN}!(self.trainer.dataset.kind in ['mnist', 'text']) || has(self.trainer.dataset.path)",
         "spec.trainer.dataset.path: the mnist and text datasets read files; set path to a file or directory",
         _dataset_error,
     ),

@@ -15,6 +15,7 @@ import uuid
 from datetime import datetime, timezone
 from typing import Any
 
+import urllib3
 from kubernetes import client as kclient
 from kubernetes import config as kconfig
 
@@ -27,9 +28,9 @@ RESOURCES: dict[tuple[str, str], tuple[str, str]] = {
     ("v1", "PersistentVolumeClaim"): ("/api/v1", "persistentvolumeclaims"),
     ("v1", "Event"): ("/api/v1", "events"),
     ("apps/v1", "StatefulSet"): ("/apis/apps/v1", "statefulsets"),
+    ("networking.k8s.io/v1", "NetworkPolicy"): ("/apis/networking.k8s.io/v1", "networkpolicies"),
     ("apps/v1", "Deployment"): ("/apis/apps/v1", "deployments"),
     ("autoscaling/v2", "HorizontalPodAutoscaler"): ("/apis/autoscaling/v2", "horizontalpodautoscalers"),
-    ("networking.k8s.io/v1", "NetworkPolicy"): ("/apis/networking.k8s.io/v1", "networkpolicies"),
     ("scheduling.volcano.sh/v1beta1", "PodGroup"): ("/apis/scheduling.volcano.sh/v1beta1", "podgroups"),
     ("aiaas.dev/v1alpha1", "TrainingJob"): ("/apis/aiaas.dev/v1alpha1", "trainingjobs"),
     ("aiaas.dev/v1alpha1", "InferenceService"): ("/apis/aiaas.dev/v1alpha1", "inferenceservices"),
@@ -68,14 +69,18 @@ def resource_path(api_version: str, kind: str, namespace: str | None, name: str 
     return path
 
 
-def load_api_client(pool_size: int = 32) -> kclient.ApiClient:
-    """In-cluster configuration if there is one, else ``$KUBECONFIG``/``~/.kube/config``."""
+def load_api_client(pool_size: int = 32, retries: int | None = None) -> kclient.ApiClient:
+    """In-cluster configuration if there is one, else ``$KUBECONFIG``/``~/.kube/config``. ``retries``: how often
+    urllib3 retries a failed request (None: its default; 0 for calls that must end by a deadline, since each
+    retry gets a fresh timeout)."""
     cfg = kclient.Configuration()
     try:
         kconfig.load_incluster_config(client_configuration=cfg)
     except kconfig.ConfigException:
         kconfig.load_kube_config(client_configuration=cfg)
     cfg.connection_pool_maxsize = pool_size
+    if retries is not None:
+        cfg.retries = retries
     return kclient.ApiClient(cfg)
 
 
@@ -89,18 +94,19 @@ class Kube:
 
     # ---------------------------------------------------------------------------------------- raw call
     def call(self, method: str, path: str, *, query: dict[str, str] | None = None, body: Any = None,
-             content_type: str = "application/json") -> dict[str, Any]:
+             content_type: str = "application/json", timeout: float | None = None) -> dict[str, Any]:
+        """One request, bounded by ``timeout`` seconds in all (default: the client's)."""
         headers = {"Accept": "application/json", "Content-Type": content_type}
         m, url, hdrs, data, _ = self.api.param_serialize(
             method=method, resource_path=path, query_params=list((query or {}).items()), header_params=headers,
             body=body, auth_settings=["BearerToken"],
         )
         try:
-            resp = self.api.call_api(m, url, header_params=hdrs, body=data, _request_timeout=self.timeout)
+            resp = self.api.call_api(m, url, header_params=hdrs, body=data, _request_timeout=timeout or self.timeout)
             resp.read()
         except kclient.ApiException as err:
             raise KubeError(err.status or 0, str(err.reason or err)) from None
-        except OSError as err:  # connection refused, timeouts
+        except (OSError, urllib3.exceptions.HTTPError) as err:  # connection refused, timeouts
             raise KubeError(0, f"cannot reach the API server: {err}") from None
         text = resp.data.decode("utf-8", "replace") if resp.data else ""
         if not 200 <= resp.status <= 299:
@@ -196,15 +202,20 @@ class Kube:
             log.warning("could not post event %s for %s/%s: %s", reason, ns, meta.get("name"), err)
 
     # -------------------------------------------------------------------------------------------- lease
-    def get_lease(self, namespace: str, name: str) -> dict[str, Any] | None:
-        return self.get("coordination.k8s.io/v1", "Lease", namespace, name)
+    def get_lease(self, namespace: str, name: str, timeout: float | None = None) -> dict[str, Any] | None:
+        try:
+            return self.call("GET", resource_path("coordination.k8s.io/v1", "Lease", namespace, name), timeout=timeout)
+        except KubeError as err:
+            if err.not_found:
+                return None
+            raise
 
-    def create_lease(self, lease: dict[str, Any]) -> dict[str, Any]:
+    def create_lease(self, lease: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
         ns = lease["metadata"]["namespace"]
-        return self.call("POST", resource_path("coordination.k8s.io/v1", "Lease", ns), body=lease)
+        return self.call("POST", resource_path("coordination.k8s.io/v1", "Lease", ns), body=lease, timeout=timeout)
 
-    def replace_lease(self, lease: dict[str, Any]) -> dict[str, Any]:
+    def replace_lease(self, lease: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
         """PUT with the lease's resourceVersion: fails with 409 if someone else wrote it in between."""
         meta = lease["metadata"]
         return self.call("PUT", resource_path("coordination.k8s.io/v1", "Lease", meta["namespace"], meta["name"]),
-                         body=lease)
+                         body=lease, timeout=timeout)

@@ -14,7 +14,18 @@ from aiaas.contract import launch
 
 from . import api
 from .metrics import OperatorMetrics
-from .reconciler import Body, ChildWatch, Key, ObjectRef, Result, Snapshot, parse, slim_pod, slim_workload
+from .reconciler import (
+    Body,
+    ChildWatch,
+    Key,
+    ObjectRef,
+    Result,
+    Snapshot,
+    controlled_by,
+    parse,
+    slim_pod,
+    slim_workload,
+)
 from .render import JobPlan, RenderSettings, render_trainingjob
 from .render.trainingjob import CHILD_KINDS
 from .status import TERMINAL, Evaluation, Observed, error_status, evaluate, pod_view
@@ -25,6 +36,16 @@ KIND = "TrainingJob"
 
 def _slim_job_pod(pod: Body) -> Body:
     return slim_pod(pod, (launch.ANNOTATION_RESTART,))
+
+
+def owned_workers(snap: Snapshot) -> tuple[Body | None, list[Body]]:
+    """The job's StatefulSet and its pods: only what the job controls (owner UIDs), never what merely carries
+    the job's labels (anyone who may create a pod can set those)."""
+    job_uid = (snap.body.get("metadata") or {}).get("uid")
+    sts = next((s for s in snap.children.get("StatefulSet", ())
+                if (s.get("metadata") or {}).get("name") == snap.key[1] and controlled_by(s, job_uid)), None)
+    sts_uid = (sts.get("metadata") or {}).get("uid") if sts else None
+    return sts, [p for p in snap.children.get("Pod", ()) if controlled_by(p, sts_uid)]
 
 
 @dataclass(frozen=True)
@@ -58,7 +79,7 @@ class TrainingJobReconciler:
         if not self.metrics_url_template or status.get("phase") != api.Phase.running.value:
             return None
         restart = int(status.get("restartCount") or 0)
-        for pod in snap.children.get("Pod", ()):
+        for pod in owned_workers(snap)[1]:
             v = pod_view(pod)
             if v.ordinal == 0 and v.generation == restart and not v.terminating and v.pod_ip:
                 return self.metrics_url_template.format(pod_ip=v.pod_ip, port=launch.METRICS_PORT, pod=v.name,
@@ -72,9 +93,8 @@ class TrainingJobReconciler:
     # ----------------------------------------------------------------------------------------- reconcile
     def reconcile(self, snap: Snapshot) -> Result:
         job: api.TrainingJob = parse(api.TrainingJob, snap.body)
-        name = snap.key[1]
-        sts = snap.child("StatefulSet", name)
-        observed = Observed(statefulset=sts, pods=list(snap.children.get("Pod", ())), progress=snap.probe)
+        sts, pods = owned_workers(snap)
+        observed = Observed(statefulset=sts, pods=pods, progress=snap.probe)
         ev = evaluate(job, observed, snap.now, success_policy=self.success_policy)
         children, absent = self.children_of(job, ev)
         drifted = sts is None or (sts.get("spec") or {}).get("replicas") != ev.replicas
@@ -99,7 +119,7 @@ class TrainingJobReconciler:
         if not ev.keep_service:
             kinds = tuple(k for k in kinds if k != "Service")
         plan = JobPlan(replicas=ev.replicas, restart_generation=ev.status.restart_count or 0, children=kinds)
-        absent = [] if ev.keep_service else [ObjectRef("v1", "Service", job.metadata.name)]
+        absent = [] if ev.keep_service else [ObjectRef("v1", "Service", launch.headless_service_name(job.metadata.name))]
         return render_trainingjob(job, self.render_settings, plan), absent
 
     def error_status(self, old: Body, reason: str, message: str, now: datetime, generation: int | None) -> Body:

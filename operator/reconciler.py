@@ -148,13 +148,42 @@ def parse(model: type[api.TrainingJob] | type[api.InferenceService], body: Body)
         raise InvalidSpec(f"the spec is invalid: {one_line(err)}; fix it with kubectl edit") from None
 
 
+# ------------------------------------------------------------------------------------------------ ownership
+REASON_NAME_CONFLICT = "NameConflict"
+
+
+def controller_uid(body: Body) -> str | None:
+    """The UID of the object's controller (the ownerReference with controller=true), if it has one."""
+    refs = (body.get("metadata") or {}).get("ownerReferences") or []
+    return next((str(r.get("uid")) for r in refs if r.get("controller") and r.get("uid")), None)
+
+
+def controlled_by(body: Body, owner_uid: str | None) -> bool:
+    """Is ``body`` controlled by the object with ``owner_uid``? Labels prove nothing: anyone can set them."""
+    return bool(owner_uid) and controller_uid(body) == owner_uid
+
+
+def name_conflict(existing: Body, owner_kind: str) -> str:
+    """What to tell the user when a child's name is taken by an object this resource does not control."""
+    meta = existing.get("metadata") or {}
+    owner = next((r for r in meta.get("ownerReferences") or [] if r.get("controller")), None)
+    held = f"controlled by {owner.get('kind')} {owner.get('name')}" if owner else "not controlled by aiaas"
+    return (f"{existing.get('kind')} {meta.get('name')} already exists and is {held}: the operator neither adopts "
+            f"nor deletes it; delete or rename that object, or give this {owner_kind} another name")
+
+
 # ------------------------------------------------------------------------------------------------ slimming
 _META = ("name", "namespace", "uid", "resourceVersion", "generation", "creationTimestamp", "deletionTimestamp",
          "labels")
 
 
 def slim_meta(meta: Body, annotations: tuple[str, ...] = ()) -> Body:
+    """Identity, labels, the listed annotations, and the controller owner reference (who controls it)."""
     out = {k: meta[k] for k in _META if k in meta}
+    owner = next((r for r in meta.get("ownerReferences") or [] if r.get("controller")), None)
+    if owner is not None:
+        out["ownerReferences"] = [{k: owner[k] for k in ("apiVersion", "kind", "name", "uid", "controller")
+                                   if k in owner}]
     kept = {k: v for k, v in (meta.get("annotations") or {}).items() if k in annotations}
     if kept:
         out["annotations"] = kept

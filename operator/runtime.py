@@ -28,6 +28,7 @@ from .k8s import Kube, KubeError
 from .metrics import Health, OperatorMetrics
 from .reconciler import (
     REASON_INVALID_SPEC,
+    REASON_NAME_CONFLICT,
     REASON_RECONCILE_ERROR,
     Body,
     ChildWatch,
@@ -36,10 +37,12 @@ from .reconciler import (
     Reconciler,
     Result,
     Snapshot,
+    controlled_by,
+    name_conflict,
     slim_resource,
 )
 from .settings import OperatorSettings
-from .status import Event
+from .status import Event, name_conflict_status
 
 log = logging.getLogger("aiaas.operator")
 
@@ -95,6 +98,12 @@ def same_object(cached: Body | None, body: Body) -> bool:
 def key_of(body: Body) -> Key:
     meta = body.get("metadata") or {}
     return meta.get("namespace", ""), meta.get("name", "")
+
+
+def _condition_message(status: Body, type_: str) -> str | None:
+    """The message of the condition ``type_`` if it is True (None otherwise)."""
+    c = next((c for c in status.get("conditions") or [] if c.get("type") == type_), None)
+    return str(c.get("message")) if c and c.get("status") == "True" else None
 
 
 # ------------------------------------------------------------------------------------------------- store
@@ -261,6 +270,9 @@ class Runtime:
         self._failures: dict[Ref, int] = {}  # consecutive failed reconciles, likewise
         self._executor = concurrent.futures.ThreadPoolExecutor(settings.workers, thread_name_prefix="reconcile")
         self._events = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="events")  # keeps their order
+        # Probes reach endpoints that users run: on threads of their own, so a slow one never holds a reconcile.
+        self._probe_pool = concurrent.futures.ThreadPoolExecutor(PROBE_CONCURRENCY, thread_name_prefix="probe")
+        self._probing: set[Ref] = set()  # probes in flight (touched on the loop only)
         self._queue: KeyedQueue | None = None
         self._resync_task: asyncio.Task[None] | None = None
 
@@ -273,6 +285,7 @@ class Runtime:
         if self._resync_task is not None:
             self._resync_task.cancel()
         self._executor.shutdown(wait=False, cancel_futures=True)
+        self._probe_pool.shutdown(wait=False, cancel_futures=True)
         self._events.shutdown(wait=False)
 
     def enqueue(self, ref: Ref) -> None:
@@ -344,37 +357,62 @@ class Runtime:
 
     def _carry_out(self, rec: Reconciler, snap: Snapshot, result: Result) -> float | None:
         """Children, then status (a restart generation is recorded before pods go for it), then the rest."""
-        self._apply_children(rec, snap, result)
+        conflicts = self._apply_children(rec, snap, result)
         old = snap.body.get("status") or {}
-        if self._write_status(rec, snap, result.status):
+        meta = snap.body.get("metadata") or {}
+        status = name_conflict_status(result.status, conflicts, REASON_NAME_CONFLICT, self.clock(),
+                                      meta.get("generation"))
+        if self._write_status(rec, snap, status):
             rec.count(self.metrics, old, result)
-        self._post_events(snap.body, result.events)
+        events = list(result.events)
+        if conflicts and _condition_message(old, REASON_NAME_CONFLICT) != _condition_message(status,
+                                                                                             REASON_NAME_CONFLICT):
+            events.append(Event("Warning", REASON_NAME_CONFLICT, "; ".join(conflicts)))
+        self._post_events(snap.body, events)
         ns, name = snap.key
         if result.delete_self:
             log.info("%s %s/%s finished: deleting it (ttlSecondsAfterFinished)", rec.kind, ns, name)
-            self.kube.delete(api.API_VERSION, rec.kind, ns, name, uid=(snap.body.get("metadata") or {}).get("uid"))
+            self.kube.delete(api.API_VERSION, rec.kind, ns, name, uid=meta.get("uid"))
             return None
         if result.evict:
             log.info("%s %s/%s: deleting %s", rec.kind, ns, name, ", ".join(r.name for r in result.evict))
             for r in result.evict:
                 self.kube.delete(r.api_version, r.kind, ns, r.name)
+        if conflicts:  # look again: the user may remove the object that is in the way
+            return min(result.requeue_after or self.settings.resync_seconds, self.settings.resync_seconds)
         return result.requeue_after
 
-    def _apply_children(self, rec: Reconciler, snap: Snapshot, result: Result) -> None:
-        """Apply what the reconciler wants, unless it is what was last applied and nothing drifted."""
+    def _apply_children(self, rec: Reconciler, snap: Snapshot, result: Result) -> list[str]:
+        """Apply what the reconciler wants, unless it is what was last applied and nothing drifted. A child
+        whose name is taken by an object this resource does not control is neither applied (adopted) nor
+        deleted: the conflicts are returned, and everything is tried again next time."""
         ref = (rec.kind, snap.key)
         digest = manifests_hash([*result.children, *(repr(a) for a in result.absent)])
         if self._applied.get(ref) == digest and not result.drifted:
-            return
+            return []
+        owner_uid = (snap.body.get("metadata") or {}).get("uid")
         watched = {w.kind: w for w in rec.children}
+        conflicts: list[str] = []
         for manifest in result.children:
+            existing = self.kube.get(manifest["apiVersion"], manifest["kind"], snap.key[0],
+                                     manifest["metadata"]["name"])
+            if existing is not None and not controlled_by(existing, owner_uid):
+                conflicts.append(name_conflict(existing, rec.kind))
+                continue
             stored = self.kube.apply(manifest)
             child = watched.get(manifest["kind"])
             if child is not None and stored:
                 self.store.put_child(child.kind, snap.key, child.slim(stored))
         for absent in result.absent:
-            self.kube.delete(absent.api_version, absent.kind, snap.key[0], absent.name)
-        self._applied[ref] = digest
+            existing = self.kube.get(absent.api_version, absent.kind, snap.key[0], absent.name)
+            if existing is not None and controlled_by(existing, owner_uid):
+                self.kube.delete(absent.api_version, absent.kind, snap.key[0], absent.name,
+                                 uid=(existing.get("metadata") or {}).get("uid"))
+        if conflicts:
+            log.warning("%s %s/%s: %s", rec.kind, *snap.key, "; ".join(conflicts))
+        else:
+            self._applied[ref] = digest
+        return conflicts
 
     def _write_status(self, rec: Reconciler, snap: Snapshot, new: Body) -> bool:
         """Patch the status if it changed (True); cache what the API server stored."""
@@ -421,21 +459,29 @@ class Runtime:
                 log.exception("resync failed")
 
     async def resync(self) -> None:
-        """Probe what needs probing (e.g. progress), then queue everything that wants a periodic look."""
+        """Queue everything that wants a periodic look, and start its probe (e.g. progress) unless one is still
+        running. Never waits for a probe: a probe's answer queues its resource again when it comes."""
         due = [(rec, key) for rec in self.reconcilers.values()
                for key, body in self.store.items(rec.kind) if rec.needs_resync(body)]
         loop = asyncio.get_running_loop()
-        sem = asyncio.Semaphore(PROBE_CONCURRENCY)
+        for rec, key in due:
+            ref = (rec.kind, key)
+            if ref not in self._probing:
+                self._probing.add(ref)
+                loop.create_task(self._probe(loop, rec, key))
+            self.enqueue(ref)
 
-        async def probe(rec: Reconciler, key: Key) -> None:
+    async def _probe(self, loop: asyncio.AbstractEventLoop, rec: Reconciler, key: Key) -> None:
+        ref = (rec.kind, key)
+        try:
             snap = self.store.snapshot(rec, key, self.clock())
             if snap is None:
                 return
-            async with sem:
-                value = await loop.run_in_executor(self._executor, rec.probe, snap)
+            value = await loop.run_in_executor(self._probe_pool, rec.probe, snap)
             if value is not None:
-                self.store.set_probe((rec.kind, key), value)
-
-        await asyncio.gather(*(probe(rec, key) for rec, key in due), return_exceptions=True)
-        for rec, key in due:
-            self.enqueue((rec.kind, key))
+                self.store.set_probe(ref, value)
+                self.enqueue(ref)
+        except Exception:  # noqa: BLE001 - a probe is best effort
+            log.exception("probe of %s %s/%s failed", rec.kind, *key)
+        finally:
+            self._probing.discard(ref)

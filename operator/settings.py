@@ -80,6 +80,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image-pull-policy", default=_env("IMAGE_PULL_POLICY", r.image_pull_policy))
     parser.add_argument("--service-account", default=_env("SERVICE_ACCOUNT", "") or None,
                         help="service account of training pods")
+    parser.add_argument("--network-policy", action=argparse.BooleanOptionalAction,
+                        default=_env_bool("NETWORK_POLICY", r.network_policy),
+                        help="a NetworkPolicy per TrainingJob: only its own pods reach its pods; metrics ports also "
+                        "from the operator's namespace and --monitoring-namespace-selector")
+    parser.add_argument("--operator-namespace", default=_env("NAMESPACE", os.environ.get("POD_NAMESPACE", "")),
+                        help="the operator's namespace, allowed to scrape training pods' metrics ports")
+    parser.add_argument("--monitoring-namespace-selector", default=_env("MONITORING_NAMESPACE_SELECTOR", ""),
+                        help="labels (k=v,k2=v2) of the namespaces allowed to scrape training pods' metrics "
+                        "(e.g. kubernetes.io/metadata.name=monitoring); empty: none")
     parser.add_argument("--resync-seconds", type=float, default=_env_float("RESYNC_SECONDS", d.resync_seconds),
                         help="re-check every unfinished job this often (progress, deadlines)")
     parser.add_argument("--retry-seconds", type=float, default=_env_float("RETRY_SECONDS", d.retry_seconds),
@@ -105,6 +114,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="reconciles running at once (threads; each mostly waits on the API server)")
 
 
+def parse_labels(text: str) -> dict[str, str]:
+    """``k=v,k2=v2`` -> a label dict; a clear error for anything else."""
+    labels: dict[str, str] = {}
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        key, sep, value = part.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--monitoring-namespace-selector: {part!r} is not key=value (e.g. "
+                             "kubernetes.io/metadata.name=monitoring)")
+        labels[key.strip()] = value.strip()
+    return labels
+
+
 def from_args(args: argparse.Namespace) -> OperatorSettings:
     if args.all_namespaces:
         namespaces: tuple[str, ...] = ()
@@ -119,6 +142,9 @@ def from_args(args: argparse.Namespace) -> OperatorSettings:
             server_image=args.server_image,
             image_pull_policy=args.image_pull_policy,
             service_account_name=args.service_account,
+            network_policy=args.network_policy,
+            operator_namespace=args.operator_namespace,
+            monitoring_namespace_selector=parse_labels(args.monitoring_namespace_selector),
         ),
         resync_seconds=args.resync_seconds,
         retry_seconds=args.retry_seconds,

@@ -599,3 +599,18 @@ def error_status(model: type[StatusModel], prev: dict[str, Any], reason: str, me
         status.phase = default_phase  # type: ignore[assignment]
     status.conditions = set_condition(status.conditions, condition, "False", reason, message, now, generation)
     return status.dump()
+
+
+def name_conflict_status(prev: dict[str, Any], conflicts: list[str], reason: str, now: datetime,
+                         generation: int | None) -> dict[str, Any]:
+    """A wire status with the ``reason`` condition (e.g. NameConflict) set: True with the conflicts, or False
+    once they are gone (added only if the condition was there before, so a clean resource does not get it)."""
+    conditions = [api.Condition.model_validate(c) for c in prev.get("conditions") or []]
+    if not conflicts and get_condition(conditions, reason) is None:
+        return prev
+    if conflicts:
+        conditions = set_condition(conditions, reason, "True", reason, "; ".join(conflicts)[:2000], now, generation)
+    else:
+        conditions = set_condition(conditions, reason, "False", "Resolved", "every child is controlled by this "
+                                   "resource", now, generation)
+    return {**prev, "conditions": [c.dump() for c in conditions]}

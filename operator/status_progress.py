@@ -1,9 +1,16 @@
-"""Training progress from rank 0's Prometheus endpoint: a pure parser and a small, time-boxed scraper."""
+"""Training progress from rank 0's Prometheus endpoint: a pure parser and a small, time-boxed scraper.
+
+The endpoint is run by whoever wrote the TrainingJob, so the scraper trusts nothing it says: the whole exchange
+(connect, request, every byte of the answer) ends by one absolute deadline, the answer is capped in size, and a
+redirect is an error, never followed.
+"""
 
 from __future__ import annotations
 
-import urllib.request
+import socket
+import time
 from collections.abc import Callable
+from urllib.parse import urlsplit
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -52,9 +59,40 @@ def parse_progress(text: str) -> api.Progress | None:
 Fetch = Callable[[str, float], str]
 
 
-def http_fetch(url: str, timeout: float) -> str:
-    with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 - URL from operator settings
-        return resp.read(1 << 20).decode("utf-8", "replace")
+MAX_SCRAPE_BYTES = 1 << 20  # the trainer's metrics are a few KiB
+
+
+def http_fetch(url: str, timeout: float, max_bytes: int = MAX_SCRAPE_BYTES) -> str:
+    """The body of a plain-HTTP GET of ``url``, all of it within ``timeout`` seconds from now (an absolute
+    deadline: a server sending a byte now and then does not extend it). Raises OSError (unreachable, too slow)
+    or ValueError (not HTTP 200 — redirects included — or larger than ``max_bytes``)."""
+    deadline = time.monotonic() + timeout
+    parts = urlsplit(url)
+    if parts.scheme != "http" or not parts.hostname:
+        raise ValueError(f"only http:// URLs are scraped, not {url!r}")
+    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    request = f"GET {path} HTTP/1.0\r\nHost: {parts.netloc}\r\nAccept: text/plain\r\nConnection: close\r\n\r\n"
+    data = bytearray()
+    with socket.create_connection((parts.hostname, parts.port or 80), timeout=timeout) as sock:
+        sock.settimeout(max(0.001, deadline - time.monotonic()))
+        sock.sendall(request.encode())
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"{url} did not answer within {timeout:g}s")
+            sock.settimeout(left)
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+            if len(data) > max_bytes:
+                raise ValueError(f"{url} answered more than {max_bytes} bytes")
+    head, sep, body = bytes(data).partition(b"\r\n\r\n")
+    status = head.split(b"\r\n", 1)[0].split()
+    if not sep or len(status) < 2 or status[1] != b"200":
+        code = status[1].decode(errors="replace") if len(status) > 1 else "no HTTP status"
+        raise ValueError(f"{url} answered {code}, not 200 (redirects are not followed)")
+    return body.decode("utf-8", "replace")
 
 
 def scrape(url: str, timeout: float, fetch: Fetch = http_fetch) -> api.Progress | None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from aiaas import __version__
 
@@ -17,3 +17,8 @@ class RenderSettings:
     run_as_user: int = 1000
     termination_grace_seconds: int = 60
     service_account_name: str | None = None
+    # A NetworkPolicy per TrainingJob: only its own pods reach its pods (rendezvous, master, process-group
+    # ports); the metrics ports also from the operator's namespace and the monitoring namespaces.
+    network_policy: bool = True
+    operator_namespace: str = ""  # "": the metrics ports are not opened to the operator's namespace
+    monitoring_namespace_selector: dict[str, str] = field(default_factory=dict)  # labels; {}: no monitoring

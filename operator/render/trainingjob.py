@@ -1,4 +1,5 @@
-"""TrainingJob -> headless Service + torchrun StatefulSet (+ PersistentVolumeClaim, + Volcano PodGroup).
+"""TrainingJob -> headless Service + torchrun StatefulSet (+ PersistentVolumeClaim, + Volcano PodGroup,
++ NetworkPolicy).
 
 The renderer draws what a :class:`JobPlan` asks for (size, restart generation, which children exist); the
 operator's reconciler makes the plan, so nothing edits a rendered manifest afterwards.
@@ -29,7 +30,7 @@ from .settings import RenderSettings
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 VOLCANO_GROUP_ANNOTATION = "scheduling.k8s.io/group-name"
 STORAGE_MOUNT = "/var/run/aiaas"
-CHILD_KINDS = ("PersistentVolumeClaim", "PodGroup", "Service", "StatefulSet")  # in apply order
+CHILD_KINDS = ("NetworkPolicy", "PersistentVolumeClaim", "PodGroup", "Service", "StatefulSet")  # in apply order
 
 
 @dataclass(frozen=True)
@@ -180,7 +181,7 @@ def headless_service(job: api.TrainingJob) -> dict[str, Any]:
     return {
         "apiVersion": "v1",
         "kind": "Service",
-        "metadata": metadata(job, job.metadata.name, job_labels(job)),
+        "metadata": metadata(job, launch.headless_service_name(job.metadata.name), job_labels(job)),
         "spec": {
             "clusterIP": "None",
             "publishNotReadyAddresses": True,  # pod 0's name resolves before it is ready: no worker race
@@ -245,7 +246,7 @@ def statefulset(job: api.TrainingJob, settings: RenderSettings, plan: JobPlan) -
         "metadata": metadata(job, job.metadata.name, labels),
         "spec": {
             "replicas": replicas,
-            "serviceName": job.metadata.name,
+            "serviceName": launch.headless_service_name(job.metadata.name),
             "podManagementPolicy": "Parallel",  # all nodes start together; torchrun's rendezvous waits for them
             "updateStrategy": {"type": "OnDelete"},  # the operator restarts the gang as a whole, never one by one
             "selector": {"matchLabels": selector(job)},
@@ -293,11 +294,37 @@ def pod_group(job: api.TrainingJob) -> dict[str, Any] | None:
     }
 
 
+def network_policy(job: api.TrainingJob, settings: RenderSettings) -> dict[str, Any] | None:
+    """Ingress to the job's pods: anything from the job's own pods (torchrun's c10d store and the master port
+    accept unauthenticated, unpickled data; NCCL/gloo use ephemeral ports between the pods), the metrics ports
+    from the operator's namespace and the monitoring namespaces; nothing else."""
+    if not settings.network_policy:
+        return None
+    metrics_ports = [{"protocol": "TCP", "port": p["containerPort"]} for p in _ports(job)
+                     if p["name"].startswith("metrics")]
+    scrapers: list[dict[str, Any]] = []
+    if settings.operator_namespace:
+        scrapers.append({"namespaceSelector": {"matchLabels": {
+            "kubernetes.io/metadata.name": settings.operator_namespace}}})
+    if settings.monitoring_namespace_selector:
+        scrapers.append({"namespaceSelector": {"matchLabels": dict(settings.monitoring_namespace_selector)}})
+    ingress: list[dict[str, Any]] = [{"from": [{"podSelector": {"matchLabels": selector(job)}}]}]
+    if scrapers:
+        ingress.append({"from": scrapers, "ports": metrics_ports})
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": metadata(job, launch.network_policy_name(job.metadata.name), job_labels(job)),
+        "spec": {"podSelector": {"matchLabels": selector(job)}, "policyTypes": ["Ingress"], "ingress": ingress},
+    }
+
+
 def render_trainingjob(job: api.TrainingJob, settings: RenderSettings, plan: JobPlan = JobPlan()
                        ) -> list[dict[str, Any]]:
     """The job's children that ``plan`` asks for, in apply order."""
     kinds = set(plan.children)
     objs = [
+        network_policy(job, settings) if "NetworkPolicy" in kinds else None,
         storage_claim(job) if "PersistentVolumeClaim" in kinds else None,
         pod_group(job) if "PodGroup" in kinds else None,
         headless_service(job) if "Service" in kinds else None,

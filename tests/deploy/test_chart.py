@@ -111,6 +111,7 @@ def test_defaults_render_the_operator_with_leader_election(tmp_path: Path) -> No
         "CustomResourceDefinition", "CustomResourceDefinition", "ServiceAccount", "ClusterRole", "ClusterRole",
         "ClusterRole", "ClusterRoleBinding",
         "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding", "Deployment", "Service", "PodDisruptionBudget",
+        "ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding",
     ])
     dep = one(objs, "Deployment")
     assert dep["spec"]["replicas"] == 2

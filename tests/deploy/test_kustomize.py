@@ -54,5 +54,5 @@ def test_kustomize_objects_are_strictly_valid(directory: str) -> None:
 
 
 def test_namespace_meets_the_restricted_pod_security_standard() -> None:
-    ns = yaml.safe_load((REPO / "deploy" / "default" / "namespace.yaml").read_text())
+    ns = yaml.safe_load((REPO / "deploy" / "namespaced" / "namespace.yaml").read_text())
     assert ns["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"

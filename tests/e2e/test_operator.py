@@ -240,8 +240,8 @@ def test_job_runs_with_conditions_children_and_progress(kubectl, namespace, oper
     assert st["startTime"] and st["observedGeneration"] == 1
     job = get(kubectl, namespace, "trainingjobs.aiaas.dev", "lenet")
     assert job is not None
-    for kind in ("statefulset", "service"):
-        child = get(kubectl, namespace, kind, "lenet")
+    for kind, child_name in (("statefulset", "lenet"), ("service", launch.headless_service_name("lenet"))):
+        child = get(kubectl, namespace, kind, child_name)
         assert child is not None, kind
         owner = child["metadata"]["ownerReferences"][0]
         assert owner["uid"] == job["metadata"]["uid"] and owner["controller"] is True
@@ -271,7 +271,7 @@ def test_completion_marks_succeeded_and_scales_down(kubectl, namespace, operator
     # finished pods must not restart and hold their GPUs: scaled to zero (cleanPodPolicy Running)
     wait_for(lambda: sts_replicas(kubectl, namespace, "done") == 0, timeout=15, what="StatefulSet scaled to 0")
     wait_for(lambda: not pods(kubectl, namespace, "done"), timeout=20, what="pods gone")
-    assert get(kubectl, namespace, "service", "done") is not None  # kept: Running keeps what is not running
+    assert get(kubectl, namespace, "service", launch.headless_service_name("done")) is not None  # kept: Running keeps what is not running
     assert "Succeeded" in event_reasons(kubectl, namespace, "done")
 
 
@@ -420,7 +420,7 @@ def test_operator_restart_mid_job_continues_without_duplicates(kubectl, namespac
     sts = json.loads(kubectl("get", "statefulsets", "-o", "json", namespace=namespace).stdout)["items"]
     svcs = json.loads(kubectl("get", "services", "-o", "json", namespace=namespace).stdout)["items"]
     assert [s["metadata"]["name"] for s in sts] == ["durable"]
-    assert [s["metadata"]["name"] for s in svcs] == ["durable"]
+    assert [s["metadata"]["name"] for s in svcs] == [launch.headless_service_name("durable")]
     full = json.loads(kubectl("get", "statefulset", "durable", "-o", "json", "--show-managed-fields",
                               namespace=namespace).stdout)
     managers = {f["manager"] for f in full["metadata"]["managedFields"] if f["operation"] == "Apply"}
@@ -438,7 +438,7 @@ def test_deletion_garbage_collects_every_child(kubectl, namespace, operator):
 
     def nothing_left() -> bool:
         return (get(kubectl, namespace, "statefulset", "gone") is None
-                and get(kubectl, namespace, "service", "gone") is None and not pods(kubectl, namespace, "gone"))
+                and get(kubectl, namespace, "service", launch.headless_service_name("gone")) is None and not pods(kubectl, namespace, "gone"))
 
     wait_for(nothing_left, timeout=40, what="children garbage-collected")
 

@@ -146,7 +146,7 @@ def exercise(kubectl, namespace: str, op: Process, lease: str) -> None:
                what="TrainingJob rbac Running")
     sts = get_json(kubectl, namespace, "statefulset", "rbac")
     assert sts and sts["spec"]["replicas"] == 2
-    assert get_json(kubectl, namespace, "service", "rbac")
+    assert get_json(kubectl, namespace, "service", launch.headless_service_name("rbac"))
     # gang restart: a retryable failure of one rank makes the operator delete the gang's pods
     kubectl("annotate", "pod", "rbac-1", "--overwrite", f"{EXIT_ANNOTATION}=1",
             f"{MESSAGE_ANNOTATION}={json.dumps(RETRYABLE)}", "fake.aiaas.dev/delay=100ms", namespace=namespace)

@@ -36,8 +36,12 @@ def job_body(status: dict[str, Any] | None = None, **spec: Any) -> dict[str, Any
     return body
 
 
+def owner(kind: str, name: str, uid: str | None) -> list[dict[str, Any]]:
+    return [{"apiVersion": "v1", "kind": kind, "name": name, "uid": uid, "controller": True}] if uid else []
+
+
 def pod(name: str, gen: int = 0, *, exit_code: int | None = None, outcome: str | None = None,
-        ip: str = "10.0.0.7") -> dict[str, Any]:
+        ip: str = "10.0.0.7", owner_uid: str | None = "s1") -> dict[str, Any]:
     cs: dict[str, Any] = {"name": launch.TRAINER_CONTAINER, "image": "img", "ready": exit_code is None,
                           "state": {"running": {}}}
     if exit_code is not None:
@@ -46,15 +50,17 @@ def pod(name: str, gen: int = 0, *, exit_code: int | None = None, outcome: str |
     return {
         "metadata": {"name": name, "namespace": "ml", "uid": f"{name}-{gen}", "resourceVersion": "1",
                      "labels": {launch.LABEL_JOB: "lenet", launch.POD_INDEX_LABEL: name[-1]},
-                     "annotations": {launch.ANNOTATION_RESTART: str(gen)}},
+                     "annotations": {launch.ANNOTATION_RESTART: str(gen)},
+                     "ownerReferences": owner("StatefulSet", "lenet", owner_uid)},
         "spec": {"containers": [{"name": launch.TRAINER_CONTAINER, "image": "img"}]},
         "status": {"phase": "Running", "podIP": ip, "containerStatuses": [cs],
                    "conditions": [{"type": "Ready", "status": str(exit_code is None)}]},
     }
 
 
-def sts(replicas: int) -> dict[str, Any]:
-    return {"metadata": {"name": "lenet", "namespace": "ml", "uid": "s1", "resourceVersion": "3"},
+def sts(replicas: int, owner_uid: str | None = "u1", uid: str = "s1") -> dict[str, Any]:
+    return {"metadata": {"name": "lenet", "namespace": "ml", "uid": uid, "resourceVersion": "3",
+                         "ownerReferences": owner("TrainingJob", "lenet", owner_uid)},
             "spec": {"replicas": replicas}}
 
 
@@ -76,7 +82,7 @@ def pod_template_annotations(result: Any) -> dict[str, str]:
 # ------------------------------------------------------------------------------------------- TrainingJob
 def test_a_new_job_wants_its_service_and_statefulset_stamped_with_generation_zero():
     r = JOBS.reconcile(snap(job_body()))
-    assert kinds(r) == ["Service", "StatefulSet"] and r.absent == () and r.evict == ()
+    assert kinds(r) == ["NetworkPolicy", "Service", "StatefulSet"] and r.absent == () and r.evict == ()
     assert pod_template_annotations(r)[launch.ANNOTATION_RESTART] == "0"
     assert r.drifted, "no StatefulSet observed yet: apply even if it was applied before"
     assert r.status["phase"] == "Created" and [e.reason for e in r.events] == ["Created"]
@@ -100,7 +106,7 @@ def test_a_finished_job_only_scales_its_statefulset_and_clean_pod_policy_all_dro
                     runPolicy={"cleanPodPolicy": "All"})
     r = JOBS.reconcile(snap(body, [], sts(2)))
     assert kinds(r) == ["StatefulSet"] and r.children[0]["spec"]["replicas"] == 0
-    assert r.absent == (ObjectRef("v1", "Service", "lenet"),) and r.drifted
+    assert r.absent == (ObjectRef("v1", "Service", "lenet-workers"),) and r.drifted
 
 
 def test_ttl_zero_deletes_the_job_and_wants_no_children():
@@ -123,8 +129,8 @@ def test_the_probe_scrapes_rank_0_of_the_current_generation_only_while_running()
 
     rec = TrainingJobReconciler(RenderSettings(), metrics_url_template="http://{pod_ip}:{port}/m", fetch=fetch)
     pods = [pod("lenet-1", ip="10.0.0.9"), pod("lenet-0", ip="10.0.0.8")]
-    assert rec.probe(snap(job_body({"phase": "Created"}), pods)) is None and seen == []
-    progress = rec.probe(snap(job_body({"phase": "Running"}), pods))
+    assert rec.probe(snap(job_body({"phase": "Created"}), pods, sts(2))) is None and seen == []
+    progress = rec.probe(snap(job_body({"phase": "Running"}), pods, sts(2)))
     assert seen == [f"http://10.0.0.8:{launch.METRICS_PORT}/m"] and progress is not None and progress.step == 5
     r = rec.reconcile(snap(job_body({"phase": "Running"}), [pod("lenet-0"), pod("lenet-1")], sts(2), probe=progress))
     assert r.status["progress"]["summary"] == "5/10 (50%)"
@@ -180,10 +186,15 @@ def test_references_find_the_dependents_and_follow_spec_changes():
 class RecordingKube:
     """The API server's side of a reconcile, recorded; ``fail_apply`` is the fault a real one rarely gives."""
 
-    def __init__(self, fail_apply: str | None = None) -> None:
+    def __init__(self, fail_apply: str | None = None, objects: dict[tuple[str, str], dict[str, Any]] | None = None
+                 ) -> None:
         self.calls: list[tuple[str, str]] = []
         self.fail_apply = fail_apply
         self.status: dict[str, Any] = {}
+        self.objects = objects or {}  # (kind, name) -> what the API server holds
+
+    def get(self, api_version: str, kind: str, ns: str | None, name: str) -> dict[str, Any] | None:
+        return self.objects.get((kind, name))
 
     def apply(self, m: dict[str, Any]) -> dict[str, Any]:
         if self.fail_apply:
@@ -213,11 +224,12 @@ def test_the_runtime_applies_then_writes_status_then_deletes_stale_pods():
     kube = RecordingKube()
     rt = runtime(kube)
     rt.store.put("TrainingJob", job_body({"phase": "Running"}))
+    rt.store.put_child("StatefulSet", ("ml", "lenet"), sts(2))
     for p in (pod("lenet-0"), pod("lenet-1", exit_code=1, outcome=oc.RETRYABLE)):
         rt.store.put_child("Pod", ("ml", "lenet"), p)
     assert rt.reconcile(("TrainingJob", ("ml", "lenet"))) is None
     assert [c for c in kube.calls if c[0] != "event"] == [
-        ("apply", "Service"), ("apply", "StatefulSet"), ("status", "Restarting"),
+        ("apply", "NetworkPolicy"), ("apply", "Service"), ("apply", "StatefulSet"), ("status", "Restarting"),
         ("delete", "Pod/lenet-0"), ("delete", "Pod/lenet-1")]
 
 
@@ -233,3 +245,70 @@ def test_a_failed_reconcile_lands_in_status_and_backs_off():
     assert rt.reconcile(("TrainingJob", ("ml", "lenet"))) == 4.0, "exponential backoff"
     rt._events.shutdown(wait=True)
     assert ("event", "ReconcileError") in kube.calls
+
+
+# ------------------------------------------------------------------------------- ownership (issue 12, 7 and 8)
+def test_an_object_in_the_way_is_neither_adopted_nor_deleted_and_the_conflict_is_reported():
+    foreign_svc = {"apiVersion": "v1", "kind": "Service",
+                   "metadata": {"name": "lenet-workers", "uid": "x9",
+                                "ownerReferences": owner("InferenceService", "lenet-workers", "i7")}}
+    foreign_sts = {"apiVersion": "apps/v1", "kind": "StatefulSet", "metadata": {"name": "lenet", "uid": "x8"}}
+    kube = RecordingKube(objects={("Service", "lenet-workers"): foreign_svc, ("StatefulSet", "lenet"): foreign_sts})
+    rt = runtime(kube)
+    rt.store.put("TrainingJob", job_body())
+    delay = rt.reconcile(("TrainingJob", ("ml", "lenet")))
+    applied = [c for c in kube.calls if c[0] in ("apply", "delete")]
+    assert applied == [("apply", "NetworkPolicy")], "nothing foreign is taken over; the free names are applied"
+    cond = next(c for c in kube.status["conditions"] if c["type"] == "NameConflict")
+    assert cond["status"] == "True" and cond["reason"] == "NameConflict"
+    assert "Service lenet-workers already exists and is controlled by InferenceService" in cond["message"]
+    assert "StatefulSet lenet already exists and is not controlled by aiaas" in cond["message"]
+    assert delay is not None and delay <= rt.settings.resync_seconds, "looks again"
+    rt._events.shutdown(wait=True)
+    assert ("event", "NameConflict") in kube.calls
+
+
+def test_an_absent_child_the_job_does_not_control_is_not_deleted():
+    theirs = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "lenet-workers", "uid": "x9"}}
+    kube = RecordingKube(objects={("Service", "lenet-workers"): theirs})
+    rt = runtime(kube)
+    rt.store.put("TrainingJob", job_body({"phase": "Succeeded", "completionTime": "2026-05-01T11:00:00Z"},
+                                         runPolicy={"cleanPodPolicy": "All"}))
+    rt.reconcile(("TrainingJob", ("ml", "lenet")))
+    assert ("apply", "StatefulSet") in kube.calls and not [c for c in kube.calls if c[0] == "delete"]
+
+
+def test_our_own_children_are_applied_and_a_resolved_conflict_is_cleared():
+    ours = {"apiVersion": "apps/v1", "kind": "StatefulSet",
+            "metadata": {"name": "lenet", "uid": "s1", "ownerReferences": owner("TrainingJob", "lenet", "u1")}}
+    kube = RecordingKube(objects={("StatefulSet", "lenet"): ours})
+    rt = runtime(kube)
+    conflict = {"type": "NameConflict", "status": "True", "reason": "NameConflict", "message": "was in the way",
+                "lastTransitionTime": "2026-05-01T11:00:00Z"}
+    rt.store.put("TrainingJob", job_body({"phase": "Created", "conditions": [conflict]}))
+    rt.reconcile(("TrainingJob", ("ml", "lenet")))
+    assert ("apply", "Service") in kube.calls and ("apply", "StatefulSet") in kube.calls
+    cond = next(c for c in kube.status["conditions"] if c["type"] == "NameConflict")
+    assert cond["status"] == "False" and cond["reason"] == "Resolved"
+
+
+def test_pods_with_the_jobs_labels_but_not_controlled_by_its_statefulset_count_for_nothing():
+    impostors = [pod("lenet-0", exit_code=0, outcome=oc.SUCCEEDED, owner_uid=None, ip="10.6.6.6"),
+                 pod("lenet-1", exit_code=78, outcome=oc.PERMANENT, owner_uid="other-sts")]
+    body = job_body({"phase": "Running", "restartCount": 0})
+    for policy in ("AllWorkers", "Rank0"):
+        rec = TrainingJobReconciler(RenderSettings(), success_policy=policy,
+                                    metrics_url_template="http://{pod_ip}:{port}/m", fetch=lambda u, t: "")
+        r = rec.reconcile(snap(body, impostors, sts(2)))
+        assert r.status["phase"] == "Running" and r.evict == (), policy
+        assert rec.metrics_url(snap(body, impostors, sts(2))) is None
+    # the same pods under the job's StatefulSet are believed
+    real = [pod("lenet-0", exit_code=0, outcome=oc.SUCCEEDED), pod("lenet-1", exit_code=0, outcome=oc.SUCCEEDED)]
+    assert JOBS.reconcile(snap(body, real, sts(2))).status["phase"] == "Succeeded"
+
+
+def test_a_statefulset_the_job_does_not_control_hides_its_pods():
+    body = job_body({"phase": "Running", "restartCount": 0})
+    done = [pod("lenet-0", exit_code=0, outcome=oc.SUCCEEDED), pod("lenet-1", exit_code=0, outcome=oc.SUCCEEDED)]
+    r = JOBS.reconcile(snap(body, done, sts(2, owner_uid="someone-else")))
+    assert r.status["phase"] == "Running" and r.drifted

@@ -76,13 +76,13 @@ def test_statefulset_runs_torchrun_with_kubeflow_compatible_env() -> None:
     svc, sts = objs["Service"], objs["StatefulSet"]
     assert svc["spec"]["clusterIP"] == "None" and svc["spec"]["publishNotReadyAddresses"] is True
     assert sts["spec"]["podManagementPolicy"] == "Parallel" and sts["spec"]["replicas"] == 3
-    assert sts["spec"]["serviceName"] == "demo"
+    assert sts["spec"]["serviceName"] == "demo-workers"
     c = sts["spec"]["template"]["spec"]["containers"][0]
     assert c["command"] == list(launch.RUN_ONCE_COMMAND) and c["args"][0] == "torchrun"  # run at most once per pod
     assert "--nnodes=3" in c["args"] and "--nproc-per-node=2" in c["args"]
-    assert "--rdzv-endpoint=demo-0.demo.ns.svc:29400" in c["args"] and c["args"][-2:] == ["-m", "aiaas.trainer"]
+    assert "--rdzv-endpoint=demo-0.demo-workers.ns.svc:29400" in c["args"] and c["args"][-2:] == ["-m", "aiaas.trainer"]
     env = {e["name"]: e for e in c["env"]}
-    assert env["MASTER_ADDR"]["value"] == "demo-0.demo.ns.svc"
+    assert env["MASTER_ADDR"]["value"] == "demo-0.demo-workers.ns.svc"
     assert env["WORLD_SIZE"]["value"] == "6"
     assert env["PET_NNODES"]["value"] == "3" and env["PET_NPROC_PER_NODE"]["value"] == "2"
     assert env["PET_NODE_RANK"]["valueFrom"]["fieldRef"]["fieldPath"] == (
@@ -157,7 +157,7 @@ def test_custom_command_keeps_the_env_contract() -> None:
     assert c["command"] == list(launch.RUN_ONCE_COMMAND)  # your command runs at most once per pod
     assert c["args"] == ["python", "train.py", "--lr", "0.1"]
     env = {e["name"]: e.get("value") for e in c["env"]}
-    assert env["WORLD_SIZE"] == "override" and env["EXTRA"] == "1" and env["MASTER_ADDR"] == "demo-0.demo.ns.svc"
+    assert env["WORLD_SIZE"] == "override" and env["EXTRA"] == "1" and env["MASTER_ADDR"] == "demo-0.demo-workers.ns.svc"
 
 
 def test_render_is_pure_and_deterministic() -> None:
@@ -195,3 +195,46 @@ def test_inferenceservice_waiting_for_its_job_renders_no_deployment() -> None:
     assert [o["kind"] for o in objs] == ["Service"]
     assert [o["kind"] for o in render_inferenceservice(isvc(model={"trainingJob": "train"}), SETTINGS,
                                                        ServicePlan("pvc://c/train/artifacts"))] == ["Service", "Deployment"]
+
+
+def test_a_job_and_a_service_of_one_name_render_no_object_of_the_same_kind_and_name() -> None:
+    """examples/05 after examples/01 in one namespace: the InferenceService's Service keeps the plain name
+    (http://<name>.<ns>.svc), the job's headless Service and its pods' DNS names use another."""
+    j = job(topology={"nodes": 2})
+    svc = api.InferenceService.model_validate(
+        {"apiVersion": api.API_VERSION, "kind": "InferenceService",
+         "metadata": {"name": "demo", "namespace": "ns", "uid": "u-2"}, "spec": {"model": {"trainingJob": "demo"}}})
+    job_objs = {(o["kind"], o["metadata"]["name"]) for o in render_trainingjob(j, SETTINGS)}
+    svc_objs = {(o["kind"], o["metadata"]["name"])
+                for o in render_inferenceservice(svc, SETTINGS, ServicePlan(storage_uri="pvc://m/demo/artifacts"))}
+    assert ("Service", "demo") in svc_objs and not job_objs & svc_objs
+    sts = by_kind(render_trainingjob(j, SETTINGS))["StatefulSet"]
+    assert ("Service", sts["spec"]["serviceName"]) in job_objs
+    assert launch.pod_dns_name("demo", 0, "ns") == f"demo-0.{sts['spec']['serviceName']}.ns.svc"
+
+
+def test_the_network_policy_admits_only_the_jobs_pods_and_the_scrapers_on_metrics_ports() -> None:
+    """Issue 12, item 5: torchrun's c10d store and the master port accept unauthenticated data."""
+    settings = RenderSettings(operator_namespace="aiaas-system",
+                              monitoring_namespace_selector={"kubernetes.io/metadata.name": "monitoring"})
+    j = job(topology={"nodes": 2, "nprocPerNode": 2})
+    np = by_kind(render_trainingjob(j, settings))["NetworkPolicy"]
+    assert np["metadata"]["name"] == launch.network_policy_name("demo") != "demo"
+    assert np["metadata"]["ownerReferences"][0]["uid"] == "u-1"
+    spec = np["spec"]
+    assert spec["podSelector"] == {"matchLabels": {launch.LABEL_JOB: "demo"}} and spec["policyTypes"] == ["Ingress"]
+    peers, scrapers = spec["ingress"]
+    assert peers == {"from": [{"podSelector": {"matchLabels": {launch.LABEL_JOB: "demo"}}}]}  # no namespaceSelector
+    assert scrapers["from"] == [
+        {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "aiaas-system"}}},
+        {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]
+    ports = {p["port"] for p in scrapers["ports"]}
+    assert ports == {launch.METRICS_PORT, launch.METRICS_PORT + 1}
+    assert launch.RDZV_PORT not in ports and launch.MASTER_PORT not in ports
+    kubernetes_validate.validate(np, K8S_VERSION, strict=True)
+
+
+def test_without_scrapers_or_when_turned_off() -> None:
+    np = by_kind(render_trainingjob(job(), SETTINGS))["NetworkPolicy"]
+    assert len(np["spec"]["ingress"]) == 1, "no namespace is allowed in unless configured"
+    assert "NetworkPolicy" not in by_kind(render_trainingjob(job(), RenderSettings(network_policy=False)))

@@ -458,3 +458,12 @@ def test_scrape_survives_a_dead_endpoint():
 
     assert scrape("http://10.0.0.1:9090/metrics", 0.1, refuse) is None
     assert scrape("http://x/metrics", 0.1, lambda u, t: TRAINER_METRICS) is not None
+
+
+def test_a_custom_command_succeeds_on_exit_0_without_a_termination_message():
+    """A PyTorchJob script writes no outcome: exit code 0 on every pod is success (issue 12, item 4)."""
+    j = job(3, {"phase": "Running"}, trainer={"command": ["python", "-c", "pass"]})
+    ev = step(j, [exited(f"lenet-{i}", 0) for i in range(3)])
+    assert ev.status.phase == "Succeeded" and ev.status.succeeded_replicas == 3
+    ev = step(j, [exited("lenet-0", 0), exited("lenet-1", 1, "Traceback ... RuntimeError"), exited("lenet-2", 0)])
+    assert ev.status.phase == "Restarting" and "RuntimeError" in (ev.status.message or "")

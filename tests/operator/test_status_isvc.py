@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from typing import Any
 
 from aiaas.contract import launch
 from aiaas.operator import api
-from aiaas.operator.main import lease_is_free, lease_spec
 from aiaas.operator.reconciler import parse
 from aiaas.operator.render import (
     JobPlan,
@@ -131,15 +130,3 @@ def test_an_unreadable_status_does_not_block_the_job():
             "spec": {}, "status": {"phase": "Running", "fromTheFuture": True}}
     job = parse(api.TrainingJob, body)
     assert job.status is None and job.metadata.name == "x"
-
-
-def test_lease_election_rules():
-    now = T0
-    fresh = {"holderIdentity": "a", "renewTime": "2026-05-01T11:59:55.000000Z", "leaseDurationSeconds": 15}
-    assert lease_is_free(fresh, "a", now) and not lease_is_free(fresh, "b", now)
-    assert lease_is_free(fresh, "b", now + timedelta(seconds=11))
-    assert lease_is_free({"holderIdentity": None}, "b", now)
-    took = lease_spec(fresh, "b", now, 15)
-    assert took["holderIdentity"] == "b" and took["leaseTransitions"] == 1 and took["acquireTime"] == took["renewTime"]
-    kept = lease_spec(took, "b", now + timedelta(seconds=2), 15)
-    assert kept["leaseTransitions"] == 1 and kept["acquireTime"] == took["acquireTime"]

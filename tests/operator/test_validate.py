@@ -110,6 +110,35 @@ def test_cli_render_and_crds(repo: Path) -> None:
     result = run_cli("render", "-f", str(repo / "examples" / "01-cnn-digits.yaml"))
     assert result.returncode == 0, result.stderr
     kinds = [d["kind"] for d in yaml.safe_load_all(result.stdout)]
-    assert kinds == ["Service", "StatefulSet"]
+    assert kinds == ["NetworkPolicy", "Service", "StatefulSet"]
     crds = run_cli("crds")
     assert [d["kind"] for d in yaml.safe_load_all(crds.stdout)] == ["CustomResourceDefinition"] * 2
+
+
+# ------------------------------------------------------------------ custom commands (issue 12, item 4)
+CUSTOM = {"command": ["python", "-c", "import torch.distributed"]}
+
+
+@pytest.mark.parametrize(("label", "doc"), [
+    ("default batch 64 on 3 ranks", with_spec(spec__topology={"nodes": 3})),
+    ("pipeline does not divide", with_spec(spec__topology={"nodes": 3, "parallelism": {"model": 2}})),
+    ("data x model != world", with_spec(spec__topology={"nodes": 2, "nprocPerNode": 2, "parallelism": {"data": 3}})),
+    ("text without path", with_spec(spec__trainer={"dataset": {"kind": "text"}})),
+], ids=lambda v: v if isinstance(v, str) else "")
+def test_rules_of_the_builtin_trainer_do_not_bind_a_custom_command(label: str, doc: dict) -> None:
+    with pytest.raises(ValueError):
+        api.TrainingJob.model_validate(doc)
+    doc["spec"].setdefault("trainer", {}).update(CUSTOM)
+    assert api.TrainingJob.model_validate(doc).spec.trainer.command == CUSTOM["command"]
+
+
+def test_rules_that_still_bind_a_custom_command() -> None:
+    doc = with_spec(spec__topology={"nprocPerNode": 4, "resources": {"limits": {"nvidia.com/gpu": 2}}},
+                    spec__trainer=dict(CUSTOM))
+    with pytest.raises(ValueError, match="nprocPerNode"):
+        api.TrainingJob.model_validate(doc)
+
+
+def test_the_custom_command_example_validates_with_three_nodes() -> None:
+    [item] = load.load_file(Path(__file__).resolve().parents[2] / "examples" / "09-custom-command.yaml")
+    assert item.obj.spec.topology.nodes == 3 and item.obj.spec.trainer.command
