@@ -166,7 +166,7 @@ def test_two_pods_rendezvous_over_the_pod_network(operator_release, images, jobs
 
 @pytest.fixture(scope="module")
 def resumed_job(operator_release, images, jobs_ns, kubectl, tmp_path_factory) -> dict[str, Any]:
-    """A job with a local-path volume whose pod is force-deleted mid-run; Prometheus scrapes it first."""
+    """A job with a local-path volume whose container is SIGKILLed mid-run; Prometheus scrapes it first."""
     name = "resume-me"
     apply(kubectl, jobs_ns, {
         "apiVersion": "aiaas.dev/v1alpha1", "kind": "TrainingJob", "metadata": {"name": name},
@@ -179,11 +179,17 @@ def resumed_job(operator_release, images, jobs_ns, kubectl, tmp_path_factory) ->
         _job(kubectl, jobs_ns, name)), timeout=600, interval=1, what=f"{name} to pass step 100")
     total = job["status"]["progress"]["totalSteps"]
     scraped = _prometheus_scrapes(kubectl, operator_release, jobs_ns, f"{name}-0", tmp_path_factory.mktemp("prom"))
-    old_uid = get(kubectl, jobs_ns, "pod", f"{name}-0")["metadata"]["uid"]
-    kubectl("delete", "pod", f"{name}-0", "--force", "--grace-period=0", namespace=jobs_ns)
-    # the gang's new pod: read its log while it runs (it is deleted once the job has succeeded)
+    # SIGKILL the running container through the node's containerd: the trainer gets no chance to checkpoint
+    pod = get(kubectl, jobs_ns, "pod", f"{name}-0")
+    container_id = pod["status"]["containerStatuses"][0]["containerID"].split("://", 1)[1]
+    killed = subprocess.run([str(REPO / "hack" / "cluster.sh"), "ctr", "-n", "k8s.io", "tasks", "kill", "-s", "SIGKILL",
+                             container_id], capture_output=True, text=True, timeout=60, check=False)
+    assert killed.returncode == 0, killed.stderr
+    # the operator restarts the gang (restartCount 1); read the new pod's log while it runs
+    wait_for(lambda: (_job(kubectl, jobs_ns, name).get("status") or {}).get("restartCount", 0) >= 1,
+             timeout=300, interval=1, what="the operator to restart the gang")
     wait_for(lambda: (get(kubectl, jobs_ns, "pod", f"{name}-0") or {}).get("metadata", {}).get("uid") not in
-             (None, old_uid), timeout=300, what="a new pod")
+             (None, pod["metadata"]["uid"]), timeout=300, what="the gang's new pod")
     logs = _follow_logs(kubectl, jobs_ns, f"{name}-0", lambda: _job(kubectl, jobs_ns, name).get(
         "status", {}).get("phase") in ("Succeeded", "Failed"), timeout=900)
     done = _wait_phase(kubectl, jobs_ns, name, {"Succeeded"}, timeout=60)
