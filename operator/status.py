@@ -115,6 +115,7 @@ class Termination:
     step: int | None
     artifact: str | None
     finished_at: str | None
+    accuracy: float | None = None  # the built-in trainer's final held-out accuracy
 
     @property
     def succeeded(self) -> bool:
@@ -144,6 +145,7 @@ def parse_termination(term: dict[str, Any]) -> Termination:
         step=int(step) if isinstance(step, int | float) else None,
         artifact=str(data["artifact"]) if data.get("artifact") else None,
         finished_at=term.get("finishedAt"),
+        accuracy=float(data["accuracy"]) if isinstance(data.get("accuracy"), int | float) else None,
     )
 
 
@@ -511,11 +513,14 @@ def _success(d: _Draft, success_policy: str) -> Evaluation | None:
     if not done:
         return None
     rank0 = by_rank.get(0) or d.current[0]
-    step = rank0.termination.step if rank0.termination else None
+    final = rank0.termination
+    step = final.step if final else None
     uri = artifact_uri(d.job)
     d.st.artifact = api.Artifact(uri=uri, version=str(step) if step is not None else None)
-    if d.st.progress is not None and step is not None:
-        progress = d.st.progress.model_copy(update={"step": step})
+    # the final numbers come from rank 0's termination message: a short job may end between two scrapes
+    update = {k: v for k, v in (("step", step), ("metric", final.accuracy if final else None)) if v is not None}
+    if update:
+        progress = (d.st.progress or api.Progress()).model_copy(update=update)
         d.st.progress = progress.model_copy(update={"summary": progress_summary(progress)})
     at = f" at step {step}" if step is not None else ""
     return _finish(d, api.Phase.succeeded, REASON_SUCCEEDED, f"training finished{at}; the model is at {uri}")

@@ -467,3 +467,13 @@ def test_a_custom_command_succeeds_on_exit_0_without_a_termination_message():
     assert ev.status.phase == "Succeeded" and ev.status.succeeded_replicas == 3
     ev = step(j, [exited("lenet-0", 0), exited("lenet-1", 1, "Traceback ... RuntimeError"), exited("lenet-2", 0)])
     assert ev.status.phase == "Restarting" and "RuntimeError" in (ev.status.message or "")
+
+
+def test_success_takes_the_final_accuracy_from_the_termination_message():
+    """A short job can end between two progress scrapes: status still shows its final step and accuracy."""
+    final = json.dumps({"outcome": "Succeeded", "reason": "Completed", "message": "trained", "exitCode": 0,
+                        "rank": 0, "step": 528, "artifact": "/var/run/aiaas/artifacts", "accuracy": 0.9777})
+    ev = step(running_job(), [exited("lenet-0", 0, final), exited("lenet-1", 0, final)])
+    assert ev.status.phase == "Succeeded"
+    assert ev.status.progress is not None
+    assert (ev.status.progress.step, ev.status.progress.metric) == (528, 0.9777)

@@ -269,17 +269,65 @@ def test_inferenceservice_serves_the_job_in_a_real_pod(resumed_job, images, jobs
     assert predicted["data"] == [0], answer
 
 
-def test_operator_pods_never_restarted(operator_release, kubectl) -> None:
-    """After minutes of work, neither the leader nor the standby was restarted by its liveness probe."""
-    pods = _pods(kubectl, operator_release["namespace"], f"app.kubernetes.io/instance={operator_release['release']}")
-    restarts = {p["metadata"]["name"]: p["status"]["containerStatuses"][0]["restartCount"] for p in pods}
-    assert restarts and set(restarts.values()) == {0}, restarts
-    assert all(_ready(p) for p in pods)
-
-
 CLIENT = ("import sys, urllib.request\n"
           "req = urllib.request.Request(sys.argv[1], data=sys.argv[2].encode(), "
           "headers={'content-type': 'application/json'})\n"
           "print(urllib.request.urlopen(req, timeout=30).read().decode())\n")
 DIGIT_ZERO = [0, 0, 5, 13, 9, 1, 0, 0, 0, 0, 13, 15, 10, 15, 5, 0, 0, 3, 15, 2, 0, 11, 8, 0, 0, 4, 12, 0, 0, 8, 8, 0,
               0, 5, 8, 0, 0, 9, 8, 0, 0, 4, 11, 0, 1, 12, 7, 0, 0, 2, 14, 5, 10, 12, 0, 0, 0, 0, 6, 13, 10, 0, 0, 0]
+
+
+COUNT_VERSIONS = ("import collections, json, sys, urllib.request\n"
+                  "seen = collections.Counter()\n"
+                  "for _ in range(200):\n"
+                  "    req = urllib.request.Request(sys.argv[1], data=sys.argv[2].encode(),"
+                  " headers={'content-type': 'application/json'})\n"
+                  "    seen[json.loads(urllib.request.urlopen(req, timeout=30).read())['model_version']] += 1\n"
+                  "print(json.dumps(seen))\n")
+
+
+def test_canary_at_50_percent_splits_real_traffic(resumed_job, images, jobs_ns, kubectl) -> None:
+    """Two versions behind one Service: of 200 requests from a pod, each version answers 30-70 %."""
+    apply(kubectl, jobs_ns, {
+        "apiVersion": "aiaas.dev/v1alpha1", "kind": "TrainingJob", "metadata": {"name": "canary-src"},
+        "spec": {"trainer": {"model": {"architecture": "cnn"}, "dataset": {"kind": "digits"},
+                             "hyperparameters": {"epochs": 2, "batchSize": 32, "seed": 9}},
+                 "topology": {"nodes": 1, "nprocPerNode": 1, "resources": SMALL},
+                 "storage": {"size": "1Gi", "storageClassName": "local-path"}}})
+    _wait_phase(kubectl, jobs_ns, "canary-src", {"Succeeded"}, timeout=900)
+    apply(kubectl, jobs_ns, {
+        "apiVersion": "aiaas.dev/v1alpha1", "kind": "InferenceService", "metadata": {"name": "rollout"},
+        "spec": {"model": {"trainingJob": resumed_job["name"], "name": "digits"},
+                 "canary": {"model": {"trainingJob": "canary-src", "name": "digits"}, "trafficPercent": 50},
+                 "replicas": 2, "resources": SMALL}})
+
+    def both_ready() -> bool:
+        status = (get(kubectl, jobs_ns, "inferenceservice", "rollout") or {}).get("status", {})
+        return all((status.get(track) or {}).get("readyReplicas") for track in ("stable", "canary"))
+
+    wait_for(both_ready, timeout=600, interval=2, what="the stable and the canary version to be Ready")
+    body = json.dumps({"inputs": [{"name": "input", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": DIGIT_ZERO}]})
+    client = {
+        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "canary-client"},
+        "spec": {"restartPolicy": "Never", "securityContext": {"runAsNonRoot": True, "runAsUser": 1000,
+                                                               "seccompProfile": {"type": "RuntimeDefault"}},
+                 "containers": [{"name": "client", "image": images["aiaas-trainer"], "imagePullPolicy": "IfNotPresent",
+                                 "command": ["python", "-c", COUNT_VERSIONS,
+                                             f"http://rollout.{jobs_ns}.svc/v2/models/digits/infer", body],
+                                 "securityContext": {"allowPrivilegeEscalation": False,
+                                                     "capabilities": {"drop": ["ALL"]}}}]}}
+    apply(kubectl, jobs_ns, client)
+    wait_for(lambda: (get(kubectl, jobs_ns, "pod", "canary-client") or {}).get("status", {}).get("phase") in
+             ("Succeeded", "Failed"), timeout=300, interval=2, what="the client pod to finish")
+    seen = json.loads(kubectl("logs", "canary-client", namespace=jobs_ns).stdout.strip().splitlines()[-1])
+    assert len(seen) == 2 and sum(seen.values()) == 200, seen  # both versions answered
+    assert all(60 <= n <= 140 for n in seen.values()), seen  # each 30-70 %
+    print(f"canary at 50 %: {seen}")
+
+
+def test_operator_pods_never_restarted(operator_release, kubectl) -> None:
+    """After minutes of work, neither the leader nor the standby was restarted by its liveness probe."""
+    pods = _pods(kubectl, operator_release["namespace"], f"app.kubernetes.io/instance={operator_release['release']}")
+    restarts = {p["metadata"]["name"]: p["status"]["containerStatuses"][0]["restartCount"] for p in pods}
+    assert restarts and set(restarts.values()) == {0}, restarts
+    assert all(_ready(p) for p in pods)
