@@ -13,6 +13,10 @@ and the StatefulSet's pod template is executed as local processes, one process g
   to local paths given with ``--mount NAME=PATH``; ``/dev/shm`` and ``/tmp`` stay what they are;
 * each pod gets its own termination log; the runner reads them to report the outcome and exits with the
   trainer's code (0 success, 78 permanent error, 1 retryable after the restarts are used up, 143 stopped).
+  Your own command (``spec.trainer.command``) writes no termination message: it succeeds when every pod
+  exits 0, and fails with the exit code of the first pod that failed, and that pod's log tail;
+* a module the pods cannot import (torch in an environment without the trainer extra) is a permanent error:
+  checked before anything starts for ``torchrun`` and the built-in trainer, read from the log otherwise.
 
 Like the operator, the runner restarts the whole gang from the last checkpoint after a retryable failure,
 up to ``spec.runPolicy.backoffLimit`` times. Ctrl-C sends SIGTERM to every pod (the trainer checkpoints and
@@ -22,7 +26,9 @@ stops); a second Ctrl-C kills them. This module never imports torch: the pods ar
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
+import importlib.util
 import json
 import os
 import re
@@ -39,12 +45,17 @@ from typing import IO, Any
 
 from aiaas.contract import launch
 from aiaas.contract.artifact import DONE_FILE, METRICS_FILE
-from aiaas.contract.outcome import SUCCEEDED, most_severe, read_outcome
+from aiaas.contract.outcome import RETRYABLE, SUCCEEDED, classify, most_severe, read_outcome
 
 from . import api, load
 from .render import JobPlan, RenderSettings, render_trainingjob
 
 SKIPPED_MOUNTS = ("/dev/shm", "/tmp")
+TRAINER_INSTALL = "pip install 'aiaas[trainer]'"  # what brings torch (the trainer extra, pyproject.toml)
+LOG_TAIL_LINES = 20
+# torchrun's own report of a failed worker starts here; the worker's error is in the lines before it
+_TORCHRUN_REPORT = re.compile(r"torch/distributed/elastic/multiprocessing/api\.py:\d+\] failed \(exitcode")
+_MISSING_MODULE = re.compile(r"ModuleNotFoundError: No module named '([^']+)'")
 _VAR_REF = re.compile(r"\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)|\$\$")
 
 
@@ -71,6 +82,8 @@ class LocalPlan:
     checkpoint_dir: Path
     backoff_limit: int
     grace_seconds: int
+    custom_command: bool = False  # spec.trainer.command: success is every pod exiting 0, no artifact expected
+    volumes: dict[str, Path] = field(default_factory=dict)  # container mount path -> local directory
 
 
 def free_port() -> int:
@@ -235,7 +248,31 @@ def plan(job: api.TrainingJob, run_dir: Path, mounts: dict[str, str] | None = No
         checkpoint_dir=Path(cfg.get("checkpointDir", _map_path(launch.CHECKPOINT_DIR, mount_map))),
         backoff_limit=job.spec.run_policy.backoff_limit,
         grace_seconds=int(sts["spec"]["template"]["spec"].get("terminationGracePeriodSeconds", 30)),
+        custom_command=job.spec.trainer.command is not None,
+        volumes=mount_map,
     )
+
+
+def _needs_torch(argv: list[str]) -> bool:
+    """Whether a pod's (resolved) command is torchrun or the built-in trainer, which import torch."""
+    modules = {argv[i + 1] for i in range(len(argv) - 1) if argv[i] == "-m"}
+    return bool(modules & {"torch.distributed.run", "aiaas.trainer"})
+
+
+def missing_module_message(module: str) -> str:
+    """What to do when the pods cannot import ``module`` (they run with this interpreter)."""
+    if module.split(".")[0] == "torch":
+        return (f"No module named 'torch' in {sys.prefix}: `aiaas run` starts the pods with {sys.executable}; "
+                f"install the trainer there: {TRAINER_INSTALL}")
+    return (f"No module named '{module}' in {sys.prefix}: the pods run with {sys.executable}; install it "
+            f"there (restarting cannot help)")
+
+
+def preflight(p: LocalPlan) -> str | None:
+    """A problem that would make every pod fail at once, found before starting any (None: none)."""
+    if any(_needs_torch(pod.argv) for pod in p.pods) and importlib.util.find_spec("torch") is None:
+        return missing_module_message("torch")
+    return None
 
 
 # ----------------------------------------------------------------------------------------------- execution
@@ -254,6 +291,8 @@ class Runner:
         self.threads: list[threading.Thread] = []
         self.stopping = 0
         self.lock = threading.Lock()
+        self.tails = {pod.name: collections.deque[str](maxlen=10 * LOG_TAIL_LINES) for pod in p.pods}
+        self.first_failed: int | None = None  # index of the pod that failed first
 
     def _print(self, line: str) -> None:
         with self.lock:
@@ -269,6 +308,7 @@ class Runner:
                 line = raw.decode(errors="replace").rstrip()
                 if not line:
                     continue
+                self.tails[pod.name].append(line)
                 noisy = line.startswith("W") and "torch/distributed" in line and not self.verbose
                 quiet = not self.verbose and any(w in line for w in QUIET_LINES)
                 if noisy or quiet or set(line.split()[-1:]) == {"*" * 41}:
@@ -312,9 +352,11 @@ class Runner:
         deadline = time.monotonic() + timeout if timeout else None
         while True:
             codes = [p.poll() for p in self.procs]
+            if self.first_failed is None:
+                self.first_failed = next((i for i, c in enumerate(codes) if c not in (None, 0)), None)
             if all(c is not None for c in codes):
                 break
-            if any(c not in (None, 0) for c in codes) and not self.stopping:
+            if self.first_failed is not None and not self.stopping:
                 self.stopping = 1
                 self.stop(self.plan.grace_seconds)
                 continue
@@ -329,9 +371,32 @@ class Runner:
         return [int(p.returncode) for p in self.procs]
 
     def outcome(self) -> dict[str, Any] | None:
-        """The most severe termination message of all pods."""
-        return most_severe(({**data, "pod": pod.name} if (data := read_outcome(pod.termination_log)) else None)
-                           for pod in self.plan.pods)
+        """The most severe termination message of all pods; without any (your own command, or a crash before
+        the trainer wrote one), an outcome made from the exit code and log tail of the pod that failed first."""
+        written = most_severe(({**data, "pod": pod.name} if (data := read_outcome(pod.termination_log)) else None)
+                              for pod in self.plan.pods)
+        if written or self.first_failed is None:
+            return written
+        pod = self.plan.pods[self.first_failed]
+        code = _exit_status(self.procs[self.first_failed].returncode)
+        tail = log_tail(list(self.tails[pod.name]))
+        missing = next((m.group(1) for line in tail if (m := _MISSING_MODULE.search(line))), None)
+        if missing:
+            return {"outcome": classify(None, launch.EXIT_PERMANENT), "exitCode": launch.EXIT_PERMANENT,
+                    "pod": pod.name, "message": missing_module_message(missing), "logTail": tail}
+        return {"outcome": classify(None, code), "exitCode": code, "pod": pod.name,
+                "message": f"{pod.name} exited with code {code}", "logTail": tail}
+
+
+def log_tail(lines: list[str]) -> list[str]:
+    """The last lines of a failed pod's output that say why: torchrun's own report of the failure cut off."""
+    cut = next((i for i, line in enumerate(lines) if _TORCHRUN_REPORT.search(line)), len(lines))
+    return (lines[:cut] or lines)[-LOG_TAIL_LINES:]
+
+
+def _exit_status(returncode: int) -> int:
+    """A process's exit status as a shell reports it (killed by signal N: 128 + N)."""
+    return 128 - returncode if returncode < 0 else returncode
 
 
 def exit_code_of(outcome: dict[str, Any] | None, codes: list[int]) -> int:
@@ -374,10 +439,11 @@ def run_plan(p: LocalPlan, out: IO[str] | None = None, verbose: bool = False,
         code = exit_code_of(outcome, codes)
         if interrupted["n"]:
             return launch.EXIT_PREEMPTED, outcome
-        if code == launch.EXIT_RETRYABLE and attempt < restarts:
+        if code != launch.EXIT_SUCCESS and classify(None, code) == RETRYABLE and attempt < restarts:
             attempt += 1
             msg = (outcome or {}).get("message", f"exit codes {codes}")
-            out.write(f"restarting {p.job} from its last checkpoint ({attempt}/{restarts}): {msg}\n")
+            since = "" if p.custom_command else " from its last checkpoint"
+            out.write(f"restarting {p.job}{since} ({attempt}/{restarts}): {msg}\n")
             continue
         return code, outcome
 
@@ -419,9 +485,17 @@ def run(args: argparse.Namespace) -> int:
         mounts[k] = v
     run_dir = Path(args.run_dir or Path("runs") / job.metadata.name).resolve()
     p = plan(job, run_dir, mounts, args.metrics_port)
+    missing = [f"--mount {k}={v}: {Path(v).expanduser()} does not exist" for k, v in mounts.items()
+               if not Path(v).expanduser().exists()]
+    problem = "; ".join(missing) or preflight(p)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return launch.EXIT_PERMANENT
     if not args.resume:
         shutil.rmtree(p.checkpoint_dir, ignore_errors=True)
-    (run_dir / "pods").mkdir(parents=True, exist_ok=True)
+    for local in [run_dir / "pods", *p.volumes.values()]:  # like emptyDirs, the volumes exist when pods start
+        if local.is_relative_to(run_dir):
+            local.mkdir(parents=True, exist_ok=True)
     t = job.spec.topology
     print(f"running TrainingJob {job.metadata.name}: {t.nodes} pod(s) x {t.nproc_per_node} process(es) in {run_dir}")
     for pod in p.pods:
@@ -430,16 +504,31 @@ def run(args: argparse.Namespace) -> int:
         print(f"  {pod.name}: {' '.join(pod.argv[3:] if pod.argv[:3] == [sys.executable, '-m', 'torch.distributed.run'] else pod.argv)}{ports}")
     start = time.monotonic()
     code, outcome = run_plan(p, verbose=args.verbose, timeout=args.timeout, restarts=args.restarts)
-    took = time.monotonic() - start
+    return report(p, code, outcome, time.monotonic() - start)
+
+
+def report(p: LocalPlan, code: int, outcome: dict[str, Any] | None, took: float) -> int:
+    """Say how the run ended and where its results are; the exit code of ``aiaas run``."""
+    if code == launch.EXIT_SUCCESS and p.custom_command:
+        print(f"\n{p.job} succeeded in {took:.0f}s: all {len(p.pods)} pod(s) exited 0")
+        for mount, local in sorted(p.volumes.items()):
+            print(f"volume {mount}: {local}")
+        return 0
     if code == launch.EXIT_SUCCESS and (p.artifact_dir / DONE_FILE).exists():
         metrics = json.loads((p.artifact_dir / METRICS_FILE).read_text())
-        print(f"\n{job.metadata.name} succeeded in {took:.0f}s: {metrics.get('steps')} steps, eval accuracy "
+        print(f"\n{p.job} succeeded in {took:.0f}s: {metrics.get('steps')} steps, eval accuracy "
               f"{metrics.get('accuracy', float('nan')):.4f}")
         print(f"model artifact: {p.artifact_dir}")
         print(f"serve it:       aiaas serve --model {p.artifact_dir}")
         return 0
     what = outcome.get("outcome") if outcome else "Failed"
     msg = outcome.get("message") if outcome else "no termination message; see the pod logs"
-    print(f"\n{job.metadata.name} {what} after {took:.0f}s (exit {code}): {msg}", file=sys.stderr)
-    print(f"logs: {run_dir / 'pods'}", file=sys.stderr)
+    if code == launch.EXIT_SUCCESS:
+        msg = f"every pod exited 0, but the trainer exported no model to {p.artifact_dir}"
+    tail = (outcome or {}).get("logTail") or []
+    if tail:
+        print(f"\nlast lines of {outcome and outcome.get('pod')}:", *(f"  {line}" for line in tail),
+              sep="\n", file=sys.stderr)
+    print(f"\n{p.job} {what} after {took:.0f}s (exit {code}): {msg}", file=sys.stderr)
+    print(f"logs: {p.run_dir / 'pods'}", file=sys.stderr)
     return code if code else 1
