@@ -5,6 +5,8 @@ and the StatefulSet's pod template is executed as local processes, one process g
 
 * the container's ``command``/``args`` run as they are, with ``$(VAR)`` references expanded the way the
   kubelet does; ``torchrun`` and ``python`` resolve to this interpreter's (``python -m torch.distributed.run``);
+  a ``torchrun`` of one node with one process starts its one worker directly, with the environment torchrun
+  would give it (:func:`single_worker`): the agent would cost a second torch import and a rendezvous;
 * env is resolved per pod: literal values as rendered, downward-API ``fieldRef``s (``metadata.name`` ->
   ``<job>-<ordinal>``, ``metadata.labels['apps.kubernetes.io/pod-index']`` -> the ordinal, ...);
 * pod DNS names (``<job>-<i>.<service>...``) become ``127.0.0.1``, the rendezvous and master ports become free
@@ -162,6 +164,45 @@ def _resolve_command(argv: list[str]) -> list[str]:
     return argv
 
 
+# torchrun flags that say nothing once there is one node with one process (value-taking, then bare)
+_TORCHRUN_VALUE_FLAGS = {"nnodes", "nproc-per-node", "nproc_per_node", "node-rank", "node_rank", "rdzv-backend",
+                         "rdzv_backend", "rdzv-endpoint", "rdzv_endpoint", "rdzv-id", "rdzv_id", "max-restarts",
+                         "max_restarts"}
+_TORCHRUN_BARE_FLAGS = {"standalone"}
+
+
+def single_worker(argv: list[str], env: dict[str, str]) -> tuple[list[str], dict[str, str]] | None:
+    """A ``torchrun`` pod of one node with one process, as that one worker started directly (its command and
+    the environment torchrun gives it); None for anything else. torchrun's agent would only import torch a
+    second time and host a rendezvous for a single process: seconds of fixed cost per job."""
+    if argv[:3] != [sys.executable, "-m", "torch.distributed.run"]:
+        return None
+    flags: dict[str, str] = {}
+    rest = argv[3:]
+    while rest and rest[0].startswith("--"):
+        name, has_value, value = rest[0][2:].partition("=")
+        if name in _TORCHRUN_BARE_FLAGS and not has_value:
+            rest = rest[1:]
+        elif name in _TORCHRUN_VALUE_FLAGS and (has_value or len(rest) > 1):
+            flags[name.replace("_", "-")] = value if has_value else rest[1]
+            rest = rest[1 if has_value else 2:]
+        else:
+            return None  # a flag whose meaning the runner would have to reproduce: keep torchrun
+    nnodes = flags.get("nnodes", env.get(launch.ENV_NNODES, "1"))
+    nproc = flags.get("nproc-per-node", env.get(launch.ENV_NPROC_PER_NODE, "1"))
+    if nnodes != "1" or nproc != "1" or not rest or (rest[0] == "-m" and len(rest) < 2):
+        return None
+    worker_env = {
+        **env, "RANK": "0", "LOCAL_RANK": "0", "GROUP_RANK": "0", "ROLE_RANK": "0", "ROLE_NAME": "default",
+        "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1", "GROUP_WORLD_SIZE": "1", "ROLE_WORLD_SIZE": "1",
+        launch.ENV_MASTER_ADDR: "127.0.0.1", launch.ENV_MASTER_PORT: env.get(launch.ENV_MASTER_PORT) or str(free_port()),
+        "TORCHELASTIC_RESTART_COUNT": "0", "TORCHELASTIC_MAX_RESTARTS": flags.get("max-restarts", "0"),
+        "TORCHELASTIC_RUN_ID": flags.get("rdzv-id", env.get(launch.ENV_RDZV_ID, "none")),
+        "TORCHELASTIC_USE_AGENT_STORE": "False",
+    }
+    return [sys.executable, *rest], worker_env
+
+
 def plan_pods(sts: dict[str, Any], run_dir: Path, mounts: dict[str, str] | None = None,
               metrics_base: int | None = None, namespace: str = "default") -> tuple[list[LocalPod], dict[str, Path]]:
     """The local processes for a rendered StatefulSet (pure apart from picking free ports)."""
@@ -227,8 +268,10 @@ def plan_pods(sts: dict[str, Any], run_dir: Path, mounts: dict[str, str] | None 
             env[launch.ENV_CONFIG] = json.dumps(cfg, separators=(",", ":"))
         term = pod_dir / "termination-log"
         env[launch.ENV_TERMINATION_LOG] = str(term)
-        argv = [localize(expand_vars(a, env)) for a in [*container.get("command", []), *container.get("args", [])]]
-        pods.append(LocalPod(pod_name, ordinal, _resolve_command(argv), env, term, pod_dir / "output.log", ports))
+        argv = _resolve_command([localize(expand_vars(a, env))
+                                 for a in [*container.get("command", []), *container.get("args", [])]])
+        argv, env = single_worker(argv, env) or (argv, env)
+        pods.append(LocalPod(pod_name, ordinal, argv, env, term, pod_dir / "output.log", ports))
     return pods, mount_map
 
 

@@ -43,7 +43,7 @@ sys.exit(code)
 """
 
 
-def job(name: str, command: list[str], backoff_limit: int = 3, **env: str) -> dict:
+def job(name: str, command: list[str], backoff_limit: int = 3, nodes: int = 2, **env: str) -> dict:
     return {
         "apiVersion": "aiaas.dev/v1alpha1",
         "kind": "TrainingJob",
@@ -55,7 +55,7 @@ def job(name: str, command: list[str], backoff_limit: int = 3, **env: str) -> di
                 "volumes": [{"name": "code", "emptyDir": {}}],
                 "volumeMounts": [{"name": "code", "mountPath": "/code"}],
             },
-            "topology": {"nodes": 2, "nprocPerNode": 1},
+            "topology": {"nodes": nodes, "nprocPerNode": 1},
             "runPolicy": {"backoffLimit": backoff_limit},
         },
     }
@@ -86,6 +86,16 @@ def test_kubeflow_script_runs_unchanged_and_succeeds_on_exit_0(tmp_path: Path, c
     assert f"volume /var/run/aiaas: {storage}" in out and f"volume /code: {tmp_path / 'code'}" in out
     assert (storage / "sum.txt").read_text() == "3"
     assert "restarting" not in out and "Failed" not in out
+
+
+@pytest.mark.slow
+def test_one_process_torchrun_script_runs_as_torchruns_worker_would(tmp_path: Path) -> None:
+    """One node with one process: the runner starts the worker itself, with torchrun's worker environment."""
+    done = aiaas_run(tmp_path, job("kf-single", ["torchrun", "/code/train.py"], nodes=1))
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out[-4000:]
+    assert "rank 0/1 sum 1 nnodes 1" in out and "kf-single succeeded" in out
+    assert "torch.distributed.run" not in out
 
 
 @pytest.mark.slow
