@@ -20,6 +20,9 @@ and the StatefulSet's pod template is executed as local processes, one process g
 * a module the pods cannot import (torch in an environment without the trainer extra) is a permanent error:
   checked before anything starts for ``torchrun`` and the built-in trainer, read from the log otherwise.
 
+On a terminal the trainer's step lines become one progress line per job (steps, loss, accuracy, ETA) redrawn in
+place; other lines print above it. Piped or with ``--plain``, every line prints as it comes.
+
 Like the operator, the runner restarts the whole gang from the last checkpoint after a retryable failure,
 up to ``spec.runPolicy.backoffLimit`` times. Ctrl-C sends SIGTERM to every pod (the trainer checkpoints and
 stops); a second Ctrl-C kills them. This module never imports torch: the pods are separate processes.
@@ -318,29 +321,87 @@ def preflight(p: LocalPlan) -> str | None:
     return None
 
 
-# ----------------------------------------------------------------------------------------------- execution
+# ------------------------------------------------------------------------------------------------- display
 # torchrun's own chatter, shown only with --verbose
 QUIET_LINES = ("OMP_NUM_THREADS", "node_rank is only used for static rdzv_backend")
+# the built-in trainer's progress line (trainer/train.py, log_window); a real-trainer test keeps the two in step
+STEP_LINE = re.compile(r"epoch (?P<epoch>\d+)/(?P<epochs>\d+) step (?P<step>\d+)/(?P<total>\d+) \(\d+%\) "
+                       r"loss (?P<loss>\S+) acc (?P<acc>\S+) \| (?P<sps>\S+) samples/s \| eta (?P<eta>\S+)")
+CLEAR_LINE = "\r\x1b[K"
+
+
+class Console:
+    """Where the runner's output goes. On a terminal the trainer's step lines become one progress line that is
+    redrawn in place (``\\r``), every other line is printed above it; elsewhere (a pipe, a file) every line is
+    printed as it comes. Thread-safe: each pod's output is pumped by its own thread."""
+
+    def __init__(self, out: IO[str], job: str, bar: bool) -> None:
+        self.out, self.job, self.bar = out, job, bar
+        self.status = ""  # the progress line drawn last ("" when none is on screen)
+        self.lock = threading.RLock()  # re-entrant: the Ctrl-C handler may print while the main thread does
+
+    @classmethod
+    def for_stream(cls, out: IO[str], job: str, plain: bool = False) -> Console:
+        tty = not plain and out.isatty() and os.environ.get("TERM", "") != "dumb"
+        return cls(out, job, tty)
+
+    def say(self, line: str) -> None:
+        with self.lock:
+            self.out.write((CLEAR_LINE if self.status else "") + line + "\n" + self.status)
+            self.out.flush()
+
+    def pod_line(self, pod: str, line: str) -> None:
+        """One line of a pod's output: a step line moves the progress bar (on a terminal), anything else is
+        printed with the pod's name."""
+        m = STEP_LINE.search(line) if self.bar else None
+        if m is None:
+            self.say(f"{pod} | {line}")
+            return
+        with self.lock:
+            self.status = progress_line(self.job, m, shutil.get_terminal_size().columns)
+            self.out.write(CLEAR_LINE + self.status)
+            self.out.flush()
+
+    def finish(self) -> None:
+        """End the progress line, so what follows starts on a line of its own."""
+        with self.lock:
+            if self.status:
+                self.out.write("\n")
+                self.out.flush()
+            self.status = ""
+
+
+def progress_line(job: str, m: re.Match[str], columns: int) -> str:
+    """``job [#####-----] 240/440 54% | epoch 6/10 | loss 0.0391 acc 0.9906 | 348 samples/s | eta 18s``; the
+    richest form that fits the terminal's width (epoch and samples/s go first, then the bar), else cut."""
+    step, total = int(m["step"]), max(int(m["total"]), 1)
+    steps = f"{step}/{total} {100 * step // total}%"
+    fit = f"loss {m['loss']} acc {m['acc']}"
+    forms = [(20, f" | epoch {m['epoch']}/{m['epochs']} | {fit} | {m['sps']} samples/s | eta {m['eta']}"),
+             (20, f" | {fit} | eta {m['eta']}"), (10, f" | {fit} | eta {m['eta']}"), (0, f" {fit} eta {m['eta']}")]
+    for width, rest in forms:
+        bar = f" [{'#' * (width * min(step, total) // total)}{'-' * (width - width * min(step, total) // total)}]"
+        text = f"{job}{bar if width else ''} {steps}{rest}"
+        if len(text) < columns:
+            return text
+    return text[: max(columns - 1, 10)]
+
+
+# ----------------------------------------------------------------------------------------------- execution
 
 
 class Runner:
     """Runs a :class:`LocalPlan`'s pods, streams their output, and reports the outcome."""
 
-    def __init__(self, p: LocalPlan, out: IO[str] | None = None, verbose: bool = False) -> None:
+    def __init__(self, p: LocalPlan, console: Console, verbose: bool = False) -> None:
         self.plan = p
-        self.out = out or sys.stdout
+        self.console = console
         self.verbose = verbose
         self.procs: list[subprocess.Popen[bytes]] = []
         self.threads: list[threading.Thread] = []
         self.stopping = 0
-        self.lock = threading.Lock()
         self.tails = {pod.name: collections.deque[str](maxlen=10 * LOG_TAIL_LINES) for pod in p.pods}
         self.first_failed: int | None = None  # index of the pod that failed first
-
-    def _print(self, line: str) -> None:
-        with self.lock:
-            self.out.write(line + "\n")
-            self.out.flush()
 
     def _pump(self, pod: LocalPod, stream: IO[bytes]) -> None:
         width = max(len(p.name) for p in self.plan.pods)
@@ -356,7 +417,7 @@ class Runner:
                 quiet = not self.verbose and any(w in line for w in QUIET_LINES)
                 if noisy or quiet or set(line.split()[-1:]) == {"*" * 41}:
                     continue
-                self._print(f"{pod.name:<{width}} | {line}")
+                self.console.pod_line(f"{pod.name:<{width}}", line)
 
     def start(self) -> None:
         for pod in self.plan.pods:
@@ -404,7 +465,7 @@ class Runner:
                 self.stop(self.plan.grace_seconds)
                 continue
             if deadline and time.monotonic() > deadline:
-                self._print(f"timeout: stopping {self.plan.job} after {timeout:.0f}s")
+                self.console.say(f"timeout: stopping {self.plan.job} after {timeout:.0f}s")
                 self.stopping = 1
                 self.stop(self.plan.grace_seconds)
                 continue
@@ -450,11 +511,18 @@ def exit_code_of(outcome: dict[str, Any] | None, codes: list[int]) -> int:
     return launch.EXIT_SUCCESS if not any(codes) else launch.EXIT_RETRYABLE
 
 
-def run_plan(p: LocalPlan, out: IO[str] | None = None, verbose: bool = False,
+def run_plan(p: LocalPlan, console: Console | None = None, verbose: bool = False,
              timeout: float | None = None, restarts: int | None = None) -> tuple[int, dict[str, Any] | None]:
     """Run the pods to the end, restarting the gang after retryable failures. Returns (exit code, outcome)."""
-    out = out or sys.stdout
-    restarts = p.backoff_limit if restarts is None else restarts
+    out = console or Console(sys.stdout, p.job, bar=False)
+    try:
+        return _attempts(p, out, verbose, timeout, p.backoff_limit if restarts is None else restarts)
+    finally:
+        out.finish()
+
+
+def _attempts(p: LocalPlan, out: Console, verbose: bool, timeout: float | None,
+              restarts: int) -> tuple[int, dict[str, Any] | None]:
     attempt = 0
     while True:
         runner = Runner(p, out, verbose)
@@ -464,7 +532,7 @@ def run_plan(p: LocalPlan, out: IO[str] | None = None, verbose: bool = False,
                       ) -> None:
             interrupted["n"] += 1
             if interrupted["n"] == 1:
-                out.write(f"\nstopping {p.job} (SIGTERM to every pod; Ctrl-C again to kill)\n")
+                out.say(f"\nstopping {p.job} (SIGTERM to every pod; Ctrl-C again to kill)")
                 runner.stopping = 1
                 runner.signal_all(signal.SIGTERM)
             else:
@@ -486,7 +554,7 @@ def run_plan(p: LocalPlan, out: IO[str] | None = None, verbose: bool = False,
             attempt += 1
             msg = (outcome or {}).get("message", f"exit codes {codes}")
             since = "" if p.custom_command else " from its last checkpoint"
-            out.write(f"restarting {p.job}{since} ({attempt}/{restarts}): {msg}\n")
+            out.say(f"restarting {p.job}{since} ({attempt}/{restarts}): {msg}")
             continue
         return code, outcome
 
@@ -507,6 +575,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="gang restarts after retryable failures (default: spec.runPolicy.backoffLimit)")
     p.add_argument("--timeout", type=float, default=None, help="stop the job after this many seconds")
     p.add_argument("-v", "--verbose", action="store_true", help="show torchrun's own warnings too")
+    p.add_argument("--plain", action="store_true",
+                   help="print every log line, also on a terminal (default there: one progress line per job)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -546,7 +616,8 @@ def run(args: argparse.Namespace) -> int:
                                                           else "") if pod.metrics_ports else ""
         print(f"  {pod.name}: {' '.join(pod.argv[3:] if pod.argv[:3] == [sys.executable, '-m', 'torch.distributed.run'] else pod.argv)}{ports}")
     start = time.monotonic()
-    code, outcome = run_plan(p, verbose=args.verbose, timeout=args.timeout, restarts=args.restarts)
+    console = Console.for_stream(sys.stdout, job.metadata.name, plain=args.plain)
+    code, outcome = run_plan(p, console, verbose=args.verbose, timeout=args.timeout, restarts=args.restarts)
     return report(p, code, outcome, time.monotonic() - start)
 
 
