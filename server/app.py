@@ -26,7 +26,7 @@ from aiohttp.web_protocol import RequestPayloadError
 
 from aiaas import __version__
 
-from . import openapi, protocol
+from . import generate, openapi, protocol
 from .dataplane import DataPlane, ServerConfig, new_request_id
 from .metrics import CONTENT_TYPE
 from .model import ServedModel, output_kind
@@ -37,7 +37,7 @@ __all__ = ["PLANE_KEY", "STATE_KEY", "ServerConfig", "build_app", "example_reque
 log = logging.getLogger(__name__)
 
 SERVER_NAME = "aiaas"
-EXTENSIONS = ["binary_tensor_data", "model_configuration"]
+EXTENSIONS = ["binary_tensor_data", "model_configuration", "generate"]
 JSON_TYPE = "application/json"
 REQUEST_ID_HEADER = "X-Request-Id"
 OPEN_PATHS = frozenset({"/", "/v2/health/live", "/v2/health/ready", "/metrics"})  # no token needed
@@ -226,6 +226,16 @@ async def infer(request: web.Request, body: bytes) -> web.Response:
     )
 
 
+@data_plane
+async def generate_text(request: web.Request, body: bytes) -> web.Response:
+    """The generate extension (language models): text in, text out; see :mod:`.generate`."""
+    plane = plane_of(request)
+    model = model_of(request)
+    with plane.timed(request[RECEIVED_AT]):
+        text = await generate.answer(model, body, plane.infer)
+    return json_response({"model_name": model.name, "model_version": model.version, "text_output": text})
+
+
 def v1_input(model: ServedModel, body: bytes) -> np.ndarray:
     if len(model.inputs) != 1:
         raise ProtocolError(400, "this model has several inputs; use the v2 endpoints")
@@ -315,6 +325,7 @@ ROUTES: list[tuple[str, str, Handler, str]] = [
     ("GET", f"/v2/models/{NAME}/config", model_config, "model_config"),
     ("POST", f"/v2/models/{NAME}/infer", infer, "infer"),
     ("POST", f"/v2/models/{NAME}/explain", explain_v2, "explain"),
+    ("POST", f"/v2/models/{NAME}/generate", generate_text, "generate"),
     ("GET", f"/v2/models/{NAME}/versions/{VERSION}", model_metadata, "model_version_metadata"),
     ("GET", f"/v2/models/{NAME}/versions/{VERSION}/ready", model_ready, "model_version_ready"),
     ("POST", f"/v2/models/{NAME}/versions/{VERSION}/infer", infer, "infer_version"),

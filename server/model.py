@@ -5,6 +5,10 @@ The network returns logits; the server derives every output the manifest declare
 * an integer output (e.g. ``class``, INT64 ``[-1]``) is the predicted class, ``argmax(logits)``;
 * a float output whose name mentions ``logit`` is the raw logits;
 * any other float output (e.g. ``probabilities``, FP32 ``[-1, numClasses]``) is ``softmax(logits)``.
+
+A language model (``transformer``) returns logits at every position; the outputs are those of the last one, the
+next token after the input, and its input takes any number of tokens up to its context (``[-1, -1]``; the
+manifest's sequence length is the most). :mod:`.generate` builds text generation on that.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ import numpy as np
 from .protocol import DATATYPES, ProtocolError, TensorSpec
 
 log = logging.getLogger(__name__)
+
+LANGUAGE_MODELS = ("transformer",)  # architectures whose network predicts the next token at every position
 
 # Used when a manifest lacks an output signature.
 DEFAULT_OUTPUTS = (
@@ -51,6 +57,7 @@ class ServedModel:
     manifest: dict[str, Any] = field(default_factory=dict)
     load_seconds: float = 0.0
     vocab_size: int | None = None  # integer (token id) inputs must lie in [0, vocab_size)
+    context: int | None = None  # a language model: the most tokens one input may have (any fewer will do)
     module: Any = None  # the torch module behind predict_fn (explanations need its gradients)
 
     def __post_init__(self) -> None:
@@ -66,6 +73,11 @@ class ServedModel:
 
     def check(self, inputs: list[np.ndarray]) -> None:
         """Refuse values the network cannot take (token ids outside the vocabulary) with a 400."""
+        if self.context is not None and inputs and inputs[0].ndim == 2 and inputs[0].shape[1] > self.context:
+            raise ProtocolError(
+                400, f"input {self.inputs[0].name!r} has {inputs[0].shape[1]} tokens per sample; this language "
+                f"model reads at most {self.context} (its context)",
+            )
         if self.vocab_size is None:
             return
         for spec, array in zip(self.inputs, inputs, strict=True):
@@ -142,16 +154,25 @@ def from_module(
             out = module(*tensors)
             if isinstance(out, (tuple, list)):
                 out = out[0]
+            if out.dim() == 3:  # a language model's logits at every position: the next token after the input
+                out = out[:, -1]
             return out.float().numpy()
 
     version = manifest.get("version", "1")
     input_info = manifest.get("input") if isinstance(manifest.get("input"), dict) else {}
     vocab = input_info.get("vocabSize") if input_info else None
+    inputs = _specs(manifest, "inputs", None)
+    context = None
+    if (manifest.get("model") or {}).get("architecture") in LANGUAGE_MODELS and len(inputs) == 1:
+        # a language model reads any number of tokens up to the sequence length it was trained on
+        context = int(inputs[0].shape[1])
+        inputs = [TensorSpec(inputs[0].name, inputs[0].datatype, (-1, -1))]
     return ServedModel(
         name=name or str(manifest.get("name") or "model"),
         version=str(version),
         platform=str(manifest.get("platform") or "pytorch_torchscript"),
-        inputs=_specs(manifest, "inputs", None),
+        inputs=inputs,
+        context=context,
         outputs=_specs(manifest, "outputs", DEFAULT_OUTPUTS),
         predict_fn=predict_fn,
         manifest=dict(manifest),

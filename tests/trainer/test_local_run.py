@@ -16,7 +16,7 @@ import yaml
 
 from aiaas.contract.launch import EXIT_PERMANENT, EXIT_PREEMPTED
 from aiaas.operator import api
-from aiaas.operator.local import expand_vars, plan
+from aiaas.operator.local import expand_vars, plan, single_worker
 from aiaas.trainer.checkpoint import MARKER, list_checkpoints
 from aiaas.trainer.export import load_artifact, read_metrics
 
@@ -74,6 +74,23 @@ def test_plan_of_the_data_pipeline_example(tmp_path: Path) -> None:
     assert cfg["checkpointDir"] == str(p.checkpoint_dir) and str(p.checkpoint_dir).startswith(str(tmp_path))
     assert cfg["artifactDir"].startswith(str(tmp_path)) and cfg["parallelism"]["model"] == 2
     assert a.termination_log != b.termination_log
+
+
+def test_one_process_pod_starts_the_trainer_without_torchruns_agent(tmp_path: Path) -> None:
+    doc = yaml.safe_load((REPO / "examples" / "01-cnn-digits.yaml").read_text())
+    [pod] = plan(api.TrainingJob.model_validate(doc), tmp_path).pods
+    assert pod.argv == [sys.executable, "-m", "aiaas.trainer"]
+    env = pod.env
+    assert (env["RANK"], env["LOCAL_RANK"], env["WORLD_SIZE"], env["LOCAL_WORLD_SIZE"]) == ("0", "0", "1", "1")
+    assert env["MASTER_ADDR"] == "127.0.0.1" and env["MASTER_PORT"].isdigit()
+    torchrun = [sys.executable, "-m", "torch.distributed.run"]
+    # more than one process, elastic bounds, or a flag the runner does not know: torchrun stays
+    assert single_worker([*torchrun, "--nnodes=1", "--nproc-per-node=2", "-m", "x"], {}) is None
+    assert single_worker([*torchrun, "--nnodes=1:3", "-m", "x"], {}) is None
+    assert single_worker([*torchrun, "--nnodes=1", "--log-dir=/x", "t.py"], {}) is None
+    assert single_worker([*torchrun, "t.py"], {"PET_NNODES": "2"}) is None
+    argv, env = single_worker([*torchrun, "--nnodes", "1", "--standalone", "t.py", "--lr=1"], {}) or ([], {})
+    assert argv == [sys.executable, "t.py", "--lr=1"] and env["WORLD_SIZE"] == "1"
 
 
 @pytest.mark.slow
