@@ -172,12 +172,20 @@ def resumed_job(operator_release, images, jobs_ns, kubectl, tmp_path_factory) ->
     apply(kubectl, jobs_ns, {
         "apiVersion": "aiaas.dev/v1alpha1", "kind": "TrainingJob", "metadata": {"name": name},
         "spec": {"trainer": {"model": {"architecture": "cnn"}, "dataset": {"kind": "digits"},
-                             "hyperparameters": {"epochs": 8, "batchSize": 32, "seed": 5}},
+                             "hyperparameters": {"epochs": 20, "batchSize": 32, "seed": 5}},
                  "topology": {"nodes": 1, "nprocPerNode": 1, "resources": SMALL},
                  "checkpoint": {"intervalSteps": 25, "keepLast": 2},
                  "storage": {"size": "1Gi", "storageClassName": "local-path"}}})
-    job = wait_for(lambda: (lambda j: j if (j.get("status", {}).get("progress") or {}).get("step", 0) >= 100 else None)(
-        _job(kubectl, jobs_ns, name)), timeout=600, interval=1, what=f"{name} to pass step 100")
+    def past_step_100() -> dict[str, Any] | None:
+        job = _job(kubectl, jobs_ns, name)
+        status = job.get("status") or {}
+        if status.get("phase") in ("Succeeded", "Failed"):
+            raise AssertionError(f"{name} ended before it could be killed: {status}")
+        progress = status.get("progress") or {}
+        return job if status.get("phase") == "Running" and progress.get("step", 0) >= 100 and \
+            progress.get("totalSteps") else None
+
+    job = wait_for(past_step_100, timeout=600, interval=1, what=f"{name} to pass step 100 (rank 0's scraped progress)")
     total = job["status"]["progress"]["totalSteps"]
     scraped = _prometheus_scrapes(kubectl, operator_release, jobs_ns, f"{name}-0", tmp_path_factory.mktemp("prom"))
     # SIGKILL the running container through the node's containerd: the trainer gets no chance to checkpoint
