@@ -267,7 +267,7 @@ def test_inferenceservice_serves_the_job_in_a_real_pod(resumed_job, images, jobs
                                                                "seccompProfile": {"type": "RuntimeDefault"}},
                  "containers": [{"name": "client", "image": images["aiaas-trainer"], "imagePullPolicy": "IfNotPresent",
                                  "command": ["python", "-c", CLIENT,
-                                             f"http://digits.{jobs_ns}.svc/v2/models/{resumed_job['name']}/infer", body],
+                                             f"http://digits.{jobs_ns}.svc/v2/models/digits/infer", body],
                                  "securityContext": {"allowPrivilegeEscalation": False,
                                                      "capabilities": {"drop": ["ALL"]}}}]}}
     apply(kubectl, jobs_ns, client)
