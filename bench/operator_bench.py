@@ -301,8 +301,9 @@ def run_phase(kind: str, n: int, timeout: float, opts: argparse.Namespace) -> di
     proc = start_controller(kind, ns)
     time.sleep(3)  # imports, watches established
     if opts.py_spy and kind == "operator":
-        subprocess.Popen(["py-spy", "record", "--idle", "--threads", "-r", "50", "-o", opts.py_spy, "--pid",
-                          str(proc.pid)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        fmt = "raw" if opts.py_spy.endswith(".txt") else "flamegraph"  # raw: collapsed stacks, one per line
+        subprocess.Popen(["py-spy", "record", "-r", "50", "-f", fmt, "-o", opts.py_spy, "--pid", str(proc.pid)],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     cp_pids = control_plane_pids()
     cpu0, cp0, kcm0 = proc_stats(proc.pid)[0], cpu_of(cp_pids), kcm_metrics(opts.kcm_metrics)
     load = os.getloadavg()[0]
@@ -396,7 +397,7 @@ def main() -> int:
     p.add_argument("--operator-args", default="", help="extra flags for `aiaas operator`, e.g. '--workers 32'")
     p.add_argument("--audit-log", help="the apiserver's audit log (JSON lines): count API requests per job")
     p.add_argument("--kcm-metrics", help="the controller-manager's /metrics URL, e.g. https://127.0.0.1:17257/metrics")
-    p.add_argument("--py-spy", metavar="SVG", help="record a py-spy flame graph of the (last) operator phase")
+    p.add_argument("--py-spy", metavar="SVG", help="record a py-spy profile of the (last) operator phase (.svg; .txt: collapsed stacks)")
     args = p.parse_args()
     OPERATOR_ARGS.extend(args.operator_args.split())
     os.environ["KUBECONFIG"] = _kubeconfig()
