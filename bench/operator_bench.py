@@ -1,15 +1,20 @@
 """Operator throughput and latency against a real control plane, next to a baseline measured in the same run.
 
-    python bench/operator_bench.py --jobs 100            # cluster from hack/cluster.sh (or $KUBECONFIG)
+    python bench/operator_bench.py --jobs 100 --repeats 3   # cluster from hack/cluster.sh (or $KUBECONFIG)
     python bench/operator_bench.py --jobs 1000 --skip-baseline
 
-Phase 1 (baseline): a minimal watcher -- one thread, a TrainingJob watch, and for every new job one POST of the
-StatefulSet the renderer produces; no status, no Service, no caches. Phase 2: ``aiaas operator`` (standalone,
-progress scraping off because kwok pod IPs are fake). Each phase creates N one-node TrainingJobs in a fresh
-namespace from 8 client threads and records, per job, the time from its create call to (a) its StatefulSet
-appearing in a watch and (b) (operator only) ``status.phase`` Running, i.e. its pod scheduled and ready (kwok).
-Printed: p50/p99 of both, jobs/s, the controller process's CPU seconds and peak RSS, and operator/baseline
-ratios. Anchors: Kueue's envtest baseline ~43 workloads/s; the pod-startup SLO p99 <= 5 s.
+Baseline: a minimal watcher -- one thread, a TrainingJob watch, and for every new job one POST of the
+StatefulSet the renderer produces; no status, no Service, no caches. Operator: ``aiaas operator`` (standalone,
+progress scraping off because kwok pod IPs are fake). With ``--repeats R`` the two alternate (B O, O B, B O, ...)
+so that a change in the machine's load hits both. Each phase creates N one-node TrainingJobs in a fresh
+namespace from 8 client threads and records, per job, the time from its create call to its StatefulSet, its pod
+(created by the StatefulSet controller), the pod scheduled, the pod Running and (operator only) ``status.phase``
+Running. Printed per phase: p50/p99 of each, StatefulSets/s and pods Running/s, the controller process's CPU
+seconds and peak RSS, the CPU seconds of the control-plane processes (when ``hack/cluster.sh`` started them),
+the StatefulSet controller's queue wait and the controller-manager's client-side rate-limit wait (its
+/metrics), the API requests per job by client (``--audit-log``: an apiserver audit log), and operator/baseline
+ratios (the median of the per-repeat ratios). Anchors: Kueue's envtest baseline ~43 workloads/s; the
+pod-startup SLO p99 <= 5 s.
 """
 
 from __future__ import annotations
@@ -17,11 +22,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import ssl
+import statistics
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 import uuid
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -40,13 +49,16 @@ def _kubeconfig() -> str:
     return out.stdout.strip()
 
 
-def _api():  # type: ignore[no-untyped-def]
+def _api(agent: str = "aiaas-bench"):  # type: ignore[no-untyped-def]
+    """A client whose User-Agent tells the audit log its requests from the operator's."""
     from kubernetes import client, config
 
     cfg = client.Configuration()
     config.load_kube_config(config_file=os.environ["KUBECONFIG"], client_configuration=cfg)
     cfg.connection_pool_maxsize = 32
-    return client.ApiClient(cfg)
+    apic = client.ApiClient(cfg)
+    apic.user_agent = agent
+    return apic
 
 
 def job_manifest(name: str) -> dict[str, Any]:
@@ -79,7 +91,7 @@ def baseline_worker(namespace: str) -> int:
     from aiaas.operator import api
     from aiaas.operator.render import RenderSettings, render_trainingjob
 
-    apic = _api()
+    apic = _api("aiaas-baseline")
     custom, apps = client.CustomObjectsApi(apic), client.AppsV1Api(apic)
     settings = RenderSettings()
     print("ready", flush=True)
@@ -90,7 +102,7 @@ def baseline_worker(namespace: str) -> int:
         job = api.TrainingJob.model_validate(ev["object"])
         sts = next(m for m in render_trainingjob(job, settings) if m["kind"] == "StatefulSet")
         try:
-            apps.create_namespaced_stateful_set(namespace, sts)
+            apps.create_namespaced_stateful_set(namespace, sts)  # type: ignore[arg-type]
         except client.ApiException as err:
             if err.status != 409:
                 print(f"create failed: {err.reason}", file=sys.stderr, flush=True)
@@ -98,55 +110,70 @@ def baseline_worker(namespace: str) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- phase
+STAGES = ("sts", "pod", "scheduled", "pod_running", "running")  # in the order a job goes through them
+STAGE_TITLES = {"sts": "→STS", "pod": "→pod", "scheduled": "→bound", "pod_running": "→pod Run",
+                "running": "→Running"}
+
+
 class Recorder:
-    """Watches StatefulSets and TrainingJobs of a namespace; first-seen times by job name."""
+    """Watches StatefulSets, pods and TrainingJobs of a namespace; first-seen times per stage by job name
+    (the list functions are lambdas, so the watch hands over plain dicts)."""
 
     def __init__(self, namespace: str) -> None:
         self.ns = namespace
-        self.sts: dict[str, float] = {}
-        self.running: dict[str, float] = {}
-        self.pod_ready: dict[str, float] = {}
+        self.seen: dict[str, dict[str, float]] = {stage: {} for stage in STAGES}
         self.stop = threading.Event()
-        self.threads = [threading.Thread(target=self._watch_sts, daemon=True),
-                        threading.Thread(target=self._watch_jobs, daemon=True),
-                        threading.Thread(target=self._watch_pods, daemon=True)]
+        self.threads = [threading.Thread(target=self._watch, args=(w,), daemon=True)
+                        for w in (self._sts_stream, self._pod_stream, self._job_stream)]
         for t in self.threads:
             t.start()
 
-    def _watch_sts(self) -> None:
-        from kubernetes import client, watch
+    def _mark(self, stage: str, job: str) -> None:
+        self.seen[stage].setdefault(job, time.monotonic())
+
+    def _watch(self, stream: Any) -> None:
+        from kubernetes import watch
+
+        list_fn, on_event = stream()
+        while not self.stop.is_set():
+            for ev in watch.Watch().stream(list_fn, timeout_seconds=5):
+                on_event(ev["object"])
+                if self.stop.is_set():
+                    return
+
+    def _sts_stream(self) -> tuple[Any, Any]:
+        from kubernetes import client
 
         apps = client.AppsV1Api(_api())
-        while not self.stop.is_set():
-            for ev in watch.Watch().stream(apps.list_namespaced_stateful_set, self.ns, timeout_seconds=5):
-                self.sts.setdefault(ev["object"].metadata.name, time.monotonic())
-                if self.stop.is_set():
-                    return
+        return (lambda **kw: apps.list_namespaced_stateful_set(self.ns, **kw),
+                lambda sts: self._mark("sts", sts["metadata"]["name"]))
 
-    def _watch_pods(self) -> None:
-        from kubernetes import client, watch
+    def _pod_stream(self) -> tuple[Any, Any]:
+        from kubernetes import client
 
         core = client.CoreV1Api(_api())
-        while not self.stop.is_set():
-            for ev in watch.Watch().stream(core.list_namespaced_pod, self.ns, timeout_seconds=5):
-                pod = ev["object"]
-                if any(c.type == "Ready" and c.status == "True" for c in (pod.status.conditions or [])):
-                    self.pod_ready.setdefault(pod.metadata.name.rsplit("-", 1)[0], time.monotonic())
-                if self.stop.is_set():
-                    return
 
-    def _watch_jobs(self) -> None:
-        from kubernetes import client, watch
+        def on_pod(pod: dict[str, Any]) -> None:
+            job = pod["metadata"]["name"].rsplit("-", 1)[0]
+            self._mark("pod", job)
+            if (pod.get("spec") or {}).get("nodeName"):
+                self._mark("scheduled", job)
+            if (pod.get("status") or {}).get("phase") == "Running":
+                self._mark("pod_running", job)
+
+        return lambda **kw: core.list_namespaced_pod(self.ns, **kw), on_pod
+
+    def _job_stream(self) -> tuple[Any, Any]:
+        from kubernetes import client
 
         custom = client.CustomObjectsApi(_api())
-        while not self.stop.is_set():
-            for ev in watch.Watch().stream(custom.list_namespaced_custom_object, "aiaas.dev", "v1alpha1", self.ns,
-                                           "trainingjobs", timeout_seconds=5):
-                obj = ev["object"]
-                if (obj.get("status") or {}).get("phase") == "Running":
-                    self.running.setdefault(obj["metadata"]["name"], time.monotonic())
-                if self.stop.is_set():
-                    return
+
+        def on_job(obj: dict[str, Any]) -> None:
+            if (obj.get("status") or {}).get("phase") == "Running":
+                self._mark("running", obj["metadata"]["name"])
+
+        return (lambda **kw: custom.list_namespaced_custom_object("aiaas.dev", "v1alpha1", self.ns, "trainingjobs",
+                                                                  **kw), on_job)
 
 
 def create_jobs(namespace: str, n: int, created: dict[str, float]) -> None:
@@ -182,9 +209,81 @@ def kubectl(*args: str, check: bool = True, timeout: float = 600) -> subprocess.
     return subprocess.run(["kubectl", *args], capture_output=True, text=True, check=check, timeout=timeout)
 
 
-def run_phase(kind: str, n: int, timeout: float) -> dict[str, Any]:
-    ns = f"bench-{kind}-{uuid.uuid4().hex[:6]}"
-    kubectl("create", "namespace", ns)
+# ------------------------------------------------------------------------------- control-plane probes
+def control_plane_pids() -> dict[str, int]:
+    """The pids hack/cluster.sh wrote next to the kubeconfig (empty for another cluster)."""
+    run = Path(os.environ["KUBECONFIG"]).parent / "run"
+    pids = {}
+    for f in sorted(run.glob("*.pid")) if run.is_dir() else []:
+        try:
+            pid = int(f.read_text().strip())
+            proc_stats(pid)
+            pids[f.stem] = pid
+        except (ValueError, OSError):
+            continue
+    return pids
+
+
+def cpu_of(pids: dict[str, int]) -> dict[str, float]:
+    out = {}
+    for name, pid in pids.items():
+        try:
+            out[name] = proc_stats(pid)[0]
+        except OSError:
+            out[name] = float("nan")
+    return out
+
+
+KCM_SERIES = {  # what we read from the controller-manager's /metrics (sums over all label sets)
+    "sts_queue_wait_s": 'workqueue_queue_duration_seconds_sum{name="statefulset"}',
+    "sts_work_s": 'workqueue_work_duration_seconds_sum{name="statefulset"}',
+    "sts_syncs": 'workqueue_adds_total{name="statefulset"}',
+    "kcm_throttle_wait_s": "rest_client_rate_limiter_duration_seconds_sum",
+}
+
+
+def kcm_metrics(url: str | None) -> dict[str, float]:
+    """The KCM_SERIES counters now ({} when the controller-manager's /metrics is not reachable)."""
+    if not url:
+        return {}
+    ctx = ssl.create_default_context()
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+    try:
+        with urllib.request.urlopen(url, context=ctx, timeout=10) as resp:  # noqa: S310 - local, ours
+            text = resp.read().decode()
+    except OSError:
+        return {}
+    out = dict.fromkeys(KCM_SERIES, 0.0)
+    for line in text.splitlines():
+        for key, prefix in KCM_SERIES.items():
+            if line.startswith(prefix) and (prefix.endswith("}") or line[len(prefix)] in "{ "):
+                out[key] += float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def audit_counts(path: str | None, namespace: str) -> Counter[str]:
+    """API requests (not watches) in ``namespace``, by client and verb/resource, from an audit log."""
+    counts: Counter[str] = Counter()
+    if not path or not Path(path).exists():
+        return counts
+    with open(path) as f:
+        for line in f:
+            if namespace not in line:
+                continue
+            ev = json.loads(line)
+            ref = ev.get("objectRef") or {}
+            if ref.get("namespace") != namespace or ev.get("stage") != "ResponseComplete":
+                continue
+            user = ev["user"]["username"].removeprefix("system:serviceaccount:kube-system:")
+            agent = ev.get("userAgent", "").split("/")[0]
+            who = agent if agent.startswith("aiaas-") else "operator" if user == "kubernetes-admin" else user
+            resource = ref.get("resource", "") + ("/" + ref["subresource"] if ref.get("subresource") else "")
+            counts[f"{who} {ev['verb']} {resource}"] += 1
+    return counts
+
+
+# ---------------------------------------------------------------------------------------------- phase
+def start_controller(kind: str, ns: str) -> subprocess.Popen[bytes]:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     log = open(f"/tmp/{ns}.log", "wb")  # noqa: SIM115
     if kind == "baseline":
@@ -193,42 +292,55 @@ def run_phase(kind: str, n: int, timeout: float) -> dict[str, Any]:
         cmd = [sys.executable, "-m", "aiaas.operator", "operator", "--namespace", ns, "--standalone",
                "--metrics-port", "0", "--metrics-url-template", "", "--log-level", "WARNING",
                *OPERATOR_ARGS]
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+
+
+def run_phase(kind: str, n: int, timeout: float, opts: argparse.Namespace) -> dict[str, Any]:
+    ns = f"bench-{kind}-{uuid.uuid4().hex[:6]}"
+    kubectl("create", "namespace", ns)
+    proc = start_controller(kind, ns)
     time.sleep(3)  # imports, watches established
-    cpu0, _ = proc_stats(proc.pid)
+    if opts.py_spy and kind == "operator":
+        fmt = "raw" if opts.py_spy.endswith(".txt") else "flamegraph"  # raw: collapsed stacks, one per line
+        subprocess.Popen(["py-spy", "record", "-r", "50", "-f", fmt, "-o", opts.py_spy, "--pid", str(proc.pid)],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    cp_pids = control_plane_pids()
+    cpu0, cp0, kcm0 = proc_stats(proc.pid)[0], cpu_of(cp_pids), kcm_metrics(opts.kcm_metrics)
+    load = os.getloadavg()[0]
     rec = Recorder(ns)
     time.sleep(0.5)
     created: dict[str, float] = {}
     t0 = time.monotonic()
     create_jobs(ns, n, created)
     t_created = time.monotonic() - t0
-    target = rec.running if kind == "operator" else rec.pod_ready
+    target = rec.seen["running" if kind == "operator" else "pod_running"]
     deadline = time.monotonic() + timeout
     while len(target) < n and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.2)
     cpu1, peak = proc_stats(proc.pid) if proc.poll() is None else (float("nan"), float("nan"))
+    cp1, kcm1 = cpu_of(cp_pids), kcm_metrics(opts.kcm_metrics)
     rec.stop.set()
     proc.terminate()
     try:
         proc.wait(timeout=20)
     except subprocess.TimeoutExpired:
         proc.kill()
-    sts_lat = [rec.sts[k] - created[k] for k in created if k in rec.sts]
-    run_lat = [rec.running[k] - created[k] for k in created if k in rec.running]
-    pod_lat = [rec.pod_ready[k] - created[k] for k in created if k in rec.pod_ready]
-    last_sts = max(rec.sts.values(), default=t0) - t0
-    last_run = max(rec.running.values(), default=t0) - t0
-    kubectl("delete", "namespace", ns, "--wait=false", check=False)
-    return {
-        "kind": kind, "namespace": ns, "jobs": n, "create_seconds": round(t_created, 2),
-        "statefulsets": len(sts_lat), "running": len(run_lat),
-        "sts_p50": pct(sts_lat, 50), "sts_p99": pct(sts_lat, 99),
-        "run_p50": pct(run_lat, 50), "run_p99": pct(run_lat, 99),
-        "pod_p50": pct(pod_lat, 50), "pod_p99": pct(pod_lat, 99),
-        "sts_per_second": len(sts_lat) / last_sts if last_sts > 0 else float("nan"),
-        "running_per_second": len(run_lat) / last_run if last_run > 0 else float("nan"),
+    result: dict[str, Any] = {
+        "kind": kind, "namespace": ns, "jobs": n, "load1": round(load, 2), "create_seconds": round(t_created, 2),
         "cpu_seconds": cpu1 - cpu0, "peak_rss_mib": peak,
+        "control_plane_cpu_s": {k: round(cp1[k] - cp0[k], 2) for k in cp0},
+        "kcm": {k: round(kcm1.get(k, 0) - v, 2) for k, v in kcm0.items()},
     }
+    for stage in STAGES:
+        lat = [rec.seen[stage][k] - created[k] for k in created if k in rec.seen[stage]]
+        last = max(rec.seen[stage].values(), default=t0) - t0
+        result[stage] = {"count": len(lat), "p50": pct(lat, 50), "p99": pct(lat, 99),
+                         "per_second": len(lat) / last if last > 0 else float("nan")}
+    kubectl("delete", "namespace", ns, "--wait=false", check=False)
+    time.sleep(2)  # the audit log is written after the response
+    result["requests_per_job"] = {k: round(v / n, 2) for k, v in sorted(audit_counts(opts.audit_log, ns).items())
+                                  if v / n >= 0.05}  # not the namespace's own set-up
+    return result
 
 
 def wait_namespace_gone(ns: str, timeout: float = 600) -> None:
@@ -239,15 +351,54 @@ def wait_namespace_gone(ns: str, timeout: float = 600) -> None:
         time.sleep(2)
 
 
+# --------------------------------------------------------------------------------------------- report
+def print_table(results: list[dict[str, Any]], n: int) -> None:
+    print(f"\noperator benchmark: N={n} one-node TrainingJobs, created from 8 threads (create→X p50/p99 s)")
+    print(f"{'':16}{'load1':>6}" + "".join(f"{STAGE_TITLES[s]:>13}" for s in STAGES)
+          + f"{'STS/s':>7}{'podRun/s':>9}{'CPU s':>7}{'ms/job':>7}{'RSS':>8}")
+    for i, r in enumerate(results):
+        cells = "".join(f"{r[s]['p50']:>7.2f}/{r[s]['p99']:<5.2f}" for s in STAGES)
+        print(f"{r['kind'] + ' #' + str(i // 2 + 1):16}{r['load1']:>6.1f}{cells}{r['sts']['per_second']:>7.1f}"
+              f"{r['pod_running']['per_second']:>9.1f}{r['cpu_seconds']:>7.1f}"
+              f"{1000 * r['cpu_seconds'] / n:>7.1f}{r['peak_rss_mib']:>5.0f}MiB")
+    print("(→pod: created by the StatefulSet controller; →bound: scheduled; →pod Run: kwok set it Running;"
+          " →Running: status.phase written by the operator, the baseline writes none)")
+    for r in results:
+        print(f"{r['kind']} {r['namespace']}: control-plane CPU s {r['control_plane_cpu_s']}; "
+              f"controller-manager {r['kcm']}")
+        if r["requests_per_job"]:
+            print("  API requests per job: " + ", ".join(f"{k} {v}" for k, v in r["requests_per_job"].items()))
+
+
+def ratios(results: list[dict[str, Any]]) -> dict[str, float]:
+    """operator/baseline per repeat (each pair ran back to back), then the median over repeats."""
+    pairs = [(results[i], results[i + 1]) for i in range(0, len(results) - 1, 2)]
+    per: dict[str, list[float]] = {}
+    for a, b in pairs:
+        op, base = (a, b) if a["kind"] == "operator" else (b, a)
+        for name, value in {
+            "sts_p50": op["sts"]["p50"] / base["sts"]["p50"], "sts_p99": op["sts"]["p99"] / base["sts"]["p99"],
+            "sts_per_second": op["sts"]["per_second"] / base["sts"]["per_second"],
+            "pod_running_p99": op["pod_running"]["p99"] / base["pod_running"]["p99"],
+            "cpu": op["cpu_seconds"] / max(base["cpu_seconds"], 1e-9),
+        }.items():
+            per.setdefault(name, []).append(value)
+    return {k: statistics.median(v) for k, v in per.items()}
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("mode", nargs="?", default="bench", choices=["bench", "baseline-worker"])
     p.add_argument("--jobs", "-n", type=int, default=100)
+    p.add_argument("--repeats", "-r", type=int, default=1, help="baseline/operator pairs, alternating order")
     p.add_argument("--namespace", help="(baseline-worker) namespace to watch")
     p.add_argument("--timeout", type=float, default=600, help="per phase")
     p.add_argument("--skip-baseline", action="store_true")
-    p.add_argument("--json", action="store_true", help="also print the raw results as JSON")
+    p.add_argument("--json", help="also write the raw results as JSON to this file")
     p.add_argument("--operator-args", default="", help="extra flags for `aiaas operator`, e.g. '--workers 32'")
+    p.add_argument("--audit-log", help="the apiserver's audit log (JSON lines): count API requests per job")
+    p.add_argument("--kcm-metrics", help="the controller-manager's /metrics URL, e.g. https://127.0.0.1:17257/metrics")
+    p.add_argument("--py-spy", metavar="SVG", help="record a py-spy profile of the (last) operator phase (.svg; .txt: collapsed stacks)")
     args = p.parse_args()
     OPERATOR_ARGS.extend(args.operator_args.split())
     os.environ["KUBECONFIG"] = _kubeconfig()
@@ -263,34 +414,24 @@ def main() -> int:
               file=sys.stderr)
     kubectl("wait", "--for=condition=Established", "crd/trainingjobs.aiaas.dev", "--timeout=60s")
 
+    order = [("operator",)] * args.repeats if args.skip_baseline else \
+        [("baseline", "operator") if r % 2 == 0 else ("operator", "baseline") for r in range(args.repeats)]
     results = []
+    for pair in order:
+        for kind in pair:
+            results.append(run_phase(kind, args.jobs, args.timeout, args))
+            print(json.dumps(results[-1]), flush=True)
+            wait_namespace_gone(results[-1]["namespace"])
+    print_table(results, args.jobs)
     if not args.skip_baseline:
-        base = run_phase("baseline", args.jobs, args.timeout)
-        results.append(base)
-        wait_namespace_gone(base["namespace"])
-    op = run_phase("operator", args.jobs, args.timeout)
-    results.append(op)
-
-    print(f"\noperator benchmark: N={args.jobs} one-node TrainingJobs, created from 8 threads")
-    print(f"{'':10}{'create→STS':>12}{'p99':>7}{'→pod Ready':>12}{'p99':>7}{'→Running':>10}{'p99':>7}"
-          f"{'STS/s':>7}{'Running/s':>10}{'CPU s':>7}{'peak RSS':>10}")
-    for r in results:
-        print(f"{r['kind']:10}{r['sts_p50']:>11.2f}s{r['sts_p99']:>6.2f}s{r['pod_p50']:>11.2f}s{r['pod_p99']:>6.2f}s"
-              f"{r['run_p50']:>9.2f}s{r['run_p99']:>6.2f}s{r['sts_per_second']:>7.1f}{r['running_per_second']:>10.1f}"
-              f"{r['cpu_seconds']:>7.1f}{r['peak_rss_mib']:>7.0f}MiB")
-    print("(p50 unless marked p99; 'Running' is status.phase written by the operator; the baseline writes none)")
-    if not args.skip_baseline:
-        b = results[0]
-        print(f"ratio operator/baseline: create→STS p50 x{op['sts_p50'] / b['sts_p50']:.2f}, "
-              f"p99 x{op['sts_p99'] / b['sts_p99']:.2f}, STS/s x{op['sts_per_second'] / b['sts_per_second']:.2f}, "
-              f"CPU x{op['cpu_seconds'] / max(b['cpu_seconds'], 1e-9):.2f}")
-    print(f"anchors: Kueue envtest ~43 workloads/s -> operator {op['running_per_second']:.1f} jobs/s to Running; "
-          f"pod-startup SLO p99 <= 5 s -> create→Running p99 {op['run_p99']:.2f}s")
-    missing = args.jobs - op["running"]
+        print("ratio operator/baseline (median over repeats): "
+              + ", ".join(f"{k} x{v:.2f}" for k, v in ratios(results).items()))
+    ops = [r for r in results if r["kind"] == "operator"]
+    missing = sum(args.jobs - r["running"]["count"] for r in ops)
     if missing:
         print(f"WARNING: {missing} job(s) did not reach Running within {args.timeout:.0f}s")
     if args.json:
-        print(json.dumps(results, indent=1))
+        Path(args.json).write_text(json.dumps(results, indent=1))
     return 0 if not missing else 1
 
 
