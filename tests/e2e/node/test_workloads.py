@@ -66,7 +66,7 @@ def jobs_ns(real_node, kubectl) -> Iterator[str]:
 @pytest.fixture(scope="module")
 def operator_release(images, jobs_ns, kubectl, helm, tmp_path_factory) -> Iterator[dict[str, str]]:
     """`helm install` of charts/aiaas with the built operator image, its pods on the real node."""
-    ns, release = jobs_ns, "aiaas-operator"
+    ns, release = jobs_ns, f"aiaas-operator-{uuid.uuid4().hex[:4]}"  # cluster-wide objects: unique per run
     values = tmp_path_factory.mktemp("values") / "values.yaml"
     values.write_text(yaml.safe_dump({
         "operator": {"watchNamespaces": [ns], "workloadImagePullPolicy": "IfNotPresent"},
