@@ -111,13 +111,15 @@ def trained(trainer_image: Image, repo: Path, tmp_path_factory: pytest.TempPathF
     termination.touch()
     os.chown(termination, uid, gid)
     argv, env = container_process(container, f"{name}-0")
+    # pod 0's DNS name, as rendered (the headless Service's name is the renderer's to choose)
+    rendezvous_host = next(a for a in argv if a.startswith("--rdzv-endpoint=")).split("=", 1)[1].rsplit(":", 1)[0]
     mounts = _pod_mounts(container, pod, volumes)
     mounts.append(Mount(container["terminationMessagePath"], str(termination)))
 
     def start_container() -> subprocess.CompletedProcess[str]:
         # The pod's own network namespace (loopback only): the rendezvous name resolves to it via /etc/hosts.
         return run_in(trainer_image, argv, work, user=(uid, gid), env=env, mounts=mounts, private_network=True,
-                      hostname=f"{name}-0", hosts={f"{name}-0.{name}": "127.0.0.1"}, timeout=1200)
+                      hostname=f"{name}-0", hosts={rendezvous_host: "127.0.0.1"}, timeout=1200)
 
     t0 = time.monotonic()
     done = start_container()
