@@ -15,6 +15,7 @@ from __future__ import annotations
 import ast
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -46,8 +47,15 @@ def package_dirs(repo: Path) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def wheel(repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("wheel")
-    run(sys.executable, "-I", "-m", "pip", "wheel", "-q", "--no-deps", "--no-cache-dir", "-w", out, repo)
+    """The wheel of the tracked source tree. Built from a copy: setuptools reuses a build/ folder in the tree,
+    and a stale one once smuggled a deleted module into the wheel."""
+    out, src = tmp_path_factory.mktemp("wheel"), tmp_path_factory.mktemp("src") / "aiaas"
+    tracked = subprocess.run(["git", "ls-files", "-z"], cwd=repo, capture_output=True, check=True).stdout
+    for name in filter(None, tracked.decode().split("\0")):
+        if (repo / name).is_file():
+            (src / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(repo / name, src / name)
+    run(sys.executable, "-I", "-m", "pip", "wheel", "-q", "--no-deps", "--no-cache-dir", "-w", out, src)
     [built] = out.glob("aiaas-*.whl")
     return built
 
@@ -71,6 +79,7 @@ def test_wheel_holds_every_module_of_the_source_tree(wheel: Path, repo: Path) ->
         for path in (repo / folder).rglob("*.py"):
             in_tree.add("/".join([*package.split("."), *path.relative_to(repo / folder).parts]))
     assert in_tree - in_wheel == set(), "modules missing from the wheel"
+    assert in_wheel - in_tree == set(), "modules in the wheel that the source tree does not have"
     assert "aiaas/operator/render/trainingjob.py" in in_wheel
     assert not any(n.startswith(("tests/", "bench/", "hack/")) for n in in_wheel)
 
@@ -81,7 +90,7 @@ def test_operator_extra_works_without_torch(wheel: Path, wheelhouse: Path, repo:
     rendered = run(bin_dir / "aiaas", "render", "-f", repo / "examples" / "01-cnn-digits.yaml")
     assert "kind: StatefulSet" in rendered and "torchrun" in rendered
     assert "kind: CustomResourceDefinition" in run(bin_dir / "aiaas", "crds")
-    run(bin_dir / "python", "-I", "-c", "import aiaas.operator.handlers, aiaas.operator.main")
+    run(bin_dir / "python", "-I", "-c", "import aiaas.operator.main, aiaas.operator.runtime, aiaas.operator.watch")
     no_torch = subprocess.run([bin_dir / "python", "-I", "-c", "import torch"], capture_output=True, text=True,
                               cwd="/", check=False)
     assert no_torch.returncode != 0 and "No module named 'torch'" in no_torch.stderr
