@@ -112,6 +112,18 @@ class Resize(nn.Module):
         return f"size={self.size}"
 
 
+def input_layers(image_size: int, mean: float, std: float) -> OrderedDict[str, nn.Module]:
+    """The first layers of the 32x32 image networks: ``norm``, then ``pad`` (28x28 MNIST, by 2) or ``resize``
+    (any other size) to 32x32."""
+    layers: OrderedDict[str, nn.Module] = OrderedDict()
+    layers["norm"] = Normalize(mean, std)
+    if image_size == 28:
+        layers["pad"] = nn.ZeroPad2d(2)
+    elif image_size != LENET_SIZE:
+        layers["resize"] = Resize(LENET_SIZE)
+    return layers
+
+
 class LeNet5(nn.Sequential):
     """LeNet-5 as in the classic PyTorch CNN sketch::
 
@@ -128,12 +140,7 @@ class LeNet5(nn.Sequential):
 
     def __init__(self, in_channels: int = 1, image_size: int = LENET_SIZE, num_classes: int = 10,
                  mean: float = 0.0, std: float = 1.0) -> None:
-        layers: OrderedDict[str, nn.Module] = OrderedDict()
-        layers["norm"] = Normalize(mean, std)
-        if image_size == 28:
-            layers["pad"] = nn.ZeroPad2d(2)
-        elif image_size != LENET_SIZE:
-            layers["resize"] = Resize(LENET_SIZE)
+        layers = input_layers(image_size, mean, std)
         layers["conv1"] = nn.Conv2d(in_channels, 6, 5)
         layers["relu1"] = nn.ReLU()
         layers["pool1"] = nn.MaxPool2d(2)
@@ -346,12 +353,7 @@ class ResNet18(nn.Sequential):
 
     def __init__(self, in_channels: int, image_size: int, num_classes: int, width: int = 64,
                  mean: float = 0.0, std: float = 1.0) -> None:
-        layers: OrderedDict[str, nn.Module] = OrderedDict()
-        layers["norm"] = Normalize(mean, std)
-        if image_size == 28:
-            layers["pad"] = nn.ZeroPad2d(2)
-        elif image_size != LENET_SIZE:
-            layers["resize"] = Resize(LENET_SIZE)
+        layers = input_layers(image_size, mean, std)
         layers["stem"] = Stem(in_channels, width)
         c = width
         for stage in range(4):
