@@ -24,8 +24,11 @@ On a terminal the trainer's step lines become one progress line per job (steps, 
 place; other lines print above it. Piped or with ``--plain``, every line prints as it comes.
 
 Like the operator, the runner restarts the whole gang from the last checkpoint after a retryable failure,
-up to ``spec.runPolicy.backoffLimit`` times. Ctrl-C sends SIGTERM to every pod (the trainer checkpoints and
-stops); a second Ctrl-C kills them. This module never imports torch: the pods are separate processes.
+up to ``spec.runPolicy.backoffLimit`` times. Ctrl-C (and SIGTERM or SIGHUP to `aiaas run`) sends SIGTERM to every
+pod (the trainer checkpoints and stops); a second one kills them. Should `aiaas run` itself die (SIGKILL), its pods
+get SIGTERM from the kernel. Without ``--resume`` the checkpoints of an earlier run are deleted, but only inside the
+run directory; a volume's ``subPath`` must stay inside its volume, as the API server requires.
+This module never imports torch: the pods are separate processes.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import ctypes
 import importlib.util
 import json
 import os
@@ -44,8 +48,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import IO, Any
 
 from aiaas.contract import launch
@@ -62,6 +67,13 @@ LOG_TAIL_LINES = 20
 _TORCHRUN_REPORT = re.compile(r"torch/distributed/elastic/multiprocessing/api\.py:\d+\] failed \(exitcode")
 _MISSING_MODULE = re.compile(r"ModuleNotFoundError: No module named '([^']+)'")
 _VAR_REF = re.compile(r"\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)|\$\$")
+# what `aiaas run` does on these signals: what Ctrl-C does (SIGTERM to every pod, they checkpoint and stop)
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when the thread that started it dies
+
+
+class LocalPlanError(ValueError):
+    """A job that cannot run on this machine as written; the message says what to change."""
 
 
 # ------------------------------------------------------------------------------------------------ planning
@@ -145,9 +157,19 @@ def _mount_map(container: dict[str, Any], volumes: list[dict[str, Any]], run_dir
             host = (vol.get("hostPath") or {}).get("path")
             local = Path(host) if host else run_dir / "volumes" / name
         if m.get("subPath") and name not in mounts:
-            local = local / m["subPath"]
+            local = local / _checked_sub_path(m["subPath"], name)
         out[path.rstrip("/")] = local
     return out
+
+
+def _checked_sub_path(sub_path: str, volume: str) -> str:
+    """``sub_path`` if it stays inside its volume, as the API server requires of a pod's volumeMounts."""
+    parts = PurePosixPath(sub_path).parts
+    if PurePosixPath(sub_path).is_absolute() or ".." in parts:
+        raise LocalPlanError(
+            f"volume {volume}: subPath {sub_path!r} must be a relative path without '..' (it would reach outside "
+            "the volume; Kubernetes refuses it too); name a directory inside the volume")
+    return sub_path
 
 
 def _map_path(value: str, mount_map: dict[str, Path]) -> str:
@@ -391,6 +413,19 @@ def progress_line(job: str, m: re.Match[str], columns: int) -> str:
 # ----------------------------------------------------------------------------------------------- execution
 
 
+def _stop_with(runner_pid: int) -> Callable[[], None]:
+    """A ``preexec_fn`` that makes the pod get SIGTERM when `aiaas run` dies, even by SIGKILL (Linux's
+    PR_SET_PDEATHSIG; a no-op elsewhere): its pods run in sessions of their own, so nothing else would stop them."""
+    prctl = ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
+
+    def in_child() -> None:
+        if prctl is not None:
+            prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM))
+        if os.getppid() != runner_pid:  # the runner died before the request took effect
+            os._exit(128 + int(signal.SIGTERM))
+    return in_child
+
+
 class Runner:
     """Runs a :class:`LocalPlan`'s pods, streams their output, and reports the outcome."""
 
@@ -429,7 +464,8 @@ class Runner:
             env.setdefault("PYTHONUNBUFFERED", "1")
             env.setdefault("PYTHONSAFEPATH", "1")  # a repo checkout's operator/ must not shadow the stdlib
             proc = subprocess.Popen(pod.argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, start_new_session=True, cwd=str(self.plan.run_dir))
+                                    stdin=subprocess.DEVNULL, start_new_session=True, cwd=str(self.plan.run_dir),
+                                    preexec_fn=_stop_with(os.getpid()))
             self.procs.append(proc)
             assert proc.stdout is not None
             t = threading.Thread(target=self._pump, args=(pod, proc.stdout), daemon=True)
@@ -529,24 +565,25 @@ def _attempts(p: LocalPlan, out: Console, verbose: bool, timeout: float | None,
         runner = Runner(p, out, verbose)
         interrupted = {"n": 0}
 
-        def on_sigint(signum: int, frame: Any, runner: Runner = runner, interrupted: dict[str, int] = interrupted
-                      ) -> None:
+        def on_stop(signum: int, frame: Any, runner: Runner = runner, interrupted: dict[str, int] = interrupted
+                    ) -> None:
             interrupted["n"] += 1
             if interrupted["n"] == 1:
-                out.say(f"\nstopping {p.job} (SIGTERM to every pod; Ctrl-C again to kill)")
+                why = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+                out.say(f"\nstopping {p.job} on {why} (SIGTERM to every pod; Ctrl-C again to kill)")
                 runner.stopping = 1
                 runner.signal_all(signal.SIGTERM)
             else:
                 runner.signal_all(signal.SIGKILL)
 
         in_main = threading.current_thread() is threading.main_thread()
-        old = signal.signal(signal.SIGINT, on_sigint) if in_main else None
+        saved = {sig: signal.signal(sig, on_stop) for sig in STOP_SIGNALS} if in_main else {}
         try:
             runner.start()
             codes = runner.wait(timeout)
         finally:
-            if in_main:
-                signal.signal(signal.SIGINT, old)
+            for sig, handler in saved.items():
+                signal.signal(sig, handler)
         outcome = runner.outcome()
         code = exit_code_of(outcome, codes)
         if interrupted["n"]:
@@ -598,15 +635,21 @@ def run(args: argparse.Namespace) -> int:
         k, v = m.split("=", 1)
         mounts[k] = v
     run_dir = Path(args.run_dir or Path("runs") / job.metadata.name).resolve()
-    p = plan(job, run_dir, mounts, args.metrics_port)
+    try:
+        p = plan(job, run_dir, mounts, args.metrics_port)
+    except LocalPlanError as e:
+        print(f"error: {job.metadata.name}: {e}", file=sys.stderr)
+        return launch.EXIT_PERMANENT
     missing = [f"--mount {k}={v}: {Path(v).expanduser()} does not exist" for k, v in mounts.items()
                if not Path(v).expanduser().exists()]
     problem = "; ".join(missing) or preflight(p)
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return launch.EXIT_PERMANENT
-    if not args.resume:
-        shutil.rmtree(p.checkpoint_dir, ignore_errors=True)
+    problem = None if args.resume else start_over(p)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return launch.EXIT_PERMANENT
     for local in [run_dir / "pods", *p.volumes.values()]:  # like emptyDirs, the volumes exist when pods start
         if local.is_relative_to(run_dir):
             local.mkdir(parents=True, exist_ok=True)
@@ -620,6 +663,20 @@ def run(args: argparse.Namespace) -> int:
     console = Console.for_stream(sys.stdout, job.metadata.name, plain=args.plain)
     code, outcome = run_plan(p, console, verbose=args.verbose, timeout=args.timeout, restarts=args.restarts)
     return report(p, code, outcome, time.monotonic() - start)
+
+
+def start_over(p: LocalPlan) -> str | None:
+    """Delete the checkpoints of an earlier run, but only inside the run directory, which `aiaas run` owns; one
+    elsewhere (a hostPath volume, ``--mount``) is kept, and the problem returned says what to do instead."""
+    ckpt = p.checkpoint_dir.resolve()
+    if ckpt.is_relative_to(p.run_dir.resolve()):
+        shutil.rmtree(ckpt, ignore_errors=True)
+        return None
+    if ckpt.is_dir() and any(ckpt.iterdir()):
+        return (f"the checkpoint directory {ckpt} lies outside the run directory {p.run_dir} (a hostPath volume "
+                "or --mount) and is not empty; aiaas run deletes only what it owns: pass --resume to continue "
+                "from those checkpoints, or remove them yourself to start over")
+    return None
 
 
 def report(p: LocalPlan, code: int, outcome: dict[str, Any] | None, took: float) -> int:

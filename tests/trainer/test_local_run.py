@@ -178,10 +178,11 @@ def test_aiaas_run_restarts_the_gang_after_a_sigkill(tmp_path: Path) -> None:
         time.sleep(0.05)
     victim = _trainer_worker_of("gang-restart-1")
     assert victim is not None
+    state = Path(f"/proc/{victim}/stat").read_text().split()[2]  # diagnostics: R/S, not Z (already exited)
     os.kill(victim, signal.SIGKILL)
     out, _ = proc.communicate(timeout=240)
     assert proc.returncode == 0, out[-4000:]
-    assert "restarting gang-restart from its last checkpoint (1/3)" in out
+    assert "restarting gang-restart from its last checkpoint (1/3)" in out, f"victim {victim} was {state}:\n{out}"
     assert re.search(r"resumed from checkpoint step \d+", out)
     metrics = read_metrics(tmp_path / "runs" / "gang-restart" / "volumes" / "storage" / "artifacts")
     assert metrics["steps"] == metrics["optimizerSteps"] == 3 * 44 and metrics["resumedFromStep"] is not None
