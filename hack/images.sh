@@ -128,9 +128,12 @@ ensure_wheelhouse() {
 }
 
 archive_of() { # <image> <base> -> the archive path for this tree
-  local key
-  key=$( { tree_hash $(sources_of "$1"); echo "$2"; buildah inspect --type image --format '{{.FromImageID}}' "$2" 2>/dev/null; } |
-    sha256sum | cut -c1-16)
+  local key base_id
+  # the base's ID is part of the key; a failed inspect (no base yet, or buildah's storage busy) must not yield
+  # another key, which would read as "not built"
+  base_id=$(buildah inspect --type image --format '{{.FromImageID}}' "$2" 2>/dev/null) ||
+    die "cannot inspect the base image $2 (see: buildah inspect --type image $2)"
+  key=$( { tree_hash $(sources_of "$1"); echo "$2"; printf %s "$base_id"; } | sha256sum | cut -c1-16)
   echo "$IMAGES_DIR/aiaas-$1-$key.tar"
 }
 
@@ -162,6 +165,9 @@ cmd_build() {
 
 cmd_archives() {
   local base=${AIAAS_BASE_IMAGE:-$BASE_TAG} image archive rc=0
+  mkdir -p "$IMAGES_DIR"
+  exec 9>"$IMAGES_DIR/.build.lock"
+  flock 9  # a build in progress (here or from another checkout) finishes first
   for image in "${WANTED[@]}"; do
     archive=$(archive_of "$image" "$base")
     if [[ -f $archive ]]; then echo "$(image_name "$image") $archive"; else log "$image: not built"; rc=1; fi

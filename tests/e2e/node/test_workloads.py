@@ -10,6 +10,7 @@ the node's containerd with `hack/cluster.sh load-images`.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -42,10 +43,13 @@ def apply(kubectl, ns: str, doc: dict[str, Any] | str) -> None:
 
 @pytest.fixture(scope="module")
 def images(real_node, kubectl) -> dict[str, str]:
-    """The built images, loaded into the real node's containerd."""
-    out = subprocess.run([str(REPO / "hack" / "images.sh"), "archives"], capture_output=True, text=True, check=False)
-    if out.returncode != 0:
-        pytest.skip(f"images not built (make images): {out.stderr.strip()}")
+    """The images of this tree (built if missing: cached by content, so `make test`'s build is reused), loaded
+    into the real node's containerd."""
+    if os.geteuid() != 0:
+        pytest.skip("building the images needs root here (buildah); run `make images` as root")
+    out = subprocess.run([str(REPO / "hack" / "images.sh"), "build"], capture_output=True, text=True, check=False,
+                         timeout=3600)
+    assert out.returncode == 0, f"hack/images.sh build failed:\n{out.stderr[-3000:]}"
     built = dict(line.split(" ", 1) for line in out.stdout.strip().splitlines())
     load = subprocess.run([str(REPO / "hack" / "cluster.sh"), "load-images", *built.values()],
                           capture_output=True, text=True, timeout=1200, check=False)
