@@ -291,7 +291,7 @@ def describe_termination(p: PodView) -> str:
     assert t is not None
     what = f"pod {p.name} (node rank {p.ordinal}): trainer "
     if t.reason == "OOMKilled":
-        what += "was OOMKilled (exit code 137): it ran out of memory; raise spec.topology.resources.limits.memory"
+        what += "was OOMKilled (exit code 137): it ran out of memory"
     else:
         what += f"exited with code {t.exit_code} ({t.trainer_reason or t.reason})"
     if t.message:
