@@ -525,8 +525,10 @@ def _success(d: _Draft, success_policy: str) -> Evaluation | None:
     else:
         spec = d.job.spec
         expected = spec.elastic.min_nodes if spec.elastic else d.nodes
-        done = len(d.current) >= expected and all(p.termination is not None and p.termination.succeeded
-                                                  for p in d.current)
+        # an elastic job does not wait for a pod that never got a node (e.g. one added to grow)
+        workers = [p for p in d.current if not (spec.elastic and p.unschedulable)]
+        done = len(workers) >= expected and all(p.termination is not None and p.termination.succeeded
+                                                for p in workers)
     if not done:
         return None
     rank0 = by_rank.get(0) or d.current[0]

@@ -9,7 +9,7 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
-from test_status import T0, _pod, exited, job, running, step, then, unschedulable
+from test_status import SUCCESS, T0, _pod, exited, job, running, step, then, unschedulable
 
 from aiaas.operator import api
 from aiaas.operator.reconcile_trainingjob import TrainingJobReconciler
@@ -145,6 +145,12 @@ def test_shrinks_only_to_min_nodes_when_fewer_fit():
     j = auto(3, lo=2, hi=4, trainer={"hyperparameters": {"batchSize": 48}})
     ev = step(j, [on("lenet-0", "gpu-0"), stuck("lenet-1"), stuck("lenet-2")], now=T0 + timedelta(seconds=31))
     assert ev.replicas == 2 and ev.status.restart_count == 1  # pod 1 stays and is not scheduled: restart
+
+
+def test_a_pod_added_to_grow_that_never_got_a_node_does_not_hold_up_success():
+    j = then(auto(2), step(auto(2), pods(2)))  # asks for 3
+    ev = step(j, [exited("lenet-0", 0, SUCCESS), exited("lenet-1", 0, SUCCESS), stuck("lenet-2")])
+    assert ev.status.phase == "Succeeded"
 
 
 # ------------------------------------------------------------------------------------------------- memory
