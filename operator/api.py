@@ -228,6 +228,11 @@ class Topology(Model):
         return self.parallelism.data or max(1, self.world_size // self.parallelism.model)
 
 
+class ElasticPolicy(str, Enum):
+    fixed = "Fixed"
+    auto = "Auto"
+
+
 class Elastic(Model):
     """Elastic training: the job keeps running while the pod count stays within [minNodes, maxNodes]."""
 
@@ -235,6 +240,54 @@ class Elastic(Model):
     max_nodes: int = Field(ge=1, le=1024, description="Most pods the job trains with.")
     max_restarts: int = Field(
         3, ge=0, le=1000, description="Times torchrun re-forms the group on membership changes."
+    )
+    policy: ElasticPolicy = Field(
+        ElasticPolicy.fixed,
+        description="Fixed (default): the job asks for spec.topology.nodes pods and keeps training while at least "
+        "minNodes of them are ready, as Kubeflow's PyTorchJob elasticPolicy. Auto: the operator sizes the job by "
+        "the cluster's capacity: it starts at spec.topology.nodes, adds one pod at a time up to maxNodes while "
+        "each new pod gets scheduled, and shrinks to the pods that fit (never below minNodes) when a pod stays "
+        "unschedulable for scaleDownGraceSeconds, e.g. after its node was cordoned and drained. A shrink that "
+        "removes a running pod restarts the gang from the last checkpoint; status.elastic and Resized Events "
+        "say why.",
+    )
+    scale_down_grace_seconds: int = Field(
+        60, ge=0, le=86400,
+        description="Auto: how long a pod may stay unschedulable (PodScheduled=False) before the job shrinks to "
+        "the pods that fit.",
+    )
+    scale_up_retry_seconds: int = Field(
+        300, ge=0, le=86400,
+        description="Auto: after a shrink, wait this long before trying to grow again (a pod added to grow "
+        "that stays unschedulable shrinks the job back).",
+    )
+
+    @property
+    def auto(self) -> bool:
+        return self.policy == ElasticPolicy.auto
+
+
+class MemoryAutoscaling(Model):
+    """Raise the pods' memory after an OOM kill, up to a ceiling."""
+
+    factor: float = Field(
+        2.0, gt=1, le=16,
+        description="After a pod was OOMKilled, multiply the memory request and limit of every pod by this and "
+        "restart the gang from the last checkpoint.",
+    )
+    max: Quantity = Field(
+        description="The most memory (limit) per pod the operator may set, e.g. 16Gi. An OOM kill at this limit "
+        "fails the job."
+    )
+
+
+class Autoscaling(Model):
+    """Resources the operator adjusts by itself."""
+
+    memory: MemoryAutoscaling | None = Field(
+        None,
+        description="Raise memory after an OOM kill. Without it, an OOMKilled pod fails the job with a message "
+        "naming this field (retrying at the same size would be killed again).",
     )
 
 
@@ -283,6 +336,9 @@ class TrainingJobSpec(Model):
     trainer: TrainerSpec = Field(default_factory=TrainerSpec, description="What each process runs.")
     topology: Topology = Field(default_factory=Topology, description="Pods, processes and parallelism.")
     elastic: Elastic | None = Field(None, description="Elastic bounds; omit for a fixed-size job.")
+    autoscaling: Autoscaling = Field(
+        default_factory=Autoscaling, description="What the operator adjusts by itself (memory after an OOM kill)."
+    )
     run_policy: RunPolicy = Field(default_factory=RunPolicy, description="Failures, deadlines, clean-up.")
     suspend: bool = Field(
         False, description="Scale the job to zero, keeping its checkpoints; set false to resume (Kueue does this)."
@@ -316,6 +372,26 @@ class Artifact(Model):
     version: str | None = Field(None, description="Version of the model (the step it was exported at).")
 
 
+class ElasticStatus(Model):
+    """How the operator sized an elastic job with policy Auto."""
+
+    current_nodes: int | None = Field(None, description="Pods of the job that are scheduled now.")
+    desired_nodes: int | None = Field(None, description="Pods the operator asks for (the StatefulSet's replicas).")
+    reason: str | None = Field(None, description="ScalingUp (a new pod waits to be scheduled), ScaledUp or "
+                               "ScaledDown (the last resize).")
+    message: str | None = Field(None, description="Why, e.g. 'grew 2→3: pod job-2 scheduled'.")
+    last_resize_time: str | None = Field(None, description="When the job last grew or shrank (RFC 3339).")
+
+
+class MemoryStatus(Model):
+    """The memory the operator gave each pod after OOM kills (instead of spec.topology.resources)."""
+
+    request: str | None = Field(None, description="Memory request per pod.")
+    limit: str | None = Field(None, description="Memory limit per pod.")
+    message: str | None = Field(None, description="Why, e.g. 'raised 256Mi→512Mi: pod job-0 was OOMKilled'.")
+    last_resize_time: str | None = Field(None, description="When the memory was last raised (RFC 3339).")
+
+
 class TrainingJobStatus(Model):
     """Observed state of a TrainingJob, written by the operator."""
 
@@ -328,7 +404,13 @@ class TrainingJobStatus(Model):
     active_replicas: int | None = Field(None, description="Pods running.")
     succeeded_replicas: int | None = Field(None, description="Pods whose trainer finished successfully.")
     failed_replicas: int | None = Field(None, description="Pods whose trainer failed.")
-    restart_count: int | None = Field(None, description="Gang restarts so far.")
+    restart_count: int | None = Field(None, description="Gang restarts so far (the restart generation).")
+    resize_count: int | None = Field(
+        None, description="Gang restarts the operator made to resize the job (elastic Auto shrink, memory raised "
+        "after an OOM kill); restartCount includes them, backoffLimit does not count them."
+    )
+    elastic: ElasticStatus | None = Field(None, description="Elastic sizing (spec.elastic.policy Auto).")
+    memory: MemoryStatus | None = Field(None, description="Memory raised after OOM kills (spec.autoscaling.memory).")
     start_time: str | None = Field(None, description="When the job started running.")
     completion_time: str | None = Field(None, description="When the job finished.")
     last_reconcile_time: str | None = Field(None, description="When the operator last looked at the job.")
@@ -620,6 +702,14 @@ def _elastic_error(job: TrainingJob) -> str | None:
     return None
 
 
+def _memory_error(job: TrainingJob) -> str | None:
+    r = job.spec.topology.resources
+    if job.spec.autoscaling.memory is not None and "memory" not in r.limits and "memory" not in r.requests:
+        return ("spec.autoscaling.memory: the operator raises a memory it knows; set "
+                "spec.topology.resources.limits.memory (or requests.memory) to start from")
+    return None
+
+
 def _dataset_error(job: TrainingJob) -> str | None:
     if _custom_command(job):
         return None
@@ -749,6 +839,16 @@ TRAININGJOB_RULES: tuple[Rule, ...] = (
         "self.topology.nodes <= self.elastic.maxNodes)",
         "spec.elastic: spec.topology.nodes must lie within minNodes..maxNodes; adjust the bounds or the node count",
         _elastic_error,
+    ),
+    Rule(
+        "spec",
+        "spec.autoscaling.memory",
+        "!has(self.autoscaling) || !has(self.autoscaling.memory) || (has(self.topology.resources) && "
+        "((has(self.topology.resources.limits) && 'memory' in self.topology.resources.limits) || "
+        "(has(self.topology.resources.requests) && 'memory' in self.topology.resources.requests)))",
+        "spec.autoscaling.memory: the operator raises a memory it knows; set spec.topology.resources.limits.memory "
+        "(or requests.memory) to start from",
+        _memory_error,
     ),
     Rule(
         "spec",

@@ -118,7 +118,9 @@ class TrainingJobReconciler:
         kinds: tuple[str, ...] = ("StatefulSet",) if ev.terminal else CHILD_KINDS
         if not ev.keep_service:
             kinds = tuple(k for k in kinds if k != "Service")
-        plan = JobPlan(replicas=ev.replicas, restart_generation=ev.status.restart_count or 0, children=kinds)
+        memory = ev.status.memory or api.MemoryStatus()
+        plan = JobPlan(replicas=ev.replicas, restart_generation=ev.status.restart_count or 0, children=kinds,
+                       memory_request=memory.request, memory_limit=memory.limit)
         absent = [] if ev.keep_service else [ObjectRef("v1", "Service", launch.headless_service_name(job.metadata.name))]
         return render_trainingjob(job, self.render_settings, plan), absent
 

@@ -208,11 +208,12 @@ def slim_workload(body: Body) -> Body:
 
 
 def slim_pod(pod: Body, annotations: tuple[str, ...] = ()) -> Body:
-    """A pod: identity, the listed annotations, container names and images, phase, conditions, container
-    statuses and IP."""
+    """A pod: identity, the listed annotations, container names and images, its node, phase, conditions,
+    container statuses and IP."""
     spec, status = pod.get("spec") or {}, pod.get("status") or {}
     return {
         "metadata": slim_meta(pod.get("metadata") or {}, annotations),
-        "spec": {"containers": [{"name": c.get("name"), "image": c.get("image")} for c in spec.get("containers") or []]},
+        "spec": {"containers": [{"name": c.get("name"), "image": c.get("image")} for c in spec.get("containers") or []],
+                 **({"nodeName": spec["nodeName"]} if spec.get("nodeName") else {})},
         "status": {k: status[k] for k in ("phase", "conditions", "containerStatuses", "podIP") if k in status},
     }

@@ -42,6 +42,7 @@ from aiaas.contract import outcome as oc
 
 from . import api
 from .render.trainingjob import artifact_uri
+from .resize import SCALED_DOWN, plan_memory, plan_nodes, start_size
 
 TERMINAL = (api.Phase.succeeded.value, api.Phase.failed.value)
 IMAGE_PULL_REASONS = ("ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull")
@@ -62,6 +63,7 @@ REASON_NOT_READY = "PodsNotReady"
 REASON_RECOVERED = "Recovered"
 REASON_RECONCILE_ERROR = "ReconcileError"
 REASON_INVALID_SPEC = "InvalidSpec"
+REASON_RESIZED = "Resized"
 
 
 # --------------------------------------------------------------------------------------------- time
@@ -160,6 +162,9 @@ class PodView:
     phase: str
     ready: bool
     unschedulable: str | None  # the scheduler's message
+    unschedulable_since: str | None  # when PodScheduled turned False (RFC 3339)
+    scheduled: bool  # PodScheduled is True
+    node_name: str | None
     waiting_reason: str | None
     waiting_message: str
     image: str
@@ -210,6 +215,9 @@ def pod_view(pod: dict[str, Any]) -> PodView:
         phase=status.get("phase") or "Pending",
         ready=ready,
         unschedulable=unschedulable,
+        unschedulable_since=sched.get("lastTransitionTime") if unschedulable else None,
+        scheduled=sched.get("status") == "True",
+        node_name=spec.get("nodeName"),
         waiting_reason=waiting.get("reason"),
         waiting_message=str(waiting.get("message") or ""),
         image=cs.get("image") or image,
@@ -283,7 +291,7 @@ def describe_termination(p: PodView) -> str:
     assert t is not None
     what = f"pod {p.name} (node rank {p.ordinal}): trainer "
     if t.reason == "OOMKilled":
-        what += "was OOMKilled (exit code 137): it ran out of memory; raise spec.topology.resources.limits.memory"
+        what += "was OOMKilled (exit code 137): it ran out of memory"
     else:
         what += f"exited with code {t.exit_code} ({t.trainer_reason or t.reason})"
     if t.message:
@@ -330,6 +338,7 @@ class _Draft:
     now: datetime
     live: list[PodView]  # not being deleted
     current: list[PodView]  # live and of the current restart generation, by ordinal
+    size: int  # pods asked for: spec.topology.nodes, or an elastic Auto job's current size
     events: list[Event] = field(default_factory=list)
     requeue: float | None = None
 
@@ -339,7 +348,7 @@ class _Draft:
 
     @property
     def nodes(self) -> int:
-        return self.job.spec.topology.nodes
+        return self.size
 
     def condition(self, type_: api.ConditionType, status: str, reason: str, message: str) -> None:
         self.st.conditions = set_condition(self.st.conditions, type_.value, status, reason, message, self.now,
@@ -357,6 +366,12 @@ class _Draft:
         if self.prev.phase != phase.value or (self.prev.reason != reason and event_type == "Warning"):
             self.events.append(Event(event_type, reason, message))
         self.set_phase(phase, reason, message)
+
+    def look_again(self, seconds: float) -> None:
+        """Requeue after ``seconds`` unless something else wants an earlier look (a time already past: none)."""
+        if seconds > 0:
+            seconds = max(1.0, seconds)
+            self.requeue = seconds if self.requeue is None else min(self.requeue, seconds)
 
     def warn_once(self, reason: str, message: str) -> None:
         if self.prev.reason != reason:
@@ -386,7 +401,7 @@ def evaluate(job: api.TrainingJob, observed: Observed, now: datetime, *,
         return deadline
     _count_terminations(d)
     return (_permanent_failure(d) or _success(d, success_policy) or _restart_after_failure(d)
-            or _running_or_waiting(d))
+            or _resize_nodes(d) or _running_or_waiting(d))
 
 
 def _draft(job: api.TrainingJob, observed: Observed, now: datetime) -> _Draft:
@@ -398,7 +413,9 @@ def _draft(job: api.TrainingJob, observed: Observed, now: datetime) -> _Draft:
     st.progress = merge_progress(prev.progress, observed.progress, now)
     live = [v for v in (pod_view(p) for p in observed.pods) if not v.terminating]
     current = sorted((p for p in live if p.generation == restart_gen), key=lambda p: p.ordinal)
-    return _Draft(job, prev, st, now, live, current)
+    e = job.spec.elastic
+    size = start_size(e, job.spec.topology.nodes, prev.elastic) if e and e.auto else job.spec.topology.nodes
+    return _Draft(job, prev, st, now, live, current, size)
 
 
 def _finished_children(d: _Draft) -> Evaluation:
@@ -508,8 +525,10 @@ def _success(d: _Draft, success_policy: str) -> Evaluation | None:
     else:
         spec = d.job.spec
         expected = spec.elastic.min_nodes if spec.elastic else d.nodes
-        done = len(d.current) >= expected and all(p.termination is not None and p.termination.succeeded
-                                                  for p in d.current)
+        # an elastic job does not wait for a pod that never got a node (e.g. one added to grow)
+        workers = [p for p in d.current if not (spec.elastic and p.unschedulable)]
+        done = len(workers) >= expected and all(p.termination is not None and p.termination.succeeded
+                                                for p in workers)
     if not done:
         return None
     rank0 = by_rank.get(0) or d.current[0]
@@ -527,25 +546,69 @@ def _success(d: _Draft, success_policy: str) -> Evaluation | None:
 
 
 def _restart_after_failure(d: _Draft) -> Evaluation | None:
-    """A retryable failure restarts the whole gang from the last checkpoint, up to backoffLimit times."""
+    """A retryable failure restarts the whole gang from the last checkpoint, up to backoffLimit times; an OOM
+    kill raises the memory first (spec.autoscaling.memory) or fails the job."""
     p = next((p for p in d.current if p.termination is not None and not p.termination.succeeded), None)
     if p is None or p.termination is None:
         return None
     what, limit, gen = describe_termination(p), d.job.spec.run_policy.backoff_limit, d.restart_gen
-    if gen >= limit:
-        return _finish(d, api.Phase.failed, REASON_BACKOFF,
-                       f"{what}; the gang was restarted {gen} time(s), backoffLimit is {limit}")
-    d.st.restart_count = gen + 1
     reason = failure_reason(p.termination)
+    if p.termination.reason == "OOMKilled":
+        decision = plan_memory(d.job, p.name, d.now)
+        if decision.failure is not None or decision.status is None:
+            return _finish(d, api.Phase.failed, reason, f"{what}; {decision.failure}")
+        d.st.memory = decision.status
+        return _gang_restart(d, reason, f"{what}; {decision.status.message}; restarting all {d.nodes} pod(s) "
+                             "from the last checkpoint", resize=True)
+    failures = gen - (d.prev.resize_count or 0)  # resizes do not count against backoffLimit
+    if failures >= limit:
+        return _finish(d, api.Phase.failed, REASON_BACKOFF,
+                       f"{what}; the gang was restarted {failures} time(s), backoffLimit is {limit}")
     msg = (f"{what}; restarting all {d.nodes} pod(s) from the last checkpoint "
-           f"(restart {d.st.restart_count} of backoffLimit {limit})")
+           f"(restart {failures + 1} of backoffLimit {limit})")
+    return _gang_restart(d, reason, msg)
+
+
+def _gang_restart(d: _Draft, reason: str, msg: str, *, resize: bool = False) -> Evaluation:
+    """Delete every pod and start the next restart generation (a resize does not count against backoffLimit)."""
+    d.st.restart_count = d.restart_gen + 1
+    if resize:
+        d.st.resize_count = (d.prev.resize_count or 0) + 1
+        d.events.append(Event("Normal", REASON_RESIZED, msg))
+    else:
+        d.events.append(Event("Warning", "Restarting", msg))
     d.set_phase(api.Phase.restarting, reason, msg)
-    d.events.append(Event("Warning", "Restarting", msg))
     d.condition(api.ConditionType.restarting, "True", reason, msg)
     d.condition(api.ConditionType.running, "False", reason, msg)
     d.st.ready_replicas = 0
     d.st.succeeded_replicas = d.st.failed_replicas = 0
+    d.st.replicas = d.nodes
     return d.result(replicas=d.nodes, stale_pods=[p.name for p in d.live])
+
+
+def _resize_nodes(d: _Draft) -> Evaluation | None:
+    """An elastic Auto job: grow or shrink (:func:`.resize.plan_nodes`); a shrink that moves running pods
+    restarts the gang."""
+    e = d.job.spec.elastic
+    if e is None or not e.auto:
+        return None
+    decision = plan_nodes(e, d.job.spec.topology.nodes, d.prev.elastic, list(d.current), d.now)
+    d.st.elastic = decision.status
+    d.size = decision.desired
+    d.st.replicas = decision.desired
+    if decision.restart:
+        return _gang_restart(d, SCALED_DOWN, decision.event or "", resize=True)
+    if decision.event:
+        d.events.append(Event("Normal", REASON_RESIZED, decision.event))
+    # look again when a grace runs out or growing is allowed again: no pod event says so
+    shrunk = parse_time(decision.status.last_resize_time) if decision.status.reason == SCALED_DOWN else None
+    if shrunk is not None:
+        d.look_again((shrunk - d.now).total_seconds() + e.scale_up_retry_seconds)
+    for p in d.current:
+        since = parse_time(p.unschedulable_since)
+        if since is not None:
+            d.look_again((since - d.now).total_seconds() + e.scale_down_grace_seconds)
+    return None
 
 
 def _running_or_waiting(d: _Draft) -> Evaluation:

@@ -40,6 +40,8 @@ class JobPlan:
     replicas: int | None = None  # the StatefulSet's size; None: spec.topology.nodes (0 while suspended)
     restart_generation: int | None = None  # stamped on the pod template; pods of another one are stale
     children: tuple[str, ...] = CHILD_KINDS  # the kinds to render (a finished job keeps only its StatefulSet)
+    memory_request: str | None = None  # raised after an OOM kill; None: spec.topology.resources
+    memory_limit: str | None = None
 
 
 def trainer_config(job: api.TrainingJob) -> TrainerConfig:
@@ -216,6 +218,9 @@ def statefulset(job: api.TrainingJob, settings: RenderSettings, plan: JobPlan) -
         "terminationMessagePolicy": "FallbackToLogsOnError",
     }
     res = resources(t.resources)
+    for part, value in (("requests", plan.memory_request), ("limits", plan.memory_limit)):
+        if value is not None:
+            res[part] = {**res.get(part, {}), "memory": value}
     if res:
         container["resources"] = res
     labels = job_labels(job)

@@ -255,10 +255,12 @@ def test_exit_code_78_without_a_message_is_permanent():
     assert "ValueError: bad config" in ev.status.message
 
 
-def test_oomkilled_is_named_and_retried():
+def test_oomkilled_without_memory_autoscaling_fails_and_names_the_field_to_set():
+    """Retrying at the same size would be killed again: fail, and say which field lets the operator raise it."""
     ev = step(running_job(), [exited("lenet-0", 137, "", reason="OOMKilled"), running("lenet-1")])
-    assert ev.status.phase == "Restarting" and ev.status.reason == "OOMKilled"
-    assert "OOMKilled" in ev.status.message and "limits.memory" in ev.status.message
+    assert ev.status.phase == "Failed" and ev.status.reason == "OOMKilled"
+    assert "OOMKilled" in ev.status.message and "spec.autoscaling.memory.max" in ev.status.message
+    assert "limits.memory" in ev.status.message and ev.status.restart_count == 0
 
 
 def test_every_worker_succeeded_marks_succeeded_with_the_artifact():
