@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,8 @@ from aiaas.contract.config import Architecture, DatasetKind, TrainerConfig
 from aiaas.contract.launch import ENV_CONFIG, ENV_CONFIG_FILE, ENV_NNODES
 
 from .errors import PermanentError
+
+log = logging.getLogger(__name__)
 
 
 def _format_validation_error(e: ValidationError) -> str:
@@ -74,6 +77,14 @@ def check_config(cfg: TrainerConfig, world_size: int) -> None:
             f"job has {world_size} processes (nodes x nprocPerNode); make them equal",
             reason="ParallelismMismatch",
         )
+    if hp.batch_size % par.data and is_elastic():
+        # a world the global batch does not split over (an Auto job grown to 3 pods with batchSize 64) trains on:
+        # with the nearest smaller global batch that splits, said in the log, rather than fail after a resize
+        split = hp.batch_size // par.data * par.data
+        log.warning("global batch %d does not split over %d data-parallel ranks: training with %d (%d per rank) "
+                    "at this size; a batchSize divisible by every size in minNodes..maxNodes keeps it fixed",
+                    hp.batch_size, par.data, split, split // par.data)
+        hp.batch_size = split
     if hp.batch_size % par.data:
         raise PermanentError(
             f"hyperparameters.batchSize ({hp.batch_size}) must be divisible by parallelism.data ({par.data}): "

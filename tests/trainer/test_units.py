@@ -242,6 +242,10 @@ def test_check_config_against_the_world(tmp_path: Path, monkeypatch: pytest.Monk
     elastic = TrainerConfig.model_validate({"parallelism": {"data": 3}, "hyperparameters": {"batchSize": 12}})
     check_config(elastic, 2)
     assert elastic.parallelism.data == 2
+    # grown to a world the global batch does not split over: it trains on with the nearest smaller global batch
+    grown = TrainerConfig.model_validate({"hyperparameters": {"batchSize": 64}})
+    check_config(grown, 3)
+    assert (grown.parallelism.data, grown.hyperparameters.batch_size) == (3, 63)
 
 
 # ------------------------------------------------------------------------------------------------ metrics
