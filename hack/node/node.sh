@@ -443,6 +443,7 @@ node_up() {
   local d
   for d in "${HOST_DIRS[@]}"; do [[ -e $d ]] || echo "$d" >> "$CLUSTER_DIR/.node-created-dirs"; done
   node_configs
+  nft list tables > "$nd/nft-tables.before" 2>/dev/null || true
   node_network_up
   make_cgroup_root "$NODE_CGROUP_ROOT"
 
@@ -512,6 +513,7 @@ node_cleanup() { # <cluster dir>
   [[ -x $BIN_DIR/kube-proxy ]] && "$BIN_DIR/kube-proxy" --cleanup >/dev/null 2>&1 || true
   local ipt
   for ipt in iptables ip6tables; do command -v $ipt >/dev/null && purge_chains $ipt; done
+  drop_new_empty_xtables "$nd/nft-tables.before"
   if [[ -f $nd/sysctl.saved ]]; then
     local kv
     while read -r kv; do echo "${kv#*=}" > "/proc/sys/${kv%%=*}" || true; done < "$nd/sysctl.saved"
@@ -591,6 +593,19 @@ purge_chains() { # <iptables command>
     for c in $chains; do $ipt -t $t -F "$c" 2>/dev/null || true; done
     for c in $chains; do $ipt -t $t -X "$c" 2>/dev/null || true; done
   done
+}
+
+# iptables-nft (Debian's iptables) keeps a table and its base chains once kube-proxy's and portmap's chains
+# are gone: remove those of iptables' tables that appeared while the node ran and hold no rule now.
+drop_new_empty_xtables() { # <`nft list tables` from before up>
+  [[ -f $1 ]] && command -v nft >/dev/null || return 0
+  local kw fam name
+  while read -r kw fam name; do
+    [[ $kw == table && $fam =~ ^ip6?$ && $name =~ ^(filter|nat|mangle|raw|security)$ ]] || continue
+    grep -qx "table $fam $name" "$1" && continue
+    nft -j list table "$fam" "$name" 2>/dev/null | grep -q '"rule"' && continue
+    nft delete table "$fam" "$name" 2>/dev/null || true
+  done < <(nft list tables 2>/dev/null)
 }
 
 node_status() {
