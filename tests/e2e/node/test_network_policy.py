@@ -15,6 +15,8 @@ SYN times out, a reached pod answers (open, or refused where nothing listens).
 - the same probe pods reach the same ports while the NetworkPolicy is gone (the operator scaled to 0, the
   policy deleted), and are dropped again after the operator has re-created it: the policy is what drops them,
   not a broken probe or network. With enforcement off (no kube-network-policies) the first test fails.
+
+And an InferenceService's optional ``spec.networkPolicy``: only the listed clients reach its model server.
 """
 
 from __future__ import annotations
@@ -209,3 +211,48 @@ def test_the_job_succeeds(held, jobs_ns, kubectl) -> None:
                              "spec": {"ports": [{"port": 80}]}})
     job = _wait_phase(kubectl, jobs_ns, JOB, {"Succeeded"}, timeout=600)
     assert job["status"].get("succeededReplicas") == 2, job["status"]
+
+
+@pytest.fixture(scope="module")
+def guarded_isvc(operator_release, images, jobs_ns, other_ns, kubectl) -> Iterator[dict[str, Any]]:
+    """An InferenceService with ``spec.networkPolicy`` (clients labelled ``np-client=yes`` in its namespace)
+    serving a freshly trained model; probe pods aimed at its pod's HTTP and gRPC ports."""
+    apply(kubectl, jobs_ns, {
+        "apiVersion": "aiaas.dev/v1alpha1", "kind": "TrainingJob", "metadata": {"name": "np-model"},
+        "spec": {"trainer": {"model": {"architecture": "cnn"}, "dataset": {"kind": "digits"},
+                             "hyperparameters": {"epochs": 1, "batchSize": 32, "seed": 4}},
+                 "topology": {"nodes": 1, "nprocPerNode": 1, "resources": workloads.SMALL},
+                 "storage": {"size": "1Gi", "storageClassName": "local-path"}}})
+    _wait_phase(kubectl, jobs_ns, "np-model", {"Succeeded"}, timeout=900)
+    apply(kubectl, jobs_ns, {
+        "apiVersion": "aiaas.dev/v1alpha1", "kind": "InferenceService", "metadata": {"name": "np-guarded"},
+        "spec": {"model": {"trainingJob": "np-model"}, "resources": workloads.SMALL,
+                 "networkPolicy": {"allowFrom": [{"podSelector": {"matchLabels": {"np-client": "yes"}}}]}}})
+    wait_for(lambda: (get(kubectl, jobs_ns, "deployment", "np-guarded") or {}).get("status", {}).get(
+        "readyReplicas"), timeout=600, interval=2, what="the model server to be Ready (the kubelet's probes)")
+    pod = next(p for p in _pods(kubectl, jobs_ns, f"{launch.LABEL_ISVC}=np-guarded") if p["status"].get("podIP"))
+    targets = {"http": f"{pod['status']['podIP']}:{launch.SERVER_PORT}",
+               "grpc": f"{pod['status']['podIP']}:{launch.SERVER_GRPC_PORT}"}
+    probes = {"listed": (jobs_ns, probe_pod("probe-isvc-listed", list(targets.values()),
+                                            labels={"np-client": "yes"})),
+              "unlisted": (jobs_ns, probe_pod("probe-isvc-unlisted", list(targets.values()))),
+              "other-namespace": (other_ns, probe_pod("probe-isvc-other-ns", list(targets.values()),
+                                                      labels={"np-client": "yes"}))}
+    for ns, doc in probes.values():
+        apply_pods(kubectl, ns, doc)
+    for ns, doc in probes.values():
+        wait_phase(kubectl, ns, doc["metadata"]["name"], {"Running"})
+    yield {"targets": targets, "probes": {k: (ns, d["metadata"]["name"]) for k, (ns, d) in probes.items()}}
+    for ns, doc in probes.values():
+        kubectl("delete", "pod", doc["metadata"]["name"], "--wait=false", namespace=ns, check=False)
+
+
+def test_inferenceservice_policy_admits_only_the_listed_clients(guarded_isvc, kubectl) -> None:
+    """A listed client reaches the model server's HTTP and gRPC ports (its kubelet probes pass: it is Ready);
+    an unlisted pod of the namespace and a pod of another namespace with the same label are dropped."""
+    rounds = _until(kubectl, guarded_isvc, "listed", 0.0, {"http": {"open"}, "grpc": {"open"}})
+    print(f"listed client: {rounds[-1]}")
+    for probe in ("unlisted", "other-namespace"):
+        rounds = _rounds(kubectl, guarded_isvc, probe, 0.0, 5)
+        for port in ("http", "grpc"):
+            assert set(_states(guarded_isvc, rounds, port)) == {DROPPED}, (probe, port, rounds)
