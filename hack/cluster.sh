@@ -121,8 +121,8 @@ stamp_of() { # <module dir> <version> [<stable ldflags>]
     "$GO_BIN" env GOVERSION; cat "$dir"/go.mod "$dir"/go.sum "$dir"/*.go "$dir"/*.patch 2>/dev/null || true; } | sha256sum | cut -c1-16
 }
 
-# The binary a package builds: its last path element (a module's root "." and
-# a main package named cmd are named after the module dir).
+# The name of the binary a package becomes in BIN_DIR: its last path element (a
+# module's root "." and a main package named cmd are named after the module dir).
 bin_name() { # <package> <module dir name>
   local b=${1##*/}
   [[ $b == . || $b == cmd ]] && b=$2
@@ -181,8 +181,9 @@ build_module() { # <name> <version> <ldflags> <package>...
     "$GO_BIN" build -trimpath -tags "${BUILD_TAGS:-}" -ldflags "-s -w $ldflags" -o "$work/out/" "$@"
   ) >"$TOOLS_DIR/build-$name.log" 2>&1 || { tail -30 "$TOOLS_DIR/build-$name.log" >&2; die "build of $name failed, see $TOOLS_DIR/build-$name.log"; }
   for p in "$@"; do
-    local b; b=$(bin_name "$p" "$name")
-    mv -f "$work/out/$b" "$BIN_DIR/$b"
+    local b out=${p##*/}; b=$(bin_name "$p" "$name")
+    [[ $out == . ]] && out=$name  # go build names it after the package path: the module dir's for "."
+    mv -f "$work/out/$out" "$BIN_DIR/$b"
     echo "$stamp" > "$BIN_DIR/.$b.stamp"
   done
   log "built $name in $((SECONDS - t0))s"
@@ -223,7 +224,7 @@ do_build() {
     hv+=" -X $p.k8sVersionMajor=$kmajor -X $p.k8sVersionMinor=$kminor"
   done
   build_module helm "$HELM_VERSION" "$hv" helm.sh/helm/v3/cmd/helm
-  if real_node_wanted; then node_build; fi
+  if real_node_buildable; then node_build; fi
   flock -u 9
   local b
   for b in "${BINARIES[@]}"; do [[ -x $BIN_DIR/$b ]] || die "missing $BIN_DIR/$b"; done
@@ -496,6 +497,9 @@ do_up() {
     log "cluster is partially running or unhealthy; restarting it"
     do_down
   fi
+  # decided before building: AIAAS_REAL_NODE=1 fails here when the host cannot run it or another cluster's does
+  local real_node=0
+  if real_node_wanted; then real_node=1; fi
   do_build
   local p
   for p in "$ETCD_PORT" "$ETCD_PEER_PORT" "$APISERVER_PORT" "$KCM_PORT" "$SCHEDULER_PORT" "$KWOK_PORT"; do
@@ -592,8 +596,7 @@ do_up() {
   # Cluster add-ons of the harness (default StorageClass, ...).
   kctl apply -f "$ROOT/hack/kwok/manifests/" >/dev/null
   wait_for "the default service account" "$UP_TIMEOUT" kctl -n default get serviceaccount default
-  local real_node=0
-  if real_node_wanted; then node_up; real_node=1; fi
+  if ((real_node)); then node_up; fi
   wait_for "nodes to be Ready" "$UP_TIMEOUT" kctl wait --for=condition=Ready node --all --timeout=5s
   # Nodes start with the not-ready taint until the node lifecycle controller
   # sees them Ready; pods would otherwise go Pending for a few seconds.

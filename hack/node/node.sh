@@ -74,6 +74,19 @@ real_node_wanted() {
   esac
 }
 
+# Whether `build` builds the node's binaries: as real_node_wanted, except that another cluster's running real
+# node does not matter (building touches nothing of it).
+real_node_buildable() {
+  local why
+  case ${AIAAS_REAL_NODE:-auto} in
+    0|false|no) return 1 ;;
+    1|true|yes) why=$(node_blocker)
+      [[ -z $why ]] || die "AIAAS_REAL_NODE=1 but this host cannot run a real node: $why" ;;
+    auto) [[ -z $(node_blocker) ]] || return 1 ;;  # `up` says why (real_node_wanted)
+    *) die "AIAAS_REAL_NODE must be 0, 1 or auto, not '${AIAAS_REAL_NODE}'" ;;
+  esac
+}
+
 # Debian packages the node needs: runc's seccomp (cgo), the CNI plugins, iptables (kube-proxy, portmap) and
 # nft (the probe for the nftables queue statement, and `down` removing kube-network-policies' table).
 node_host_packages() {
