@@ -4,7 +4,8 @@
 #
 #   hack/cluster.sh build     build (once per machine) etcd, kube-apiserver,
 #                             kube-controller-manager, kube-scheduler, kubectl,
-#                             kwok and helm into the cache
+#                             kwok and helm into the cache (and the real node's
+#                             binaries, hack/node/node.sh, when it is wanted)
 #   hack/cluster.sh up        build if needed, start the cluster on 127.0.0.1,
 #                             wait until it is usable, print `export KUBECONFIG=...`
 #   hack/cluster.sh down      stop every process `up` started (by pid) and remove state
@@ -32,7 +33,8 @@
 #
 # Beside the kwok nodes, one REAL worker node (hack/node/node.sh): kubelet,
 # containerd + runc, CNI bridge, kube-proxy, CoreDNS and the local-path volume
-# provisioner (StorageClass local-path), all host processes, node address
+# provisioner (StorageClass local-path), kube-network-policies (enforces
+# NetworkPolicies), all host processes, node address
 # 10.244.0.1 on the pods' bridge aiaas-cni0, no traffic leaving the machine. It is
 # labelled and tainted aiaas.dev/real-node=true(:NoSchedule): only pods that
 # ask for it land there. A namespace annotated
@@ -58,7 +60,8 @@
 #   AIAAS_APISERVER_EXTRA_ARGS, AIAAS_KCM_EXTRA_ARGS, AIAAS_SCHEDULER_EXTRA_ARGS,
 #   AIAAS_KWOK_EXTRA_ARGS  extra flags (word-split)
 #   KUBE_VERSION ETCD_VERSION KWOK_VERSION HELM_VERSION CONTAINERD_VERSION
-#   RUNC_VERSION COREDNS_VERSION LOCAL_PATH_PROVISIONER_VERSION  see hack/k8s/versions.sh
+#   RUNC_VERSION COREDNS_VERSION LOCAL_PATH_PROVISIONER_VERSION
+#   KUBE_NETWORK_POLICIES_VERSION  see hack/k8s/versions.sh
 #   GO                   the go command (default: go on PATH, else /usr/local/go/bin/go)
 set -euo pipefail
 
@@ -115,7 +118,27 @@ find_go() {
 stamp_of() { # <module dir> <version> [<stable ldflags>]
   local dir=$1 ver=$2 flags=${3:-}
   { echo "$ver"; echo "$flags"; [[ -z ${BUILD_CGO:-}${BUILD_TAGS:-} ]] || echo "cgo=${BUILD_CGO:-} tags=${BUILD_TAGS:-}"
-    "$GO_BIN" env GOVERSION; cat "$dir"/go.mod "$dir"/go.sum "$dir"/*.go 2>/dev/null || true; } | sha256sum | cut -c1-16
+    "$GO_BIN" env GOVERSION; cat "$dir"/go.mod "$dir"/go.sum "$dir"/*.go "$dir"/*.patch 2>/dev/null || true; } | sha256sum | cut -c1-16
+}
+
+# The name of the binary a package becomes in BIN_DIR: its last path element (a
+# module's root "." and a main package named cmd are named after the module dir).
+bin_name() { # <package> <module dir name>
+  local b=${1##*/}
+  [[ $b == . || $b == cmd ]] && b=$2
+  echo "$b"
+}
+
+# A module's source from the Go module proxy, copied to <dest> and patched
+# (git apply: patch(1) is not on every machine; the ceiling keeps it from
+# taking a repository above <dest> for its own).
+patched_source() { # <module> <version> <dest> <patch>
+  local dir
+  dir=$(cd "$TOOLS_DIR" && GOFLAGS=-mod=mod "$GO_BIN" mod download -json "$1@$2" |
+    sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$/\1/p') || true
+  [[ -n $dir && -d $dir ]] || die "go mod download $1@$2 failed (is the Go module proxy reachable?)"
+  rm -rf "$3"; cp -r "$dir" "$3"; chmod -R u+w "$3"
+  (cd "$3" && GIT_CEILING_DIRECTORIES=$(dirname "$3") git apply -p1 "$4") || die "$4 does not apply to $1@$2: update it for this version"
 }
 
 # BUILD_CGO=1 / BUILD_TAGS=<tags> in the environment: cgo and build tags.
@@ -125,7 +148,7 @@ build_module() { # <name> <version> <ldflags> <package>...
   local stamp; stamp=$(stamp_of "$src" "$ver" "$([[ $name == kubernetes ]] || echo "$ldflags")")
   local need=0 p
   for p in "$@"; do
-    local b=${p##*/}; [[ $b == . ]] && b=$name
+    local b; b=$(bin_name "$p" "$name")
     [[ -x $BIN_DIR/$b && "$(cat "$BIN_DIR/.$b.stamp" 2>/dev/null)" == "$stamp" ]] || need=1
   done
   (( need )) || return 0
@@ -146,6 +169,8 @@ build_module() { # <name> <version> <ldflags> <package>...
     runc) sed -i -E "s#(github.com/opencontainers/runc) v[^ ]+#\1 $ver#" "$work/go.mod" ;;
     coredns) sed -i -E "s#(github.com/coredns/coredns) v[^ ]+#\1 $ver#" "$work/go.mod" ;;
     local-path-provisioner) sed -i -E "s#(github.com/rancher/local-path-provisioner) v[^ ]+#\1 $ver#" "$work/go.mod" ;;
+    kube-network-policies) sed -i -E "s#(sigs.k8s.io/kube-network-policies) v[^ ]+#\1 $ver#" "$work/go.mod"
+      patched_source sigs.k8s.io/kube-network-policies "$ver" "$work/upstream" "$src/kube-network-policies.patch" ;;
   esac
   local t0=$SECONDS
   log "building $name $ver ($*)$([[ $name == kubernetes ]] && echo " — the first build takes several minutes")"
@@ -156,8 +181,9 @@ build_module() { # <name> <version> <ldflags> <package>...
     "$GO_BIN" build -trimpath -tags "${BUILD_TAGS:-}" -ldflags "-s -w $ldflags" -o "$work/out/" "$@"
   ) >"$TOOLS_DIR/build-$name.log" 2>&1 || { tail -30 "$TOOLS_DIR/build-$name.log" >&2; die "build of $name failed, see $TOOLS_DIR/build-$name.log"; }
   for p in "$@"; do
-    local b=${p##*/}; [[ $b == . ]] && b=$name
-    mv -f "$work/out/$b" "$BIN_DIR/$b"
+    local b out=${p##*/}; b=$(bin_name "$p" "$name")
+    [[ $out == . ]] && out=$name  # go build names it after the package path: the module dir's for "."
+    mv -f "$work/out/$out" "$BIN_DIR/$b"
     echo "$stamp" > "$BIN_DIR/.$b.stamp"
   done
   log "built $name in $((SECONDS - t0))s"
@@ -198,7 +224,7 @@ do_build() {
     hv+=" -X $p.k8sVersionMajor=$kmajor -X $p.k8sVersionMinor=$kminor"
   done
   build_module helm "$HELM_VERSION" "$hv" helm.sh/helm/v3/cmd/helm
-  if real_node_wanted; then node_build; fi
+  if real_node_buildable; then node_build; fi
   flock -u 9
   local b
   for b in "${BINARIES[@]}"; do [[ -x $BIN_DIR/$b ]] || die "missing $BIN_DIR/$b"; done
@@ -471,6 +497,9 @@ do_up() {
     log "cluster is partially running or unhealthy; restarting it"
     do_down
   fi
+  # decided before building: AIAAS_REAL_NODE=1 fails here when the host cannot run it or another cluster's does
+  local real_node=0
+  if real_node_wanted; then real_node=1; fi
   do_build
   local p
   for p in "$ETCD_PORT" "$ETCD_PEER_PORT" "$APISERVER_PORT" "$KCM_PORT" "$SCHEDULER_PORT" "$KWOK_PORT"; do
@@ -567,8 +596,7 @@ do_up() {
   # Cluster add-ons of the harness (default StorageClass, ...).
   kctl apply -f "$ROOT/hack/kwok/manifests/" >/dev/null
   wait_for "the default service account" "$UP_TIMEOUT" kctl -n default get serviceaccount default
-  local real_node=0
-  if real_node_wanted; then node_up; real_node=1; fi
+  if ((real_node)); then node_up; fi
   wait_for "nodes to be Ready" "$UP_TIMEOUT" kctl wait --for=condition=Ready node --all --timeout=5s
   # Nodes start with the not-ready taint until the node lifecycle controller
   # sees them Ready; pods would otherwise go Pending for a few seconds.

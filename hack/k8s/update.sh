@@ -3,7 +3,8 @@
 # hack/k8s/versions.sh: regenerates kubernetes/go.mod from the published
 # k8s.io/kubernetes go.mod (gen-kubernetes-gomod.sh), sets the etcd/kwok/helm
 # requirements (and the real node's: containerd, runc, coredns,
-# local-path-provisioner) and runs `go mod tidy` everywhere. Commit the result.
+# local-path-provisioner, kube-network-policies: its patch must still apply) and
+# runs `go mod tidy` everywhere. Commit the result.
 set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # shellcheck source=SCRIPTDIR/versions.sh
@@ -24,3 +25,13 @@ for d in etcd kubernetes kwok helm containerd runc coredns local-path-provisione
   echo "go mod tidy in hack/k8s/$d" >&2
   (cd "$HERE/$d" && go mod tidy)
 done
+# kube-network-policies builds a patched copy of its module in ./upstream (hack/cluster.sh patched_source)
+sed -i -E "s#(sigs.k8s.io/kube-network-policies) v[^ ]+#\1 $KUBE_NETWORK_POLICIES_VERSION#" "$HERE/kube-network-policies/go.mod"
+knp=$HERE/kube-network-policies
+dir=$(go mod download -json "sigs.k8s.io/kube-network-policies@$KUBE_NETWORK_POLICIES_VERSION" |
+  sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$/\1/p')
+rm -rf "$knp/upstream"; cp -r "$dir" "$knp/upstream"; chmod -R u+w "$knp/upstream"
+(cd "$knp/upstream" && GIT_CEILING_DIRECTORIES=$knp git apply -p1 ../kube-network-policies.patch)
+echo "go mod tidy in hack/k8s/kube-network-policies" >&2
+(cd "$knp" && go mod tidy)
+rm -rf "$knp/upstream"

@@ -12,3 +12,4 @@
 : "${RUNC_VERSION:=v1.3.5}"         # github.com/opencontainers/runc (cgo, libseccomp)
 : "${COREDNS_VERSION:=v1.15.0}"     # github.com/coredns/coredns (only the plugins in hack/k8s/coredns/main.go)
 : "${LOCAL_PATH_PROVISIONER_VERSION:=v0.0.30}"  # github.com/rancher/local-path-provisioner
+: "${KUBE_NETWORK_POLICIES_VERSION:=v0.8.0}"   # sigs.k8s.io/kube-network-policies, patched (hack/k8s/kube-network-policies/)

@@ -7,8 +7,10 @@
 #
 # One real node per machine (its network, iptables chains and cgroups are
 # machine-wide): kubelet, containerd + runc, CNI (Debian's plugins: bridge,
-# host-local, portmap; containerd sets up each pod's lo with loopback), kube-proxy (iptables), CoreDNS and the
-# local-path volume provisioner run as host processes. Pods live on the bridge
+# host-local, portmap; containerd sets up each pod's lo with loopback), kube-proxy (iptables), CoreDNS, the
+# local-path volume provisioner and kube-network-policies (NetworkPolicy enforcement: the first packet of each
+# connection to or from a pod that a policy selects goes to nfqueue NETPOL_QUEUE, where it decides; see
+# hack/k8s/kube-network-policies/kube-network-policies.patch for why it is patched) run as host processes. Pods live on the bridge
 # NODE_BRIDGE in POD_CIDR; the node's address NODE_IP is the bridge's own
 # (the pods' gateway; `up` creates the bridge: this kernel has no dummy
 # interfaces, and CNI's bridge plugin allows no second IPv4 address on it).
@@ -22,11 +24,16 @@ NODE_IP=10.244.0.1
 CNI_NETWORK=aiaas-pods
 NODE_CGROUP_ROOT=/aiaas-node
 NODE_OWNER_FILE=/run/aiaas-real-node.owner
-NODE_COMPONENTS=(containerd kubelet kube-proxy socat coredns local-path-provisioner)
+NODE_COMPONENTS=(containerd kubelet kube-proxy kube-network-policies socat coredns local-path-provisioner)
 NODE_IMAGE_BASE=localhost/aiaas-node-base:local   # /pause (sandbox) and /local-path-helper
 NODE_IMAGE_TEST=localhost/aiaas-node-test:local   # /nodetest (tests/e2e/node)
 CNI_BIN_DIR=/usr/lib/cni
 LOCAL_PATH_NS=local-path-storage
+# kube-network-policies: its nftables table (inet family), nfqueue number and metrics address (machine-wide,
+# like the node's other addresses: one real node per machine).
+NETPOL_TABLE=kube-network-policies
+NETPOL_QUEUE=100
+NETPOL_METRICS_PORT=9080
 # Host directories outside the cluster dir that the node writes into (fixed
 # paths in kubelet, containerd's shims, libcni): `down` removes its entries
 # there, and each directory that `up` found missing.
@@ -44,7 +51,7 @@ node_blocker() {
   (( $(id -u) == 0 )) || { echo "not root"; return; }
   [[ -d /sys/fs/cgroup/cpu || -f /sys/fs/cgroup/cgroup.controllers ]] || { echo "no cgroups mounted"; return; }
   local t
-  for t in ip iptables gcc buildah; do command -v "$t" >/dev/null || { echo "$t not installed"; return; }; done
+  for t in ip gcc buildah; do command -v "$t" >/dev/null || { echo "$t not installed"; return; }; done
 }
 
 # AIAAS_REAL_NODE: 1 = required, 0 = kwok only, unset/auto = when the host can.
@@ -67,11 +74,27 @@ real_node_wanted() {
   esac
 }
 
-# Debian packages the node needs: runc's seccomp (cgo) and the CNI plugins.
+# Whether `build` builds the node's binaries: as real_node_wanted, except that another cluster's running real
+# node does not matter (building touches nothing of it).
+real_node_buildable() {
+  local why
+  case ${AIAAS_REAL_NODE:-auto} in
+    0|false|no) return 1 ;;
+    1|true|yes) why=$(node_blocker)
+      [[ -z $why ]] || die "AIAAS_REAL_NODE=1 but this host cannot run a real node: $why" ;;
+    auto) [[ -z $(node_blocker) ]] || return 1 ;;  # `up` says why (real_node_wanted)
+    *) die "AIAAS_REAL_NODE must be 0, 1 or auto, not '${AIAAS_REAL_NODE}'" ;;
+  esac
+}
+
+# Debian packages the node needs: runc's seccomp (cgo), the CNI plugins, iptables (kube-proxy, portmap) and
+# nft (the probe for the nftables queue statement, and `down` removing kube-network-policies' table).
 node_host_packages() {
   local missing=()
   [[ -f /usr/include/seccomp.h ]] || missing+=(libseccomp-dev)
   command -v socat >/dev/null || missing+=(socat)
+  command -v iptables >/dev/null || missing+=(iptables)
+  command -v nft >/dev/null || missing+=(nftables)
   local p
   for p in bridge host-local loopback portmap; do
     [[ -x $CNI_BIN_DIR/$p ]] || { missing+=(containernetworking-plugins); break; }
@@ -99,6 +122,8 @@ node_build() {
     "-X github.com/coredns/coredns/coremain.GitCommit=$COREDNS_VERSION" .
   build_module local-path-provisioner "$LOCAL_PATH_PROVISIONER_VERSION" \
     "-X main.VERSION=$LOCAL_PATH_PROVISIONER_VERSION" github.com/rancher/local-path-provisioner
+  # the module's source from the Go module proxy plus hack/k8s/kube-network-policies/*.patch (build_module)
+  build_module kube-network-policies "$KUBE_NETWORK_POLICIES_VERSION" "" sigs.k8s.io/kube-network-policies/cmd
   node_images
 }
 
@@ -147,13 +172,14 @@ subjectAltName=IP:$NODE_IP,DNS:$NODE_NAME"
   # system:masters, like kwok, instead of hand-kept RBAC rules.
   cert coredns "/O=system:masters/CN=aiaas-coredns" "$client"
   cert local-path-provisioner "/O=system:masters/CN=aiaas-local-path-provisioner" "$client"
+  cert kube-network-policies "/O=system:masters/CN=aiaas-kube-network-policies" "$client"
 }
 
 node_configs() {
   local nd; nd=$(node_dir)
   mkdir -p "$nd"/{containerd,cni/net.d,cni/ipam,kubelet,pod-logs,local-path,runc}
   local k
-  for k in kubelet kube-proxy coredns local-path-provisioner; do write_kubeconfig "$nd/$k.kubeconfig" "$k"; done
+  for k in kubelet kube-proxy coredns local-path-provisioner kube-network-policies; do write_kubeconfig "$nd/$k.kubeconfig" "$k"; done
 
   cat > "$nd/containerd/config.toml" <<EOF
 version = 3
@@ -366,6 +392,42 @@ node_network_up() {
   done
 }
 
+# --- NetworkPolicy enforcement ---------------------------------------------------
+
+# Whether this kernel has the nftables queue statement (nft_queue). Tried in a
+# throwaway network namespace: the machine's own rules are not touched.
+nft_queue_supported() {
+  unshare --net nft -f - >/dev/null 2>&1 <<EOF
+table inet aiaas_probe {
+  chain c {
+    type filter hook postrouting priority 0; policy accept;
+    queue num $NETPOL_QUEUE bypass
+  }
+}
+EOF
+}
+
+# kube-network-policies with the node's kubeconfig, like kube-proxy. -v=2 logs
+# each verdict (only the first packet of a connection of a selected pod comes
+# to it). Without nft_queue it queues through xt_NFQUEUE (the patch's flag).
+netpol_start() {
+  local nd xt=(); nd=$(node_dir)
+  if ! nft_queue_supported; then
+    log "this kernel has no nftables queue statement (CONFIG_NFT_QUEUE): kube-network-policies queues with xt_NFQUEUE through nft_compat"
+    xt=(--nfqueue-xt-target)
+  fi
+  start kube-network-policies --kubeconfig="$nd/kube-network-policies.kubeconfig" \
+    --hostname-override="$NODE_NAME" --nfqueue-id="$NETPOL_QUEUE" --disable-nri \
+    --metrics-bind-address="$NODE_IP:$NETPOL_METRICS_PORT" "${xt[@]}" --v=2
+}
+
+# Enforcing: its table is installed and a reader is bound to its queue.
+netpol_ready() {
+  curl_ok "http://$NODE_IP:$NETPOL_METRICS_PORT/metrics" >/dev/null &&
+    nft list table inet "$NETPOL_TABLE" >/dev/null 2>&1 &&
+    awk -v q="$NETPOL_QUEUE" '$1 == q {found = 1} END {exit !found}' /proc/net/netfilter/nfnetlink_queue
+}
+
 # --- start ---------------------------------------------------------------------
 
 # The cluster dir of another cluster whose real node runs (empty if none).
@@ -394,6 +456,7 @@ node_up() {
   local d
   for d in "${HOST_DIRS[@]}"; do [[ -e $d ]] || echo "$d" >> "$CLUSTER_DIR/.node-created-dirs"; done
   node_configs
+  nft list tables > "$nd/nft-tables.before" 2>/dev/null || true
   node_network_up
   make_cgroup_root "$NODE_CGROUP_ROOT"
 
@@ -406,6 +469,7 @@ node_up() {
     --root-dir="$nd/kubelet" --hostname-override="$NODE_NAME" --node-ip="$NODE_IP" \
     --node-labels="$NODE_LABEL=true" ${AIAAS_KUBELET_EXTRA_ARGS:-}
   start kube-proxy --config="$nd/kube-proxy.yaml"
+  netpol_start
   START_BIN=$(command -v socat) start socat \
     "TCP-LISTEN:$APISERVER_PORT,bind=$NODE_IP,fork,reuseaddr" "TCP:$HOST:$APISERVER_PORT"
   start coredns -conf "$nd/Corefile"
@@ -418,6 +482,7 @@ node_up() {
     --configmap-name=local-path-config
 
   wait_up kube-proxy 60 curl_ok "http://$NODE_IP:10256/healthz"
+  wait_up kube-network-policies 60 netpol_ready
   wait_up coredns 60 curl_ok "http://$NODE_IP:8181/ready"
   wait_up kubelet 120 curl_ok "http://$NODE_IP:10248/healthz"
   wait_up kubelet "$UP_TIMEOUT" kctl wait --for=condition=Ready "node/$NODE_NAME" --timeout=5s
@@ -440,7 +505,7 @@ node_load_images() { # <docker-archive>...
 
 node_down() {
   [[ -d $(node_dir) || $(cat "$NODE_OWNER_FILE" 2>/dev/null) == "$CLUSTER_DIR" ]] || return 0
-  stop local-path-provisioner kubelet coredns kube-proxy socat
+  stop local-path-provisioner kubelet coredns kube-network-policies kube-proxy socat
   node_cleanup "$CLUSTER_DIR"
 }
 
@@ -455,9 +520,13 @@ node_cleanup() { # <cluster dir>
   unmount_under "$nd"
   remove_cgroups "$NODE_CGROUP_ROOT"
   ip link del "$NODE_BRIDGE" 2>/dev/null || true
+  # kube-network-policies removes its table only on SIGINT; without it and its queue reader, packets of
+  # selected pods would be dropped.
+  command -v nft >/dev/null && nft delete table inet "$NETPOL_TABLE" 2>/dev/null || true
   [[ -x $BIN_DIR/kube-proxy ]] && "$BIN_DIR/kube-proxy" --cleanup >/dev/null 2>&1 || true
   local ipt
   for ipt in iptables ip6tables; do command -v $ipt >/dev/null && purge_chains $ipt; done
+  drop_new_empty_xtables "$nd/nft-tables.before"
   if [[ -f $nd/sysctl.saved ]]; then
     local kv
     while read -r kv; do echo "${kv#*=}" > "/proc/sys/${kv%%=*}" || true; done < "$nd/sysctl.saved"
@@ -537,6 +606,19 @@ purge_chains() { # <iptables command>
     for c in $chains; do $ipt -t $t -F "$c" 2>/dev/null || true; done
     for c in $chains; do $ipt -t $t -X "$c" 2>/dev/null || true; done
   done
+}
+
+# iptables-nft (Debian's iptables) keeps a table and its base chains once kube-proxy's and portmap's chains
+# are gone: remove those of iptables' tables that appeared while the node ran and hold no rule now.
+drop_new_empty_xtables() { # <`nft list tables` from before up>
+  [[ -f $1 ]] && command -v nft >/dev/null || return 0
+  local kw fam name
+  while read -r kw fam name; do
+    [[ $kw == table && $fam =~ ^ip6?$ && $name =~ ^(filter|nat|mangle|raw|security)$ ]] || continue
+    grep -qx "table $fam $name" "$1" && continue
+    nft -j list table "$fam" "$name" 2>/dev/null | grep -q '"rule"' && continue
+    nft delete table "$fam" "$name" 2>/dev/null || true
+  done < <(nft list tables 2>/dev/null)
 }
 
 node_status() {

@@ -9,23 +9,29 @@
 //	nodetest resolve <name>          print the addresses of <name>
 //	nodetest write <file> <text>     write text to file (creating it)
 //	nodetest cat <file>              print a file
+//	nodetest probe <ms> <host:port>... forever, about once a second: a TCP connect to each
+//	                                 (at once, <ms> timeout), one line per round:
+//	                                 "probe <unix ms> <host:port>=open|refused|timeout|error ..."
 package main
 
 import (
+	"errors"
 	"fmt"
 	"io"
 	"net"
 	"net/http"
 	"os"
 	"os/signal"
+	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"time"
 )
 
 func main() {
 	if len(os.Args) < 2 {
-		fail("usage: nodetest echo|sleep|serve|get|resolve|write|cat ...")
+		fail("usage: nodetest echo|sleep|serve|get|resolve|write|cat|probe ...")
 	}
 	args := os.Args[2:]
 	switch os.Args[1] {
@@ -51,6 +57,11 @@ func main() {
 	case "write":
 		need(args, 2)
 		check(os.WriteFile(args[0], []byte(args[1]), 0o644))
+	case "probe":
+		need(args, 2)
+		ms, err := strconv.Atoi(args[0])
+		check(err)
+		probe(time.Duration(ms)*time.Millisecond, args[1:])
 	case "cat":
 		need(args, 1)
 		data, err := os.ReadFile(args[0])
@@ -90,6 +101,42 @@ func get(url string, timeout time.Duration) {
 		}
 		fmt.Fprintf(os.Stderr, "GET %s: %v (retrying)\n", url, err)
 		time.Sleep(time.Second)
+	}
+}
+
+// probe tells a dropped connection attempt (timeout: a NetworkPolicy at work)
+// from one the peer's kernel answered (open, or refused when nothing listens).
+func probe(timeout time.Duration, addrs []string) {
+	for {
+		states := make([]string, len(addrs))
+		start := time.Now()
+		var wg sync.WaitGroup
+		for i, addr := range addrs {
+			wg.Add(1)
+			go func(i int, addr string) {
+				defer wg.Done()
+				states[i] = addr + "=" + dialState(addr, timeout)
+			}(i, addr)
+		}
+		wg.Wait()
+		fmt.Printf("probe %d %s\n", start.UnixMilli(), strings.Join(states, " "))
+		time.Sleep(time.Second)
+	}
+}
+
+func dialState(addr string, timeout time.Duration) string {
+	conn, err := net.DialTimeout("tcp", addr, timeout)
+	var netErr net.Error
+	switch {
+	case err == nil:
+		conn.Close()
+		return "open"
+	case errors.Is(err, syscall.ECONNREFUSED):
+		return "refused"
+	case errors.As(err, &netErr) && netErr.Timeout():
+		return "timeout"
+	default:
+		return "error:" + strings.ReplaceAll(err.Error(), " ", "_")
 	}
 }
 

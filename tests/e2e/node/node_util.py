@@ -106,3 +106,33 @@ def wait_ready(kubectl: Kubectl, namespace: str, name: str, timeout: float = 180
 
 def logs(kubectl: Kubectl, namespace: str, name: str) -> str:
     return kubectl("logs", name, namespace=namespace).stdout
+
+
+# The restricted Pod Security Standard for a pod of the test image (FROM scratch: no user of its own).
+RESTRICTED_POD = {"runAsNonRoot": True, "runAsUser": 65534, "seccompProfile": {"type": "RuntimeDefault"}}
+RESTRICTED_CONTAINER = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+# `nodetest probe`: what a TCP connect attempt met. A dropped SYN times out (a NetworkPolicy at work); a
+# reached pod answers, with a connection or, when nothing listens on the port, a refusal.
+REACHED = frozenset({"open", "refused"})
+DROPPED = "timeout"
+
+
+def probe_pod(name: str, targets: Sequence[str], *, labels: dict[str, str] | None = None,
+              timeout_ms: int = 3000) -> dict:
+    """A pod (restricted) that tries a TCP connect to each ``host:port`` about once a second and logs one
+    line per round (``nodetest probe``)."""
+    doc = pod(name, ["probe", str(timeout_ms), *targets], labels=labels, securityContext=RESTRICTED_POD)
+    doc["spec"]["containers"][0]["securityContext"] = RESTRICTED_CONTAINER
+    return doc
+
+
+def probe_rounds(kubectl: Kubectl, namespace: str, name: str, since: float = 0.0) -> list[dict[str, str]]:
+    """The rounds of a probe pod that began at or after ``since`` (seconds since the epoch; the pods share
+    the test's clock: the real node is this machine): ``{"host:port": "open"|"refused"|"timeout"|...}``."""
+    out = kubectl("logs", name, namespace=namespace, check=False).stdout
+    rounds = []
+    for line in out.splitlines():
+        words = line.split()
+        if len(words) >= 3 and words[0] == "probe" and int(words[1]) / 1000 >= since:
+            rounds.append(dict(w.split("=", 1) for w in words[2:]))
+    return rounds
