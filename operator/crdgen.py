@@ -156,6 +156,8 @@ def crds() -> list[dict[str, Any]]:
             [
                 {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
                 {"name": "Nodes", "type": "integer", "jsonPath": ".spec.topology.nodes"},
+                # an Auto-sized elastic job: the pods scheduled now (empty for a fixed-size job)
+                {"name": "Size", "type": "integer", "jsonPath": ".status.elastic.currentNodes"},
                 {"name": "Progress", "type": "string", "jsonPath": ".status.progress.summary"},
                 {"name": "Loss", "type": "number", "jsonPath": ".status.progress.loss", "priority": 1},
                 {"name": "Accuracy", "type": "number", "jsonPath": ".status.progress.metric", "priority": 1},

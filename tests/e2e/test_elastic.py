@@ -111,6 +111,8 @@ def test_auto_job_grows_to_max_nodes_shrinks_when_a_node_is_drained_never_below_
                                                                                         "stretch") == 4
     ready_pods(kubectl, namespace, "stretch", 4)
     wait_phase(kubectl, namespace, "stretch", "Running", op=op)
+    table = kubectl("get", "trainingjob", "stretch", "-n", namespace).stdout.split("\n")  # the Size column
+    assert dict(zip(table[0].split(), table[1].split(), strict=False))["SIZE"] == "4", table
     grew = resized(kubectl, namespace, "stretch")
     assert [g.split(":")[0] for g in grew] == ["grew 2→3", "grew 3→4"], grew
     assert "pod stretch-2 scheduled on node" in grew[0] and "pod stretch-3 scheduled on node" in grew[1]
