@@ -257,7 +257,7 @@ async def predict_v1(request: web.Request, body: bytes) -> web.Response:
         classes = results[class_outputs[0]]
     else:
         classes = next(iter(results.values())).reshape(array.shape[0], -1).argmax(axis=-1)
-    return web.Response(body=protocol.v1_predictions(classes), content_type=JSON_TYPE)
+    return web.Response(body=protocol.v1_predictions(model.name, model.version, classes), content_type=JSON_TYPE)
 
 
 @data_plane
@@ -279,7 +279,7 @@ async def explain_v1(request: web.Request, body: bytes) -> web.Response:
     params = protocol.loads(body).get("parameters")
     async with plane.explain_slot() as explainer:
         explanation = await explainer.explain([array], params if isinstance(params, dict) else {})
-    return json_response(explanation.v1_response())
+    return json_response(explanation.v1_response(model))
 
 
 async def list_models_v1(request: web.Request) -> web.Response:
