@@ -375,7 +375,7 @@ def measure(load: Any, pid: int, total: int, windows: int) -> dict[str, float]:
     return summary(latencies, elapsed, cpu)
 
 
-def wrk_load(endpoint: Endpoint, concurrency: int, seconds: float, cpus: str | None) -> tuple[list[float], float]:
+def wrk_load(endpoint: Endpoint, concurrency: int, seconds: int, cpus: str | None) -> tuple[list[float], float]:
     """``wrk`` (an independent C load generator) on one prebuilt request; latencies come back as its percentiles
     (mean, p50 and p99 are then wrk's), requests/s as measured by it."""
     head, body = endpoint.requests[0].split(b"\r\n\r\n", 1)
@@ -385,7 +385,7 @@ def wrk_load(endpoint: Endpoint, concurrency: int, seconds: float, cpus: str | N
         script.write(f"wrk.method = 'POST'\nwrk.body = {lua_string(body)}\n"
                      + "".join(f"wrk.headers[{lua_string(k.encode())}] = {lua_string(v.encode())}\n"
                                for k, v in headers.items()))
-    command = ["wrk", "-t1", f"-c{concurrency}", f"-d{seconds:g}s", "--latency", "-s", script.name,
+    command = ["wrk", "-t1", f"-c{concurrency}", f"-d{seconds}s", "--latency", "-s", script.name,
                f"http://127.0.0.1:{endpoint.port}{lines[0].split()[1]}"]
     if cpus:
         command = ["taskset", "-c", cpus, *command]
@@ -427,7 +427,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--client", choices=["python", "wrk"], default="python",
                    help="load generator for the HTTP endpoints: this file's (checks every response) or wrk "
                    "(apt-get install wrk; one request body per endpoint; gRPC stays on the Python client)")
-    p.add_argument("--wrk-seconds", type=float, default=5.0, help="duration of one wrk run")
+    p.add_argument("--wrk-seconds", type=int, default=5, help="duration of one wrk run (split into the windows)")
     p.add_argument("--server-arg", action="append", default=[], help="extra argument for aiaas.server")
     p.add_argument("--explains", type=int, default=20, help="explain requests to time (after 3 warm-ups)")
     p.add_argument("--json", help="also write the results to this file")
@@ -466,8 +466,8 @@ def run_all(args: argparse.Namespace, procs: dict[str, Any], endpoints: list[End
             for endpoint in endpoints:
                 pid = procs[endpoint.name if endpoint.name in ("floor", "bare") else "server"].pid
                 if args.client == "wrk":
-                    seconds = args.wrk_seconds / args.windows
-                    wrk_load(endpoint, c, 1.0, client_cpus)
+                    seconds = max(1, round(args.wrk_seconds / args.windows))  # wrk takes whole seconds
+                    wrk_load(endpoint, c, 1, client_cpus)
                     result = measure(lambda n, e=endpoint, s=seconds, c=c: wrk_load(e, c, s, client_cpus), pid,
                                      args.windows, args.windows)
                 else:

@@ -37,7 +37,8 @@ than ``--body-timeout``, 413 for a body over ``--max-request-bytes`` (also after
 503 while the model loads or when the server is full (with ``Retry-After``). No client input produces a 5xx; a
 500 means a bug: it is logged with its traceback and the response names only a request id (``X-Request-Id``).
 
-Requests are batched dynamically (:mod:`.batcher`) and the model runs in its own thread, off the event loop.
+Requests are batched dynamically (:mod:`.batcher`); a forward pass runs in the model thread, off the event loop,
+unless passes of its size are known to be shorter than ``--inline-forward-ms`` (then on the loop itself).
 gRPC (``inference.GRPCInferenceService``, :mod:`.grpc_server`) listens on ``--grpc-port`` (default 8081) and
 shares the data plane (:mod:`.dataplane`). Load shedding, bearer-token authentication and explanations are
 described in docs/serving.md.
