@@ -369,7 +369,7 @@ def measure(load: Any, pid: int, total: int, windows: int) -> dict[str, float]:
     for _ in range(windows):
         before = cpu_seconds(pid)
         lat, seconds = load(per)
-        cpu.append((cpu_seconds(pid) - before) / per)
+        cpu.append((cpu_seconds(pid) - before) / max(1, len(lat)))  # wrk decides how many it sends
         latencies += lat
         elapsed += seconds
     return summary(latencies, elapsed, cpu)

@@ -18,7 +18,7 @@ import itertools
 import logging
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,35 +57,23 @@ class InternalError(Exception):
     """A failure that is the server's fault; the client sees only a generic message and the request id."""
 
 
-# The three brackets of a data-plane request are small classes rather than @contextmanager generators: they run
-# on every request, and a generator-based context manager costs several times as much to enter and leave.
+# The brackets of a data-plane request are small classes rather than @contextmanager generators: they run on
+# every request, and a generator-based context manager costs several times as much to enter and leave.
 
 
-class _Admitted:
-    __slots__ = ("plane", "body_bytes")
+class _OnExit:
+    """``with``: calls ``fn(arg)`` on the way out, however the block ends."""
 
-    def __init__(self, plane: DataPlane, body_bytes: int) -> None:
-        self.plane, self.body_bytes = plane, body_bytes
+    __slots__ = ("fn", "arg")
 
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        self.plane.requests_in_flight -= 1
-        self.plane.bytes_in_flight -= self.body_bytes
-
-
-class _Receiving:
-    __slots__ = ("batcher", "token")
-
-    def __init__(self, batcher: Batcher, token: int) -> None:
-        self.batcher, self.token = batcher, token
+    def __init__(self, fn: Callable[[int], None], arg: int) -> None:
+        self.fn, self.arg = fn, arg
 
     def __enter__(self) -> None:
         return None
 
     def __exit__(self, *exc: object) -> None:
-        self.batcher.arrival_ended(self.token)
+        self.fn(self.arg)
 
 
 class _Timed:
@@ -179,7 +167,7 @@ class DataPlane:
                 401, "this server wants a bearer token: send the header 'Authorization: Bearer <token>'"
             )
 
-    def admitted(self, body_bytes: int) -> _Admitted:
+    def admitted(self, body_bytes: int) -> _OnExit:
         """Hold a place for one data-plane request of ``body_bytes`` (``with plane.admitted(n): ...``); 413 if too
         large, 503 when full."""
         config = self.config
@@ -199,15 +187,19 @@ class DataPlane:
             )
         self.requests_in_flight += 1
         self.bytes_in_flight += body_bytes
-        return _Admitted(self, body_bytes)
+        return _OnExit(self._release, body_bytes)
 
-    def receiving(self) -> _Receiving:
+    def _release(self, body_bytes: int) -> None:
+        self.requests_in_flight -= 1
+        self.bytes_in_flight -= body_bytes
+
+    def receiving(self) -> _OnExit:
         """Bracket receiving and validating a request (``with plane.receiving(): ...``), so the batcher knows more
         work is on its way."""
         batcher = self.batcher
         if batcher is None or self.model is None:
             raise ProtocolError(503, "the model is not ready yet: it is still loading")
-        return _Receiving(batcher, batcher.arrival_started())
+        return _OnExit(batcher.arrival_ended, batcher.arrival_started())
 
     def timed(self, started: float) -> _Timed:
         """Observe the latency of one inference request (since ``started``, a ``perf_counter`` reading) if it
