@@ -88,6 +88,37 @@ def baseline_serve(model_dir: str, port: int, threads: int) -> None:
     asyncio.run(main())
 
 
+def bare_serve(model_dir: str, port: int, threads: int) -> None:
+    """What one would write without our server: aiohttp, a v2 JSON request in, the model called inline, the class
+    out as a v2 JSON response. orjson like our server, no validation, batching, metrics or middleware."""
+    import orjson
+    import torch
+    from aiohttp import web
+
+    from aiaas.trainer.export import load_artifact
+
+    torch.set_num_threads(threads)
+    model, manifest = load_artifact(model_dir)
+    sample_shape = tuple(manifest["inputs"][0]["shape"][1:])
+
+    async def infer(request: web.Request) -> web.Response:
+        tensor = orjson.loads(await request.read())["inputs"][0]
+        x = torch.from_numpy(np.asarray(tensor["data"], dtype=np.float32).reshape(-1, *sample_shape))
+        with torch.inference_mode():
+            classes = model(x).argmax(-1).numpy()
+        return web.Response(body=orjson.dumps({"model_name": manifest["name"], "outputs": [
+            {"name": "predicted_class", "datatype": "INT64", "shape": [len(classes)], "data": classes.tolist()}]}),
+            content_type="application/json")
+
+    async def ready(request: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_post("/v2/models/{name}/infer", infer)
+    app.router.add_get("/", ready)
+    web.run_app(app, host="127.0.0.1", port=port, access_log=None, print=None)
+
+
 # --- the load generator -----------------------------------------------------------------------------------
 
 
@@ -222,13 +253,13 @@ def build_endpoints(model_name: str, ports: dict[str, int], x: np.ndarray, class
                                       {"Inference-Header-Content-Length": str(len(header))}))
     v1 = [http_request(f"/v1/models/{model_name}:predict",
                        json.dumps({"instances": [x[i].reshape(-1).tolist()]}).encode()) for i in range(n)]
-    baseline = [http_request("/", x[i].astype("<f4").tobytes()) for i in range(n)]
+    floor = [http_request("/", x[i].astype("<f4").tobytes()) for i in range(n)]
 
     # Byte comparisons: the load generator shares the CPUs with the servers, so its checks must be cheap.
     # (The formats are checked once, fully, by build_endpoints' caller; the tests check them exhaustively.)
     want_json = [b'"data":[%d]' % c for c in classes]
     want_binary = [int(c).to_bytes(8, "little", signed=True) for c in classes]
-    want_v1 = [b'{"predictions":[%d]}' % c for c in classes]
+    want_v1 = [b'{"predictions":[%d],' % c for c in classes]
 
     def check_json(body: bytes, i: int) -> bool:
         return body.endswith(want_json[i] + b"}]}")
@@ -237,10 +268,11 @@ def build_endpoints(model_name: str, ports: dict[str, int], x: np.ndarray, class
         return body.endswith(want_binary[i])
 
     def check_v1(body: bytes, i: int) -> bool:
-        return body == want_v1[i]
+        return body.startswith(want_v1[i])
 
     return [
-        Endpoint("baseline", ports["baseline"], baseline, check_binary),
+        Endpoint("floor", ports["floor"], floor, check_binary),
+        Endpoint("bare", ports["bare"], v2_json, check_json),
         Endpoint("v2-json", ports["server"], v2_json, check_json),
         Endpoint("v2-binary", ports["server"], v2_binary, check_binary),
         Endpoint("v1", ports["server"], v1, check_v1),
@@ -261,10 +293,10 @@ def check_formats(endpoints: list[Endpoint], classes: np.ndarray) -> None:
         raw = response.read()
         conn.close()
         assert response.status == 200, (endpoint.name, raw)
-        if endpoint.name == "v2-json":
+        if endpoint.name in ("v2-json", "bare"):
             assert json.loads(raw)["outputs"][0]["data"] == [int(classes[0])], raw
         elif endpoint.name == "v1":
-            assert json.loads(raw) == {"predictions": [int(classes[0])]}, raw
+            assert json.loads(raw)["predictions"] == [int(classes[0])], raw
         elif endpoint.name == "v2-binary":
             length = int(response.headers["Inference-Header-Content-Length"])
             assert json.loads(raw[:length])["outputs"][0]["parameters"]["binary_data_size"] == 8, raw
@@ -314,10 +346,12 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def summary(latencies: list[float], elapsed: float, cpu: float) -> dict[str, float]:
+def summary(latencies: list[float], elapsed: float, cpu: list[float]) -> dict[str, float]:
+    """Latency and throughput of one run; ``cpu``: the server's CPU seconds per request in each window of it."""
     ms = sorted(v * 1000 for v in latencies)
     return {
-        "server_cpu_us": cpu / len(ms) * 1e6,
+        "server_cpu_us": statistics.fmean(cpu) * 1e6,
+        "best_cpu_us": min(cpu) * 1e6,  # the window least disturbed by other work on the machine
         "mean_ms": statistics.fmean(ms),
         "p50_ms": ms[len(ms) // 2],
         "p99_ms": ms[min(len(ms) - 1, int(len(ms) * 0.99))],
@@ -325,21 +359,175 @@ def summary(latencies: list[float], elapsed: float, cpu: float) -> dict[str, flo
     }
 
 
-def main() -> int:
+def measure(load: Any, pid: int, total: int, windows: int) -> dict[str, float]:
+    """Run ``load(n)`` (-> latencies, seconds) as ``windows`` slices of ``total`` requests, reading the server's
+    CPU time around each."""
+    latencies: list[float] = []
+    elapsed = 0.0
+    cpu: list[float] = []
+    per = max(1, total // windows)
+    for _ in range(windows):
+        before = cpu_seconds(pid)
+        lat, seconds = load(per)
+        cpu.append((cpu_seconds(pid) - before) / max(1, len(lat)))  # wrk decides how many it sends
+        latencies += lat
+        elapsed += seconds
+    return summary(latencies, elapsed, cpu)
+
+
+def wrk_load(endpoint: Endpoint, concurrency: int, seconds: int, cpus: str | None) -> tuple[list[float], float]:
+    """``wrk`` (an independent C load generator) on one prebuilt request; latencies come back as its percentiles
+    (mean, p50 and p99 are then wrk's), requests/s as measured by it."""
+    head, body = endpoint.requests[0].split(b"\r\n\r\n", 1)
+    lines = head.decode().split("\r\n")
+    headers = {k: v for k, v in (line.split(": ", 1) for line in lines[1:]) if k not in ("Host", "Content-Length")}
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
+        script.write(f"wrk.method = 'POST'\nwrk.body = {lua_string(body)}\n"
+                     + "".join(f"wrk.headers[{lua_string(k.encode())}] = {lua_string(v.encode())}\n"
+                               for k, v in headers.items()))
+    command = ["wrk", "-t1", f"-c{concurrency}", f"-d{seconds}s", "--latency", "-s", script.name,
+               f"http://127.0.0.1:{endpoint.port}{lines[0].split()[1]}"]
+    if cpus:
+        command = ["taskset", "-c", cpus, *command]
+    out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    os.unlink(script.name)
+    if "Non-2xx" in out:
+        raise SystemExit(f"wrk on {endpoint.name}: some responses were not 200:\n{out}")
+    rps = float(out.split("Requests/sec:")[1].split()[0])
+    total = int(out.split(" requests in ")[0].split()[-1])
+    percentiles = {line.split()[0]: wrk_ms(line.split()[1]) for line in out.splitlines()
+                   if line.strip().startswith(("50%", "99%"))}
+    # a latency list with wrk's percentiles in the right places, so summary() reads them back
+    latencies = [percentiles["50%"] / 1000] * (total - total // 100) + [percentiles["99%"] / 1000] * (total // 100)
+    return latencies, total / rps
+
+
+def lua_string(raw: bytes) -> str:
+    return '"' + "".join(f"\\{b:03d}" for b in raw) + '"'
+
+
+def wrk_ms(text: str) -> float:
+    for unit, factor in (("us", 1e-3), ("ms", 1.0), ("s", 1000.0)):
+        if text.endswith(unit):
+            return float(text[: -len(unit)]) * factor
+    return float(text)
+
+
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="artifact directory (default: train one on digits first)")
     p.add_argument("--requests", type=int, default=2000, help="requests per endpoint, concurrency and repeat")
     p.add_argument("--warmup", type=int, default=200)
     p.add_argument("--repeat", type=int, default=3, help="runs of each measurement; the median is reported")
+    p.add_argument("--windows", type=int, default=5, help="slices of each run whose server CPU time is read")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
-    p.add_argument("--threads", type=int, default=1, help="torch threads of both servers")
+    p.add_argument("--threads", type=int, default=1, help="torch threads of the servers")
+    p.add_argument("--pin", action="store_true",
+                   help="servers on the last CPU, the load generator on the others (taskset / sched_setaffinity)")
+    p.add_argument("--client", choices=["python", "wrk"], default="python",
+                   help="load generator for the HTTP endpoints: this file's (checks every response) or wrk "
+                   "(apt-get install wrk; one request body per endpoint; gRPC stays on the Python client)")
+    p.add_argument("--wrk-seconds", type=int, default=5, help="duration of one wrk run (split into the windows)")
     p.add_argument("--server-arg", action="append", default=[], help="extra argument for aiaas.server")
     p.add_argument("--explains", type=int, default=20, help="explain requests to time (after 3 warm-ups)")
     p.add_argument("--json", help="also write the results to this file")
-    p.add_argument("--baseline-serve", nargs=2, metavar=("DIR", "PORT"), help=argparse.SUPPRESS)
-    args = p.parse_args()
-    if args.baseline_serve:
-        baseline_serve(args.baseline_serve[0], int(args.baseline_serve[1]), args.threads)
+    p.add_argument("--serve", nargs=3, metavar=("KIND", "DIR", "PORT"), help=argparse.SUPPRESS)
+    return p.parse_args()
+
+
+def start_servers(args: argparse.Namespace, model_dir: Path, ports: dict[str, int]) -> dict[str, Any]:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    procs = {
+        "server": subprocess.Popen(
+            [sys.executable, "-m", "aiaas.server", "--model", str(model_dir), "--host", "127.0.0.1",
+             "--port", str(ports["server"]), "--threads", str(args.threads), "--log-level", "WARNING",
+             "--grpc-port", str(ports["grpc"]), "--explain-method", "integrated-gradients", *args.server_arg], env=env),
+        **{kind: subprocess.Popen([sys.executable, __file__, "--serve", kind, str(model_dir), str(ports[kind]),
+                                   "--threads", str(args.threads)], env=env) for kind in ("floor", "bare")},
+    }
+    if args.pin and (os.cpu_count() or 1) > 1:
+        last = (os.cpu_count() or 2) - 1
+        for proc in procs.values():
+            os.sched_setaffinity(proc.pid, {last})  # the threads it starts later inherit this
+        os.sched_setaffinity(0, set(range(last)))
+    return procs
+
+
+def run_all(args: argparse.Namespace, procs: dict[str, Any], endpoints: list[Endpoint], grpc_reqs: list[Any],
+            grpc_address: str) -> dict[tuple[str, int], list[dict[str, float]]]:
+    """Every endpoint at every concurrency, ``repeat`` times, interleaved so that a burst of other load hits every
+    endpoint alike."""
+    client_cpus = None
+    if args.pin and (os.cpu_count() or 1) > 1:
+        client_cpus = ",".join(str(c) for c in range((os.cpu_count() or 2) - 1))
+    runs: dict[tuple[str, int], list[dict[str, float]]] = {}
+    for _ in range(args.repeat):
+        for c in args.concurrency:
+            for endpoint in endpoints:
+                pid = procs[endpoint.name if endpoint.name in ("floor", "bare") else "server"].pid
+                if args.client == "wrk":
+                    seconds = max(1, round(args.wrk_seconds / args.windows))  # wrk takes whole seconds
+                    wrk_load(endpoint, c, 1, client_cpus)
+                    result = measure(lambda n, e=endpoint, s=seconds, c=c: wrk_load(e, c, s, client_cpus), pid,
+                                     args.windows, args.windows)
+                else:
+                    asyncio.run(_load(endpoint, args.warmup, c))
+                    result = measure(lambda n, e=endpoint, c=c: asyncio.run(_load(e, n, c)), pid, args.requests,
+                                     args.windows)
+                runs.setdefault((endpoint.name, c), []).append(result)
+            asyncio.run(_load_grpc(grpc_address, grpc_reqs, args.warmup, c))
+            runs.setdefault(("grpc", c), []).append(measure(
+                lambda n, c=c: asyncio.run(_load_grpc(grpc_address, grpc_reqs, n, c)), procs["server"].pid,
+                args.requests, args.windows))
+    return runs
+
+
+def report(args: argparse.Namespace, results: dict[str, dict[int, dict[str, float]]], names: list[str],
+           metrics: str, explain_ms: list[float], load: tuple[float, float]) -> None:
+    header = f"{'endpoint':<10} {'conc':>4} {'mean ms':>8} {'p50 ms':>8} {'p99 ms':>8} {'req/s':>8} " \
+             f"{'cpu us/req':>10} {'best':>5}   {'p50 x':>6} {'req/s x':>7} {'cpu x':>6} {'vs floor':>8}"
+    print("\n" + header + "\n" + "-" * len(header))
+    for c in args.concurrency:
+        bare, floor = results["bare"][c], results["floor"][c]
+        for name in names:
+            r = results[name][c]
+            print(f"{name:<10} {c:>4} {r['mean_ms']:>8.2f} {r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f} {r['rps']:>8.0f} "
+                  f"{r['server_cpu_us']:>10.0f} {r['best_cpu_us']:>5.0f}   {r['p50_ms'] / bare['p50_ms']:>6.2f} "
+                  f"{r['rps'] / bare['rps']:>7.2f} {r['server_cpu_us'] / max(bare['server_cpu_us'], 1e-9):>6.2f} "
+                  f"{r['rps'] / floor['rps']:>8.2f}")
+    print("(x = ratio to the bare aiohttp endpoint in this run, vs floor = req/s ratio to the raw asyncio one; "
+          "cpu us/req: the server process's CPU time per request, mean and best of the windows of each run)")
+    count = sum(float(line.split()[-1]) for line in metrics.splitlines()
+                if line.startswith("aiaas_server_batch_size_count"))
+    total = sum(float(line.split()[-1]) for line in metrics.splitlines()
+                if line.startswith("aiaas_server_batch_size_sum"))
+    if count:
+        print(f"server: {total:.0f} samples in {count:.0f} forward passes (mean batch {total / count:.2f})")
+    print(f"explain (integrated gradients, 1 sample, default steps): p50 {explain_ms[len(explain_ms) // 2]:.1f} ms, "
+          f"max {explain_ms[-1]:.1f} ms over {len(explain_ms)} requests")
+    goals: list[tuple[str, float, float | None]] = []
+    if 1 in results["bare"]:
+        goals.append(("REST JSON c1 >= 0.9x bare", results["v2-json"][1]["rps"] / results["bare"][1]["rps"], 0.9))
+        goals.append(("gRPC p50 <= REST JSON p50 at c1",
+                      results["v2-json"][1]["p50_ms"] / results["grpc"][1]["p50_ms"], 1.0))
+    if 16 in results["bare"]:
+        goals.append(("REST JSON c16 >= 2.5x bare", results["v2-json"][16]["rps"] / results["bare"][16]["rps"], 2.5))
+    for label, ratio, goal in goals:
+        print(f"{label}: {ratio:.2f}x" + ("" if goal is None else (" met" if ratio >= goal else " MISSED")))
+    print(f"load average: {load[0]:.1f} before, {load[1]:.1f} after ({os.cpu_count()} CPUs)")
+    v2 = results["v2-json"]
+    gates = [("mean < 5 ms", all(r["mean_ms"] < 5 for r in v2.values())),
+             ("p99 < 10 ms", all(r["p99_ms"] < 10 for r in v2.values())),
+             ("> 300 req/s", all(r["rps"] > 300 for r in v2.values()))]
+    print("MLServer's v2 CI gates for v2-json at every concurrency: "
+          + ", ".join(f"{gate}: {'met' if ok else 'MISSED'}" for gate, ok in gates))
+
+
+def main() -> int:
+    args = parse_args()
+    if args.serve:
+        kind, model_dir, port = args.serve
+        (baseline_serve if kind == "floor" else bare_serve)(model_dir, int(port), args.threads)
         return 0
 
     from sklearn.datasets import load_digits
@@ -353,48 +541,25 @@ def main() -> int:
     classes = predict(model, manifest, x)["predicted_class"].numpy()
     name = manifest["name"]
 
-    ports = {"server": free_port(), "baseline": free_port(), "grpc": free_port()}
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    procs = {
-        "server": subprocess.Popen(
-            [sys.executable, "-m", "aiaas.server", "--model", str(model_dir), "--host", "127.0.0.1",
-             "--port", str(ports["server"]), "--threads", str(args.threads), "--log-level", "WARNING",
-             "--grpc-port", str(ports["grpc"]), "--explain-method", "integrated-gradients", *args.server_arg], env=env),
-        "baseline": subprocess.Popen(
-            [sys.executable, __file__, "--baseline-serve", str(model_dir), str(ports["baseline"]),
-             "--threads", str(args.threads)], env=env),
-    }
-    results: dict[str, dict[int, dict[str, float]]] = {}
+    ports = {kind: free_port() for kind in ("server", "floor", "bare", "grpc")}
+    procs = start_servers(args, model_dir, ports)
+    load_before = os.getloadavg()[0]
     try:
         wait_http(f"http://127.0.0.1:{ports['server']}/v2/health/ready", procs["server"])
-        wait_http(f"http://127.0.0.1:{ports['baseline']}/", procs["baseline"])
+        for kind in ("floor", "bare"):
+            wait_http(f"http://127.0.0.1:{ports[kind]}/", procs[kind])
         endpoints = build_endpoints(name, ports, x, classes)
         check_formats(endpoints, classes)
-        grpc_reqs = grpc_requests(name, x)
-        print(f"model {name} ({manifest['model']['architecture']}), {args.requests} requests of one sample per run, "
-              f"median of {args.repeat} runs, {os.cpu_count()} CPUs (load average {os.getloadavg()[0]:.1f} before), "
-              f"torch threads {args.threads}", flush=True)
-        runs: dict[tuple[str, int], list[dict[str, float]]] = {}
-        for _ in range(args.repeat):  # interleaved, so a burst of other load hits every endpoint alike
-            for concurrency in args.concurrency:
-                for endpoint in endpoints:
-                    pid = procs["baseline" if endpoint.name == "baseline" else "server"].pid
-                    asyncio.run(_load(endpoint, args.warmup, concurrency))
-                    cpu = cpu_seconds(pid)
-                    latencies, elapsed = asyncio.run(_load(endpoint, args.requests, concurrency))
-                    cpu = cpu_seconds(pid) - cpu
-                    runs.setdefault((endpoint.name, concurrency), []).append(summary(latencies, elapsed, cpu))
-                address = f"127.0.0.1:{ports['grpc']}"
-                asyncio.run(_load_grpc(address, grpc_reqs, args.warmup, concurrency))
-                cpu = cpu_seconds(procs["server"].pid)
-                latencies, elapsed = asyncio.run(_load_grpc(address, grpc_reqs, args.requests, concurrency))
-                cpu = cpu_seconds(procs["server"].pid) - cpu
-                runs.setdefault(("grpc", concurrency), []).append(summary(latencies, elapsed, cpu))
+        print(f"model {name} ({manifest['model']['architecture']}), {args.requests} requests of one sample per run "
+              f"({args.client} client{', pinned' if args.pin else ''}), median of {args.repeat} runs, "
+              f"{os.cpu_count()} CPUs (load average {load_before:.1f} before), torch threads {args.threads}",
+              flush=True)
+        runs = run_all(args, procs, endpoints, grpc_requests(name, x), f"127.0.0.1:{ports['grpc']}")
         explain_ms = sorted(v * 1000 for v in explain_latencies(ports["server"], name, x, 3 + args.explains)[3:])
-        for (endpoint_name, concurrency), summaries in runs.items():  # the median of each figure over the repeats
-            results.setdefault(endpoint_name, {})[concurrency] = {
-                key: statistics.median(s[key] for s in summaries) for key in summaries[0]
-            }
+        results: dict[str, dict[int, dict[str, float]]] = {}
+        for (endpoint_name, c), summaries in runs.items():  # the median of each figure over the repeats
+            results.setdefault(endpoint_name, {})[c] = {key: statistics.median(s[key] for s in summaries)
+                                                        for key in summaries[0]}
         with urllib.request.urlopen(f"http://127.0.0.1:{ports['server']}/metrics") as r:
             metrics = r.read().decode()
     finally:
@@ -403,47 +568,8 @@ def main() -> int:
         for proc in procs.values():
             proc.wait(30)
         tmp.cleanup()
-
-    header = f"{'endpoint':<10} {'conc':>4} {'mean ms':>8} {'p50 ms':>8} {'p99 ms':>8} {'req/s':>8} " \
-             f"{'cpu us/req':>10}   {'p50 x':>6} {'p99 x':>6} {'req/s x':>7} {'cpu x':>6}"
-    print("\n" + header + "\n" + "-" * len(header))
-    for concurrency in args.concurrency:
-        base = results["baseline"][concurrency]
-        for endpoint_name in [e.name for e in endpoints] + ["grpc"]:
-            r = results[endpoint_name][concurrency]
-            print(f"{endpoint_name:<10} {concurrency:>4} {r['mean_ms']:>8.2f} {r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f} "
-                  f"{r['rps']:>8.0f} {r['server_cpu_us']:>10.0f}   {r['p50_ms'] / base['p50_ms']:>6.2f} "
-                  f"{r['p99_ms'] / base['p99_ms']:>6.2f} {r['rps'] / base['rps']:>7.2f} "
-                  f"{r['server_cpu_us'] / max(base['server_cpu_us'], 1e-9):>6.2f}")
-    print("(x = ratio to the baseline in this run: latency and cpu ratios > 1, req/s ratios < 1 are our protocol's "
-          "cost; cpu us/req is the server process's CPU time per request, the figure least disturbed by other load)")
-    batch_count = sum(float(line.split()[-1]) for line in metrics.splitlines()
-                      if line.startswith("aiaas_server_batch_size_count"))
-    batch_sum = sum(float(line.split()[-1]) for line in metrics.splitlines()
-                    if line.startswith("aiaas_server_batch_size_sum"))
-    if batch_count:
-        print(f"server: {batch_sum:.0f} samples in {batch_count:.0f} forward passes "
-              f"(mean batch {batch_sum / batch_count:.2f})")
-    base = results["baseline"]
-    print(f"explain (integrated gradients, 1 sample, default steps): p50 {explain_ms[len(explain_ms) // 2]:.1f} ms, "
-          f"max {explain_ms[-1]:.1f} ms over {len(explain_ms)} requests")
-    goals = []
-    if 1 in base:
-        goals.append(("REST c1 >= 0.9x bare", results["v2-binary"][1]["rps"] / base[1]["rps"], 0.9))
-        goals.append(("gRPC p50 / REST p50 at c1", results["grpc"][1]["p50_ms"] / results["v2-binary"][1]["p50_ms"],
-                      None))
-    if 16 in base:
-        goals.append(("REST c16 >= 2.5x bare", results["v2-binary"][16]["rps"] / base[16]["rps"], 2.5))
-    for label, ratio, goal in goals:
-        verdict = "" if goal is None else (" met" if ratio >= goal else " MISSED")
-        print(f"{label}: {ratio:.2f}x{verdict}")
-    print(f"load average after: {os.getloadavg()[0]:.1f}")
-    v2 = results["v2-json"]
-    gates = [("mean < 5 ms", all(r["mean_ms"] < 5 for r in v2.values())),
-             ("p99 < 10 ms", all(r["p99_ms"] < 10 for r in v2.values())),
-             ("> 300 req/s", all(r["rps"] > 300 for r in v2.values()))]
-    print("MLServer's v2 CI gates for v2-json at every concurrency: "
-          + ", ".join(f"{gate}: {'met' if ok else 'MISSED'}" for gate, ok in gates))
+    report(args, results, [e.name for e in endpoints] + ["grpc"], metrics, explain_ms,
+           (load_before, os.getloadavg()[0]))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     return 0

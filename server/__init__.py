@@ -3,7 +3,8 @@
 Run it as ``python -m aiaas.server --model DIR [--port 8080] [--host 0.0.0.0] [--name NAME]`` (``aiaas serve``
 and the InferenceService's Deployment run exactly this); ``--help`` lists the batching and limit flags.
 
-Endpoints (``{name}`` is ``--name`` or the manifest's name; ``{v}`` is the manifest's version):
+Endpoints (``{name}`` is ``--name`` or the manifest's name; ``{v}`` is the artifact's version, the training step
+it was exported at, which every inference response carries as ``model_version``; see :func:`.model.artifact_version`):
 
 ====================================================  =================================================
 ``GET /v2/health/live``, ``GET /v2/health/ready``     200 ``{"live": true}`` / ``{"ready": true}``; ready
@@ -18,7 +19,8 @@ Endpoints (``{name}`` is ``--name`` or the manifest's name; ``{v}`` is the manif
                                                       ``binary_data_output`` for all)
 ``GET /v2/models/{name}/config``                      Triton's model configuration (``tritonclient``)
 ``POST /v1/models/{name}:predict``                    KServe v1: ``{"instances": [...]}`` ->
-                                                      ``{"predictions": [class, ...]}``
+                                                      ``{"predictions": [class, ...], "model_name",
+                                                      "model_version"}``
 ``GET /v1/models``, ``GET /v1/models/{name}``, ``/``  KServe v1 listing, status and liveness
 ``POST /v2/models/{name}/explain``,                     Integrated Gradients attributions (only with
 ``POST /v1/models/{name}:explain``                      ``--explain-method``; see :mod:`.explain`)
@@ -35,7 +37,8 @@ than ``--body-timeout``, 413 for a body over ``--max-request-bytes`` (also after
 503 while the model loads or when the server is full (with ``Retry-After``). No client input produces a 5xx; a
 500 means a bug: it is logged with its traceback and the response names only a request id (``X-Request-Id``).
 
-Requests are batched dynamically (:mod:`.batcher`) and the model runs in its own thread, off the event loop.
+Requests are batched dynamically (:mod:`.batcher`); a forward pass runs in the model thread, off the event loop,
+unless passes of its size are known to be shorter than ``--inline-forward-ms`` (then on the loop itself).
 gRPC (``inference.GRPCInferenceService``, :mod:`.grpc_server`) listens on ``--grpc-port`` (default 8081) and
 shares the data plane (:mod:`.dataplane`). Load shedding, bearer-token authentication and explanations are
 described in docs/serving.md.

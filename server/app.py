@@ -27,7 +27,7 @@ from aiohttp.web_protocol import RequestPayloadError
 from aiaas import __version__
 
 from . import generate, openapi, protocol
-from .dataplane import DataPlane, ServerConfig, new_request_id
+from .dataplane import DataPlane, ServerConfig
 from .metrics import CONTENT_TYPE
 from .model import ServedModel, output_kind
 from .protocol import HEADER_CONTENT_LENGTH, ProtocolError
@@ -125,8 +125,8 @@ async def answer(request: web.Request, handler: Handler, request_id: str) -> web
 @web.middleware
 async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Request id, authentication, errors as JSON, and the request counted by route name and status."""
-    given = request.headers.get(REQUEST_ID_HEADER, "")
-    request_id = given if _CLIENT_REQUEST_ID.fullmatch(given) else new_request_id()
+    given = request.headers.get(REQUEST_ID_HEADER)
+    request_id = given if given and _CLIENT_REQUEST_ID.fullmatch(given) else plane_of(request).new_request_id()
     response = await answer(request, handler, request_id)
     response.headers[REQUEST_ID_HEADER] = request_id
     plane_of(request).metrics.count(request.match_info.route.name or "unknown", response.status)
@@ -141,12 +141,15 @@ def data_plane(handler: BodyHandler) -> Handler:
         request[RECEIVED_AT] = time.perf_counter()
         declared = request.content_length
         with plane.admitted(declared if declared is not None else plane.config.max_request_bytes):
-            try:
-                body = await asyncio.wait_for(request.read(), plane.config.body_timeout)
-            except asyncio.TimeoutError:
-                raise ProtocolError(
-                    408, f"the request body did not arrive within {plane.config.body_timeout:g} seconds"
-                ) from None
+            if request.content.is_eof():  # the whole body came with the headers: nothing to wait for
+                body = await request.read()
+            else:
+                try:
+                    body = await asyncio.wait_for(request.read(), plane.config.body_timeout)
+                except asyncio.TimeoutError:
+                    raise ProtocolError(
+                        408, f"the request body did not arrive within {plane.config.body_timeout:g} seconds"
+                    ) from None
             return await handler(request, body)
 
     return admitted
@@ -257,7 +260,7 @@ async def predict_v1(request: web.Request, body: bytes) -> web.Response:
         classes = results[class_outputs[0]]
     else:
         classes = next(iter(results.values())).reshape(array.shape[0], -1).argmax(axis=-1)
-    return web.Response(body=protocol.v1_predictions(classes), content_type=JSON_TYPE)
+    return web.Response(body=protocol.v1_predictions(model.name, model.version, classes), content_type=JSON_TYPE)
 
 
 @data_plane
@@ -279,7 +282,7 @@ async def explain_v1(request: web.Request, body: bytes) -> web.Response:
     params = protocol.loads(body).get("parameters")
     async with plane.explain_slot() as explainer:
         explanation = await explainer.explain([array], params if isinstance(params, dict) else {})
-    return json_response(explanation.v1_response())
+    return json_response(explanation.v1_response(model))
 
 
 async def list_models_v1(request: web.Request) -> web.Response:

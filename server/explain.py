@@ -55,8 +55,10 @@ class Explanation:
             response["id"] = request_id
         return response
 
-    def v1_response(self) -> dict[str, Any]:
+    def v1_response(self, model: ServedModel) -> dict[str, Any]:
         return {
+            "model_name": model.name,
+            "model_version": model.version,
             "method": METHOD,
             "steps": self.steps,
             "baseline": self.baseline,

@@ -23,7 +23,7 @@ from aiaas import __version__
 
 from . import grpc_predict_v2_pb2 as pb
 from . import grpc_predict_v2_pb2_grpc as pb_grpc
-from .dataplane import DataPlane, new_request_id
+from .dataplane import DataPlane
 from .grpc_protocol import grpc_code_name, model_infer_response, parse_model_infer, tensor_metadata
 from .protocol import ProtocolError
 
@@ -59,7 +59,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             await context.abort(getattr(grpc.StatusCode, grpc_code_name(e)), e.message)
         except Exception:
             status = 500
-            request_id = _metadata(context, "x-request-id") or new_request_id()
+            request_id = _metadata(context, "x-request-id") or self.plane.new_request_id()
             log.exception("internal error serving gRPC %s (request id %s)", method, request_id)
             await context.abort(
                 grpc.StatusCode.INTERNAL,

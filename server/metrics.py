@@ -40,7 +40,10 @@ class ServerMetrics:
         self.model_load = Gauge(
             SERVER_MODEL_LOAD, "Seconds it took to load the model artifact.", ["model"], registry=self.registry
         )
+        # labels() takes a lock and builds its key on every call: the children of this model are looked up once
         self._request_children: dict[tuple[str, int], Counter] = {}
+        self._latency_child: Histogram | None = None  # created on first use (or by set_model)
+        self._batch_child: Histogram | None = None
 
     def count(self, endpoint: str, status: int) -> None:
         child = self._request_children.get((endpoint, status))
@@ -50,18 +53,24 @@ class ServerMetrics:
         child.inc()
 
     def observe_latency(self, seconds: float) -> None:
-        self.latency.labels(self.model).observe(seconds)
+        child = self._latency_child
+        if child is None:
+            child = self._latency_child = self.latency.labels(self.model)
+        child.observe(seconds)
 
     def observe_batch(self, size: int) -> None:
-        self.batch_size.labels(self.model).observe(size)
+        child = self._batch_child
+        if child is None:
+            child = self._batch_child = self.batch_size.labels(self.model)
+        child.observe(size)
 
     def set_model(self, model: str, load_seconds: float) -> None:
         self.model = model
         self._request_children.clear()
         self.model_load.labels(model).set(load_seconds)
         # Create the series now, so dashboards see zeros rather than nothing before the first request.
-        self.latency.labels(model)
-        self.batch_size.labels(model)
+        self._latency_child = self.latency.labels(model)
+        self._batch_child = self.batch_size.labels(model)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

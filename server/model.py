@@ -142,6 +142,20 @@ def _specs(manifest: Mapping[str, Any], key: str, default: tuple[TensorSpec, ...
     return [TensorSpec.from_json(item) for item in raw]
 
 
+def artifact_version(manifest: Mapping[str, Any]) -> str:
+    """The artifact's version: the training step it was exported at (``training.steps`` in the manifest, the
+    same step the operator reports as ``status.artifact.version`` of the TrainingJob); for an artifact that
+    records no step, the manifest's own ``version``; ``"1"`` when it has neither."""
+    training = manifest.get("training")
+    steps = training.get("steps") if isinstance(training, Mapping) else None
+    if type(steps) is int and steps >= 0:
+        return str(steps)
+    version = manifest.get("version")
+    if isinstance(version, (str, int)) and not isinstance(version, bool) and str(version).strip():
+        return str(version).strip()
+    return "1"
+
+
 def from_module(
     module: Any, manifest: Mapping[str, Any], name: str | None = None, load_seconds: float = 0.0
 ) -> ServedModel:
@@ -158,7 +172,6 @@ def from_module(
                 out = out[:, -1]
             return out.float().numpy()
 
-    version = manifest.get("version", "1")
     input_info = manifest.get("input") if isinstance(manifest.get("input"), dict) else {}
     vocab = input_info.get("vocabSize") if input_info else None
     inputs = _specs(manifest, "inputs", None)
@@ -169,7 +182,7 @@ def from_module(
         inputs = [TensorSpec(inputs[0].name, inputs[0].datatype, (-1, -1))]
     return ServedModel(
         name=name or str(manifest.get("name") or "model"),
-        version=str(version),
+        version=artifact_version(manifest),
         platform=str(manifest.get("platform") or "pytorch_torchscript"),
         inputs=inputs,
         context=context,

@@ -130,8 +130,12 @@ _SCHEMAS: dict[str, Any] = {
     },
     "PredictResponse": {
         "type": "object",
-        "required": ["predictions"],
-        "properties": {"predictions": {"type": "array", "items": {"type": "integer"}}},
+        "required": ["predictions", "model_name", "model_version"],
+        "properties": {
+            "predictions": {"type": "array", "items": {"type": "integer"}},
+            "model_name": {"type": "string"},
+            "model_version": {"type": "string"},
+        },
     },
     "ModelList": {
         "type": "object",

@@ -428,8 +428,9 @@ def v1_instances(body: bytes, spec: TensorSpec) -> np.ndarray:
     return json_tensor("instances", spec, shape, flat)
 
 
-def v1_predictions(classes: np.ndarray) -> bytes:
-    return dumps({"predictions": classes.reshape(-1)})
+def v1_predictions(model_name: str, model_version: str, classes: np.ndarray) -> bytes:
+    """KServe v1's ``{"predictions": [...]}``, with the model's name and version like every v2 response."""
+    return dumps({"predictions": classes.reshape(-1), "model_name": model_name, "model_version": model_version})
 
 
 def error_body(message: str) -> bytes:

@@ -11,7 +11,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from server_artifacts import train_digits_artifact, train_text_artifact  # noqa: E402
+from server_artifacts import artifact_step, train_digits_artifact, train_text_artifact  # noqa: E402
 from server_harness import ServerProcess  # noqa: E402
 
 
@@ -28,6 +28,12 @@ def rnn_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def text_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return train_text_artifact(tmp_path_factory.mktemp("text"), name="chars")
+
+
+@pytest.fixture(scope="session")
+def cnn_version(cnn_artifact: Path) -> str:
+    """The CNN artifact's version as served: the training step the trainer exported it at."""
+    return artifact_step(cnn_artifact)
 
 
 @pytest.fixture(scope="session")

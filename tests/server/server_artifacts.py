@@ -48,6 +48,11 @@ def train(out: Path, name: str, model: dict[str, Any], dataset: dict[str, Any], 
     return out / "artifact"
 
 
+def artifact_step(artifact: Path) -> str:
+    """The training step the trainer recorded in the artifact's manifest (what the server reports as its version)."""
+    return str(json.loads((artifact / "model.json").read_text())["training"]["steps"])
+
+
 def train_digits_artifact(out: Path, architecture: str = "cnn", name: str = "digits") -> Path:
     """cnn: LeNet-5 on [1, 8, 8] images; rnn/lstm/gru: 8 steps of 8 pixels."""
     return train(out, name, {"architecture": architecture, "hiddenSize": 32}, {"kind": "digits"},

@@ -186,3 +186,41 @@ def test_the_queue_is_bounded() -> None:
     results, refused = run(main())
     assert refused.status == 503 and refused.retry_after == 1 and "retry later" in refused.message
     assert [r["double"][0, 0] for r in results] == [2.0, 4.0, 4.0]
+
+
+def test_fast_passes_run_on_the_event_loop_slow_ones_in_the_model_thread() -> None:
+    """The first pass of a size is timed in the model thread; once passes of that size are known to take less
+    than inline_seconds they run on the loop's own thread. A slow model never leaves the model thread."""
+
+    async def main(model: Recorder) -> list[str]:
+        batcher = Batcher(model, max_batch_size=8, max_delay=0.0, inline_seconds=0.05)
+        batcher.start()
+        seen = []
+        for _ in range(3):
+            model.threads.clear()
+            out = await batcher.submit(rows(1.0))
+            np.testing.assert_array_equal(out["double"], np.full((1, 3), 2.0))
+            seen.append(model.threads.pop())
+        await batcher.stop()
+        return seen
+
+    fast = run(main(Recorder()))
+    assert fast == ["model", "MainThread", "MainThread"], fast
+    slow = run(main(Recorder(delay=0.1)))
+    assert slow == ["model", "model", "model"], slow
+
+
+def test_pass_times_shrug_off_one_slow_pass() -> None:
+    from aiaas.server.batcher import PassTimes, size_class
+
+    assert [size_class(n) for n in (1, 2, 3, 4, 5, 64, 65)] == [1, 2, 4, 4, 8, 64, 128]
+    times = PassTimes()
+    assert times.expected(3) is None
+    times.record(3, 0.001)
+    times.record(4, 0.050)  # preempted: counted as at most twice the estimate, with a small weight
+    assert times.expected(4) == pytest.approx(0.001 + 0.05 * 0.001)
+    times.record(4, 0.0005)  # a faster pass is followed at once (half way)
+    assert times.expected(3) == pytest.approx((0.00105 + 0.0005) / 2)
+    for _ in range(100):  # a lasting slowdown shows after a few dozen passes
+        times.record(4, 0.010)
+    assert times.expected(4) > 0.009

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from server_artifacts import digits
+from server_artifacts import artifact_step, digits
 from server_harness import ServerProcess, http
 
 X, _ = digits()
@@ -50,6 +50,7 @@ def test_attributions_are_complete(explaining: ServerProcess, cnn_artifact: Path
     assert status == 200, body
     out = {o["name"]: o for o in body["outputs"]}
     assert body["id"] == "e-1" and body["parameters"]["steps"] == 64
+    assert (body["model_name"], body["model_version"]) == ("digits", artifact_step(cnn_artifact))
     assert out["attributions"]["shape"] == [8, 1, 8, 8]
     attributions = np.array(out["attributions"]["data"]).reshape(8, -1)
     targets = np.array(out["target"]["data"])
@@ -62,7 +63,7 @@ def test_attributions_are_complete(explaining: ServerProcess, cnn_artifact: Path
     assert (np.abs(deltas) <= 0.05 * np.abs(f_x - f_base) + 0.01).all(), (deltas, f_x - f_base)
 
 
-def test_positive_attribution_falls_mostly_on_ink(explaining: ServerProcess) -> None:
+def test_positive_attribution_falls_mostly_on_ink(explaining: ServerProcess, cnn_version: str) -> None:
     """Against a grey baseline (the mean pixel), background pixels can earn attribution too; still most of the
     positive attribution lands on ink (measured 0.72 on 32 digits; with the default blank baseline it is 1.0 by
     construction, since IG gives exactly 0 where input = baseline)."""
@@ -70,7 +71,9 @@ def test_positive_attribution_falls_mostly_on_ink(explaining: ServerProcess) -> 
     body = {"instances": x.tolist(), "parameters": {"baseline": float(X.mean()), "target": None}}
     status, _, raw = http("POST", explaining.url + "/v1/models/digits:explain", body, timeout=120)
     assert status == 200, raw
-    explanations = json.loads(raw)["explanations"]
+    answer = json.loads(raw)
+    assert (answer["model_name"], answer["model_version"]) == ("digits", cnn_version)
+    explanations = answer["explanations"]
     attributions = np.array([e["attributions"] for e in explanations]).reshape(32, 8, 8)
     positive = np.clip(attributions, 0, None)
     share = float((positive * (x > 0)).sum() / positive.sum())

@@ -33,13 +33,14 @@ def api_schema(server: ServerProcess) -> Any:
 
 @pytest.mark.parametrize("mode", ["positive", "negative"])
 @pytest.mark.parametrize("pinned", [False, True], ids=["any-model", "served-model"])
-def test_api_conforms_to_its_openapi(server: ServerProcess, api_schema: Any, mode: str, pinned: bool) -> None:
+def test_api_conforms_to_its_openapi(server: ServerProcess, api_schema: Any, mode: str, pinned: bool,
+                                     cnn_version: str) -> None:
     """Generated requests to every operation; responses are checked against the document (50 per run).
 
     Every check runs except "a schema-valid request is accepted": JSON Schema cannot say that ``data`` must
     hold exactly as many numbers as ``shape`` asks for, so such requests rightly get a 400.
     """
-    fixed = {"model_name": "digits", "model_version": "1"} if pinned else None
+    fixed = {"model_name": "digits", "model_version": cnn_version} if pinned else None
     strategy = api_schema.as_strategy(generation_mode=schemathesis.GenerationMode(mode), path_parameters=fixed)
 
     statuses: list[int] = []
@@ -105,12 +106,12 @@ def mutated_requests(draw: st.DrawFn) -> tuple[dict[str, Any], bytes, dict[str, 
 
 
 @given(request=mutated_requests(), path=st.sampled_from(["/v2/models/digits/infer",
-                                                         "/v2/models/digits/versions/1/infer"]))
+                                                         "/v2/models/digits/versions/{version}/infer"]))
 @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck), database=None)
 def test_mutated_infer_requests(server: ServerProcess, request: tuple[dict[str, Any], bytes, dict[str, str]],
-                                path: str) -> None:
+                                path: str, cnn_version: str) -> None:
     _, body, headers = request
-    status, response_headers, raw = http("POST", server.url + path, body, headers)
+    status, response_headers, raw = http("POST", server.url + path.format(version=cnn_version), body, headers)
     assert status in (200, 400), raw
     if status == 400:
         assert json.loads(raw)["error"]

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from server_artifacts import TEXT, train
+from server_artifacts import TEXT, artifact_step, train
 from server_harness import ServerProcess, http
 
 CONTEXT = 16
@@ -62,13 +62,14 @@ def generate(server: ServerProcess, body: Any, name: str = "tiny-lm") -> tuple[i
     return status, json.loads(raw)
 
 
-def test_greedy_generation_follows_the_models_own_argmax(lm_server: ServerProcess, reference: Any) -> None:
+def test_greedy_generation_follows_the_models_own_argmax(lm_server: ServerProcess, reference: Any,
+                                                        lm_artifact: Path) -> None:
     prompt = "the quick brown fox jumps"  # longer than the context: only its last 16 characters matter
     status, body = generate(lm_server, {"text_input": prompt[-CONTEXT:], "parameters": {"max_tokens": 40,
                                                                                          "temperature": 0}})
     assert status == 200, body
     assert set(body) == {"model_name", "model_version", "text_output"}
-    assert (body["model_name"], body["model_version"]) == ("tiny-lm", "1")
+    assert (body["model_name"], body["model_version"]) == ("tiny-lm", artifact_step(lm_artifact))
     labels = reference.labels
     ids = [labels.index(c) for c in prompt[-CONTEXT:]]
     for _ in range(40):  # the window slides past the context after the first token

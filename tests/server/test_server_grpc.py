@@ -53,9 +53,9 @@ def stub(server: ServerProcess) -> Any:
     channel.close()
 
 
-def test_health_and_metadata(client: Any) -> None:
+def test_health_and_metadata(client: Any, cnn_version: str) -> None:
     assert client.is_server_live() and client.is_server_ready()
-    assert client.is_model_ready("digits") and client.is_model_ready("digits", "1")
+    assert client.is_model_ready("digits") and client.is_model_ready("digits", cnn_version)
     assert not client.is_model_ready("digits", "2") and not client.is_model_ready("other")
     assert client.get_server_metadata().name == "aiaas"
     meta = client.get_model_metadata("digits", as_json=True)
@@ -63,7 +63,7 @@ def test_health_and_metadata(client: Any) -> None:
     assert {o["name"] for o in meta["outputs"]} == {"probabilities", "predicted_class"}
 
 
-def test_infer_with_raw_contents(client: Any, reference: Any) -> None:
+def test_infer_with_raw_contents(client: Any, reference: Any, cnn_version: str) -> None:
     x = X[:16].reshape(16, 1, 8, 8)
     tensor = grpcclient.InferInput("input", list(x.shape), "FP32")
     tensor.set_data_from_numpy(x)  # tritonclient sends raw_input_contents
@@ -73,7 +73,7 @@ def test_infer_with_raw_contents(client: Any, reference: Any) -> None:
     np.testing.assert_array_equal(result.as_numpy("predicted_class"), classes)
     assert result.get_response().id == "g-1"
     outputs = [grpcclient.InferRequestedOutput("predicted_class")]
-    result = client.infer("digits", [tensor], outputs=outputs, model_version="1")
+    result = client.infer("digits", [tensor], outputs=outputs, model_version=cnn_version)
     np.testing.assert_array_equal(result.as_numpy("predicted_class"), classes)
     assert result.as_numpy("probabilities") is None
 

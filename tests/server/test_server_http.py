@@ -27,28 +27,28 @@ def post_json(server: ServerProcess, path: str, body: Any) -> tuple[int, dict[st
     return status, json.loads(raw)
 
 
-def test_health_and_metadata(server: ServerProcess) -> None:
+def test_health_and_metadata(server: ServerProcess, cnn_version: str) -> None:
     assert http("GET", server.url + "/v2/health/live")[0] == 200
     status, _, body = http("GET", server.url + "/v2/health/ready")
     assert (status, json.loads(body)) == (200, {"ready": True})
     meta = json.loads(http("GET", server.url + "/v2")[2])
     assert meta["name"] == "aiaas" and "binary_tensor_data" in meta["extensions"]
     model = json.loads(http("GET", server.url + "/v2/models/digits")[2])
-    assert model["name"] == "digits" and model["versions"] == ["1"] and model["platform"] == "pytorch"
+    assert model["name"] == "digits" and model["versions"] == [cnn_version] and model["platform"] == "pytorch"
     assert model["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, 1, 8, 8]}]
     assert {o["name"] for o in model["outputs"]} == {"probabilities", "predicted_class"}
-    assert json.loads(http("GET", server.url + "/v2/models/digits/versions/1")[2]) == model
-    for path in ("/v2/models/digits/ready", "/v2/models/digits/versions/1/ready", "/v1/models/digits"):
+    assert json.loads(http("GET", server.url + f"/v2/models/digits/versions/{cnn_version}")[2]) == model
+    for path in ("/v2/models/digits/ready", f"/v2/models/digits/versions/{cnn_version}/ready", "/v1/models/digits"):
         status, _, body = http("GET", server.url + path)
         assert (status, json.loads(body)) == (200, {"name": "digits", "ready": True}), path
     assert json.loads(http("GET", server.url + "/v1/models")[2]) == {"models": ["digits"]}
 
 
-def test_infer_matches_forward_pass(server: ServerProcess, reference: Any) -> None:
+def test_infer_matches_forward_pass(server: ServerProcess, reference: Any, cnn_version: str) -> None:
     x = X[:20].reshape(20, 1, 8, 8)
     status, body = post_json(server, INFER, infer_body(x, id="req-42"))
     assert status == 200, body
-    assert body["id"] == "req-42" and body["model_name"] == "digits" and body["model_version"] == "1"
+    assert body["id"] == "req-42" and body["model_name"] == "digits" and body["model_version"] == cnn_version
     outputs = {o["name"]: o for o in body["outputs"]}
     probs, classes = reference(x)
     assert outputs["probabilities"]["shape"] == [20, 10] and outputs["probabilities"]["datatype"] == "FP32"
@@ -58,15 +58,43 @@ def test_infer_matches_forward_pass(server: ServerProcess, reference: Any) -> No
     assert (classes == Y[:20]).mean() > 0.8  # the model really learned digits
 
 
-def test_nested_data_versions_and_requested_outputs(server: ServerProcess, reference: Any) -> None:
+def test_nested_data_versions_and_requested_outputs(server: ServerProcess, reference: Any, cnn_version: str) -> None:
     x = X[:3].reshape(3, 1, 8, 8)
     body = {"inputs": [{"name": "input", "shape": [3, 1, 8, 8], "datatype": "FP32", "data": x.tolist()}],
             "outputs": [{"name": "predicted_class"}]}
-    status, out = post_json(server, "/v2/models/digits/versions/1/infer", body)
+    status, out = post_json(server, f"/v2/models/digits/versions/{cnn_version}/infer", body)
     assert status == 200, out
     assert [o["name"] for o in out["outputs"]] == ["predicted_class"]
     assert out["outputs"][0]["data"] == reference(x)[1].tolist()
     assert "id" not in out
+
+
+def test_served_artifact_reports_the_step_it_was_exported_at(server: ServerProcess, cnn_artifact: Any) -> None:
+    """model_version is the training step recorded in the artifact (the TrainingJob's status.artifact.version),
+    on every endpoint; the old constant "1" is no version of this model."""
+    step = json.loads((cnn_artifact / "model.json").read_text())["training"]["steps"]
+    assert step > 1
+    version = str(step)
+    assert json.loads(http("GET", server.url + "/v2/models/digits")[2])["versions"] == [version]
+    x = X[:2].reshape(2, 1, 8, 8)
+    for path in (INFER, f"/v2/models/digits/versions/{version}/infer"):
+        status, body = post_json(server, path, infer_body(x))
+        assert (status, body["model_version"]) == (200, version), body
+    status, body = post_json(server, "/v1/models/digits:predict", {"instances": X[:2].tolist()})
+    assert (status, body["model_version"]) == (200, version), body
+    assert http("GET", server.url + f"/v2/models/digits/versions/{version}/ready")[0] == 200
+    status, body = post_json(server, "/v2/models/digits/versions/1/infer", infer_body(x))
+    assert status == 404 and f"available versions: ['{version}']" in body["error"], body
+
+
+def test_artifact_version_falls_back_to_the_manifest_then_1() -> None:
+    from aiaas.server.model import artifact_version
+
+    assert artifact_version({"version": "1", "training": {"steps": 120}}) == "120"
+    assert artifact_version({"version": "7", "training": {}}) == "7"  # a hand-made artifact records no step
+    assert artifact_version({"version": 3}) == "3"
+    assert artifact_version({}) == "1"
+    assert artifact_version({"version": "", "training": {"steps": "x"}}) == "1"
 
 
 def test_integers_are_accepted_as_fp32(server: ServerProcess, reference: Any) -> None:
@@ -78,11 +106,12 @@ def test_integers_are_accepted_as_fp32(server: ServerProcess, reference: Any) ->
     assert out["outputs"][1]["data"] == reference(x)[1].tolist()
 
 
-def test_v1_predict(server: ServerProcess, reference: Any) -> None:
+def test_v1_predict(server: ServerProcess, reference: Any, cnn_version: str) -> None:
     x = X[:5]
     status, out = post_json(server, "/v1/models/digits:predict", {"instances": x.tolist()})
     assert status == 200, out
-    assert out == {"predictions": reference(x.reshape(5, 1, 8, 8))[1].tolist()}
+    assert out == {"predictions": reference(x.reshape(5, 1, 8, 8))[1].tolist(), "model_name": "digits",
+                   "model_version": cnn_version}
     flat = {"instances": [row.reshape(-1).tolist() for row in x]}  # flat instances work too
     assert post_json(server, "/v1/models/digits:predict", flat) == (200, out)
 

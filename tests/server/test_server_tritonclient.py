@@ -22,9 +22,9 @@ def client(server: ServerProcess) -> Any:
     c.close()
 
 
-def test_health_and_metadata(client: Any) -> None:
+def test_health_and_metadata(client: Any, cnn_version: str) -> None:
     assert client.is_server_live() and client.is_server_ready()
-    assert client.is_model_ready("digits") and client.is_model_ready("digits", "1")
+    assert client.is_model_ready("digits") and client.is_model_ready("digits", cnn_version)
     assert not client.is_model_ready("digits", "2") and not client.is_model_ready("other")
     assert client.get_server_metadata()["name"] == "aiaas"
     meta = client.get_model_metadata("digits")
@@ -34,7 +34,7 @@ def test_health_and_metadata(client: Any) -> None:
 
 
 @pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
-def test_infer(client: Any, reference: Any, binary: bool) -> None:
+def test_infer(client: Any, reference: Any, binary: bool, cnn_version: str) -> None:
     x = X[:16].reshape(16, 1, 8, 8)
     tensor = httpclient.InferInput("input", list(x.shape), "FP32")
     tensor.set_data_from_numpy(x, binary_data=binary)
@@ -45,7 +45,7 @@ def test_infer(client: Any, reference: Any, binary: bool) -> None:
     assert result.get_response()["id"] == "t-1"
 
     outputs = [httpclient.InferRequestedOutput("predicted_class", binary_data=not binary)]
-    result = client.infer("digits", [tensor], outputs=outputs, model_version="1")
+    result = client.infer("digits", [tensor], outputs=outputs, model_version=cnn_version)
     np.testing.assert_array_equal(result.as_numpy("predicted_class"), classes)
     assert result.as_numpy("probabilities") is None
 
