@@ -288,16 +288,14 @@ DIGIT_ZERO = [0, 0, 5, 13, 9, 1, 0, 0, 0, 0, 13, 15, 10, 15, 5, 0, 0, 3, 15, 2, 
               0, 5, 8, 0, 0, 9, 8, 0, 0, 4, 11, 0, 1, 12, 7, 0, 0, 2, 14, 5, 10, 12, 0, 0, 0, 0, 6, 13, 10, 0, 0, 0]
 
 
-# Which version answered: the two models' weights differ, so their probabilities for the same digit do (the
-# built-in artifacts all carry model_version "1", so that cannot tell them apart).
+# Which version answered: every response names it (model_version: the training step the artifact was exported at,
+# as the job's status.artifact.version says).
 COUNT_VERSIONS = ("import collections, json, sys, urllib.request\n"
                   "seen = collections.Counter()\n"
                   "for _ in range(200):\n"
                   "    req = urllib.request.Request(sys.argv[1], data=sys.argv[2].encode(),"
                   " headers={'content-type': 'application/json'})\n"
-                  "    out = json.loads(urllib.request.urlopen(req, timeout=30).read())['outputs']\n"
-                  "    probs = next(o['data'] for o in out if o['name'] == 'probabilities')\n"
-                  "    seen[' '.join(f'{p:.4f}' for p in probs)] += 1\n"
+                  "    seen[json.loads(urllib.request.urlopen(req, timeout=30).read())['model_version']] += 1\n"
                   "print(json.dumps(seen))\n")
 
 
@@ -335,7 +333,10 @@ def test_canary_at_50_percent_splits_real_traffic(resumed_job, images, jobs_ns, 
     wait_for(lambda: (get(kubectl, jobs_ns, "pod", "canary-client") or {}).get("status", {}).get("phase") in
              ("Succeeded", "Failed"), timeout=300, interval=2, what="the client pod to finish")
     seen = json.loads(kubectl("logs", "canary-client", namespace=jobs_ns).stdout.strip().splitlines()[-1])
-    assert len(seen) == 2 and sum(seen.values()) == 200, seen  # both versions answered
+    versions = {str(_job(kubectl, jobs_ns, job)["status"]["artifact"]["version"]) for job in (resumed_job["name"],
+                                                                                             "canary-src")}
+    assert len(versions) == 2, versions  # 90 epochs against 2: the steps differ
+    assert set(seen) == versions and sum(seen.values()) == 200, (seen, versions)  # both versions answered
     assert all(60 <= n <= 140 for n in seen.values()), seen  # each 30-70 %
     print(f"canary at 50 %: {seen}")
 
