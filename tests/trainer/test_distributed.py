@@ -228,3 +228,18 @@ def test_checkpoint_reshards_from_ddp_to_a_pipeline(tmp_path: Path, ddp: Run, di
     m = assert_succeeded(run, 7 * 44)
     assert m["resumedFromStep"] == 264 and "resumed from checkpoint step 264 (epoch 6, batch 0)" in run.log
     assert held_out_accuracy(run.artifact) >= 0.93  # one more epoch at a constant learning rate: it wobbles
+
+
+@pytest.mark.parametrize("nproc", [0, 4], ids=["one-rank", "four-ranks"])
+def test_checkpoint_of_two_ranks_resumes_with_another_world_size(tmp_path: Path, ddp: Run,
+                                                                 digits_cnn: dict[str, Any], nproc: int) -> None:
+    """What an elastic job does after a resize: a 2-rank DDP checkpoint resumes at the same step with one rank
+    (no torchrun) and with four, and training finishes from there."""
+    import shutil
+
+    shutil.copytree(ddp.checkpoints, tmp_path / "checkpoints")
+    hp = {**digits_cnn["hyperparameters"], "epochs": 7}
+    run = train(tmp_path, nproc=nproc, parallelism={"data": max(nproc, 1)}, model=digits_cnn["model"],
+                dataset=digits_cnn["dataset"], hyperparameters=hp)
+    m = assert_succeeded(run, 7 * 44)
+    assert m["resumedFromStep"] == 264 and "resumed from checkpoint step 264" in run.log
