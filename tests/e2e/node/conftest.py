@@ -7,7 +7,7 @@ import json
 from collections.abc import Iterator
 
 import pytest
-from node_util import REAL_NODE_LABEL, STEER_ANNOTATIONS
+from node_util import REAL_NODE_LABEL, STEER_ANNOTATIONS, build_and_load
 
 
 @pytest.fixture(scope="session")
@@ -30,3 +30,10 @@ def node_ns(real_node, namespace, kubectl) -> Iterator[str]:
     """A fresh namespace annotated so that all its pods run on the real node."""
     kubectl("annotate", "namespace", namespace, *(f"{k}={v}" for k, v in STEER_ANNOTATIONS.items()))
     yield namespace
+
+
+@pytest.fixture(scope="session")
+def images(real_node) -> dict[str, str]:
+    """The operator and trainer images of this tree, built if missing and loaded into the real node once per
+    session (the trainer image is ~6 GB)."""
+    return build_and_load()

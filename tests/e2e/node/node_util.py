@@ -9,9 +9,14 @@ here starts or stops a cluster.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+import os
+import subprocess
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
+import pytest
 from e2e_util import wait_for
 
 REAL_NODE_LABEL = "aiaas.dev/real-node"
@@ -136,3 +141,32 @@ def probe_rounds(kubectl: Kubectl, namespace: str, name: str, since: float = 0.0
         if len(words) >= 3 and words[0] == "probe" and int(words[1]) / 1000 >= since:
             rounds.append(dict(w.split("=", 1) for w in words[2:]))
     return rounds
+
+
+REPO = Path(__file__).resolve().parents[3]
+
+
+def build_and_load(only: str | None = None) -> dict[str, str]:
+    """{short name: image} of this tree's images (``only``: one of them), built if missing (cached by content, so
+    `make test`'s build is reused) and loaded into the real node's containerd."""
+    if os.geteuid() != 0:
+        pytest.skip("building the images needs root here (buildah); run `make images` as root")
+    env = {**os.environ, "AIAAS_IMAGES": only} if only else None
+    out = subprocess.run([str(REPO / "hack" / "images.sh"), "build"], capture_output=True, text=True, check=False,
+                         timeout=3600, env=env)
+    assert out.returncode == 0, f"hack/images.sh build failed:\n{out.stderr[-3000:]}"
+    built = dict(line.split(" ", 1) for line in out.stdout.strip().splitlines())
+    load = subprocess.run([str(REPO / "hack" / "cluster.sh"), "load-images", *built.values()],
+                          capture_output=True, text=True, timeout=1200, check=False)
+    assert load.returncode == 0, load.stderr[-3000:]
+    return {name.split("/")[-1].split(":")[0]: name for name in built}
+
+
+def restricted_namespace(kubectl: Kubectl, prefix: str) -> Iterator[str]:
+    """A new namespace (Pod Security "restricted") whose pods all land on the real node; deleted afterwards."""
+    ns = f"{prefix}-{uuid.uuid4().hex[:6]}"
+    kubectl("create", "namespace", ns)
+    kubectl("label", "namespace", ns, "pod-security.kubernetes.io/enforce=restricted")
+    kubectl("annotate", "namespace", ns, *(f"{k}={v}" for k, v in STEER_ANNOTATIONS.items()))
+    yield ns
+    kubectl("delete", "namespace", ns, "--wait=false", check=False)

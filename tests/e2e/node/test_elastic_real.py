@@ -12,9 +12,7 @@ of earlier tests have gone, so the test holds on any machine the real node runs 
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
 import time
 import uuid
 from collections.abc import Iterator
@@ -24,7 +22,7 @@ from typing import Any
 import pytest
 import yaml
 from e2e_util import wait_for
-from node_util import LOCAL_PATH_CLASS, REAL_NODE_LABEL, STEER_ANNOTATIONS
+from node_util import LOCAL_PATH_CLASS, REAL_NODE_LABEL, restricted_namespace
 
 REPO = Path(__file__).resolve().parents[3]
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1800), pytest.mark.usefixtures("e2e_cluster")]
@@ -42,29 +40,8 @@ def get(kubectl, ns: str | None, *what: str) -> dict[str, Any] | None:
 
 
 @pytest.fixture(scope="module")
-def images(real_node, kubectl) -> dict[str, str]:
-    """The operator and trainer images of this tree (built if missing, cached by content), loaded into the real
-    node's containerd."""
-    if os.geteuid() != 0:
-        pytest.skip("building the images needs root here (buildah); run `make images` as root")
-    out = subprocess.run([str(REPO / "hack" / "images.sh"), "build"], capture_output=True, text=True, check=False,
-                         timeout=3600)
-    assert out.returncode == 0, f"hack/images.sh build failed:\n{out.stderr[-3000:]}"
-    built = dict(line.split(" ", 1) for line in out.stdout.strip().splitlines())
-    load = subprocess.run([str(REPO / "hack" / "cluster.sh"), "load-images", *built.values()],
-                          capture_output=True, text=True, timeout=1200, check=False)
-    assert load.returncode == 0, load.stderr[-3000:]
-    return {name.split("/")[-1].split(":")[0]: name for name in built}
-
-
-@pytest.fixture(scope="module")
 def elastic_ns(real_node, kubectl) -> Iterator[str]:
-    ns = f"aiaas-elastic-{uuid.uuid4().hex[:6]}"
-    kubectl("create", "namespace", ns)
-    kubectl("label", "namespace", ns, "pod-security.kubernetes.io/enforce=restricted")
-    kubectl("annotate", "namespace", ns, *(f"{k}={v}" for k, v in STEER_ANNOTATIONS.items()))
-    yield ns
-    kubectl("delete", "namespace", ns, "--wait=false", check=False)
+    yield from restricted_namespace(kubectl, "aiaas-elastic")
 
 
 @pytest.fixture(scope="module")

@@ -37,7 +37,7 @@ from aiaas.contract import launch
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1500)]
 # The operator as a user installs it: test_workloads' module fixtures, set up again for this module.
-images, jobs_ns, operator_release = workloads.images, workloads.jobs_ns, workloads.operator_release
+jobs_ns, operator_release = workloads.jobs_ns, workloads.operator_release
 get, apply, _pods, _wait_phase = workloads.get, workloads.apply, workloads._pods, workloads._wait_phase
 
 JOB = "np-held"

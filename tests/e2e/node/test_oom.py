@@ -12,8 +12,6 @@ which has Python and a shell and no torch: only that image has to be built for t
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +20,7 @@ from typing import Any
 import pytest
 import yaml
 from e2e_util import wait_for
-from node_util import REAL_NODE_LABEL, STEER_ANNOTATIONS
+from node_util import REAL_NODE_LABEL, build_and_load, restricted_namespace
 
 REPO = Path(__file__).resolve().parents[3]
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900), pytest.mark.usefixtures("e2e_cluster")]
@@ -47,28 +45,14 @@ def get(kubectl, ns: str | None, *what: str) -> dict[str, Any] | None:
 
 
 @pytest.fixture(scope="module")
-def operator_image(real_node, kubectl) -> str:
-    """This tree's operator image (built if missing, cached by content), loaded into the real node's containerd."""
-    if os.geteuid() != 0:
-        pytest.skip("building the operator image needs root here (buildah); run `make images` as root")
-    out = subprocess.run([str(REPO / "hack" / "images.sh"), "build"], capture_output=True, text=True,
-                         check=False, timeout=3600, env={**os.environ, "AIAAS_IMAGES": "operator"})
-    assert out.returncode == 0, f"hack/images.sh build failed:\n{out.stderr[-3000:]}"
-    [(name, archive)] = [line.split(" ", 1) for line in out.stdout.strip().splitlines()]
-    load = subprocess.run([str(REPO / "hack" / "cluster.sh"), "load-images", archive],
-                          capture_output=True, text=True, timeout=900, check=False)
-    assert load.returncode == 0, load.stderr[-3000:]
-    return name
+def operator_image(real_node) -> str:
+    """This tree's operator image (the job runs in it too: no trainer image needed), loaded into the real node."""
+    return build_and_load("operator")["aiaas-operator"]
 
 
 @pytest.fixture(scope="module")
 def oom_ns(real_node, kubectl) -> Iterator[str]:
-    ns = f"aiaas-oom-{uuid.uuid4().hex[:6]}"
-    kubectl("create", "namespace", ns)
-    kubectl("label", "namespace", ns, "pod-security.kubernetes.io/enforce=restricted")
-    kubectl("annotate", "namespace", ns, *(f"{k}={v}" for k, v in STEER_ANNOTATIONS.items()))
-    yield ns
-    kubectl("delete", "namespace", ns, "--wait=false", check=False)
+    yield from restricted_namespace(kubectl, "aiaas-oom")
 
 
 @pytest.fixture(scope="module")

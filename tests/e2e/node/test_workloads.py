@@ -10,7 +10,6 @@ the node's containerd with `hack/cluster.sh load-images`.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -24,7 +23,7 @@ from typing import Any
 import pytest
 import yaml
 from e2e_util import wait_for
-from node_util import REAL_NODE_LABEL, STEER_ANNOTATIONS
+from node_util import REAL_NODE_LABEL, restricted_namespace
 
 REPO = Path(__file__).resolve().parents[3]
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1500)]
@@ -42,29 +41,8 @@ def apply(kubectl, ns: str, doc: dict[str, Any] | str) -> None:
 
 
 @pytest.fixture(scope="module")
-def images(real_node, kubectl) -> dict[str, str]:
-    """The images of this tree (built if missing: cached by content, so `make test`'s build is reused), loaded
-    into the real node's containerd."""
-    if os.geteuid() != 0:
-        pytest.skip("building the images needs root here (buildah); run `make images` as root")
-    out = subprocess.run([str(REPO / "hack" / "images.sh"), "build"], capture_output=True, text=True, check=False,
-                         timeout=3600)
-    assert out.returncode == 0, f"hack/images.sh build failed:\n{out.stderr[-3000:]}"
-    built = dict(line.split(" ", 1) for line in out.stdout.strip().splitlines())
-    load = subprocess.run([str(REPO / "hack" / "cluster.sh"), "load-images", *built.values()],
-                          capture_output=True, text=True, timeout=1200, check=False)
-    assert load.returncode == 0, load.stderr[-3000:]
-    return {name.split("/")[-1].split(":")[0]: name for name in built}
-
-
-@pytest.fixture(scope="module")
 def jobs_ns(real_node, kubectl) -> Iterator[str]:
-    ns = f"aiaas-work-{uuid.uuid4().hex[:6]}"
-    kubectl("create", "namespace", ns)
-    kubectl("label", "namespace", ns, "pod-security.kubernetes.io/enforce=restricted")
-    kubectl("annotate", "namespace", ns, *(f"{k}={v}" for k, v in STEER_ANNOTATIONS.items()))
-    yield ns
-    kubectl("delete", "namespace", ns, "--wait=false", check=False)
+    yield from restricted_namespace(kubectl, "aiaas-work")
 
 
 @pytest.fixture(scope="module")
