@@ -113,6 +113,16 @@ def logs(kubectl: Kubectl, namespace: str, name: str) -> str:
     return kubectl("logs", name, namespace=namespace).stdout
 
 
+# `nodetest get` notes each failed attempt on stderr, which `kubectl logs` interleaves with the bodies:
+# a fresh Service's first connect may be refused until kube-proxy has written its rules.
+GET_RETRY_NOTE = " (retrying)"
+
+
+def responses(kubectl: Kubectl, namespace: str, name: str) -> list[str]:
+    """The bodies a `nodetest get` pod printed, one per URL, without its notes about retried attempts."""
+    return [line for line in logs(kubectl, namespace, name).splitlines() if not line.endswith(GET_RETRY_NOTE)]
+
+
 # The restricted Pod Security Standard for a pod of the test image (FROM scratch: no user of its own).
 RESTRICTED_POD = {"runAsNonRoot": True, "runAsUser": 65534, "seccompProfile": {"type": "RuntimeDefault"}}
 RESTRICTED_CONTAINER = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}

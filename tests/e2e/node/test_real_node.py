@@ -19,6 +19,7 @@ from node_util import (
     get_pod,
     logs,
     pod,
+    responses,
     wait_phase,
     wait_ready,
 )
@@ -68,7 +69,7 @@ def test_pod_reaches_another_pod_by_its_headless_service_dns_name(node_ns, kubec
     ]
     apply(kubectl, node_ns, pod("client", ["get", *urls]))
     wait_phase(kubectl, node_ns, "client", {"Succeeded"})
-    assert logs(kubectl, node_ns, "client").splitlines() == ["hello from echo-0"] * 3
+    assert responses(kubectl, node_ns, "client") == ["hello from echo-0"] * 3
 
 
 def test_cluster_ip_service_routes_to_a_pod(node_ns, kubectl):
@@ -78,7 +79,7 @@ def test_cluster_ip_service_routes_to_a_pod(node_ns, kubectl):
     cluster_ip = svc["spec"]["clusterIP"]
     apply(kubectl, node_ns, pod("client", ["get", f"http://{cluster_ip}/", "http://web/"]))
     wait_phase(kubectl, node_ns, "client", {"Succeeded"})
-    assert logs(kubectl, node_ns, "client").splitlines() == ["hello from web-backend"] * 2
+    assert responses(kubectl, node_ns, "client") == ["hello from web-backend"] * 2
 
 
 def test_local_path_volume_keeps_data_between_pods(node_ns, kubectl, real_node):
