@@ -158,23 +158,6 @@ class LeaderElector:
             log.warning("could not release the lease: %s", err)
 
 
-def _no_diffbase(kopf: Any) -> Any:
-    """kopf deep-copies every watched object on every event to diff it for on.create/on.update handlers. This
-    operator has none (it is level-triggered over on.event), so the copy is pure cost (~2 ms per event)."""
-
-    class NoDiffBaseStorage(kopf.AnnotationsDiffBaseStorage):  # type: ignore[misc, name-defined]
-        def build(self, *, body: Any, extra_fields: Any = None) -> Any:
-            return {}
-
-        def fetch(self, *, body: Any) -> Any:
-            return None
-
-        def store(self, *, body: Any, patch: Any, essence: Any) -> None:
-            return None
-
-    return NoDiffBaseStorage(prefix="kopf.aiaas.dev")
-
-
 # ------------------------------------------------------------------------------------------------- run
 async def _heartbeat(health: Health, period: float) -> None:
     """Refresh the liveness heartbeat while the event loop runs (a stalled loop stops it)."""
@@ -198,7 +181,7 @@ async def operate(s: OperatorSettings, stop_flag: asyncio.Event | None = None) -
     from .reconcile_inferenceservice import InferenceServiceReconciler
     from .reconcile_trainingjob import TrainingJobReconciler
     from .runtime import Runtime
-    from .watch import register
+    from .watch import kopf_settings, register
 
     kube = Kube(load_api_client(pool_size=2 * s.workers + 8), s.field_manager)
     health = Health(stale_after=max(60.0, 4 * s.resync_seconds))
@@ -222,22 +205,13 @@ async def operate(s: OperatorSettings, stop_flag: asyncio.Event | None = None) -
 
     registry = kopf.OperatorRegistry()
     register(registry, rt)
-    ksettings = kopf.OperatorSettings()
-    ksettings.posting.enabled = False
-    ksettings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="kopf.aiaas.dev")
-    ksettings.persistence.diffbase_storage = _no_diffbase(kopf)
-    ksettings.watching.server_timeout = 300
-    ksettings.watching.client_timeout = 330
-    ksettings.networking.request_timeout = 60
-    ksettings.batching.worker_limit = None
-    ksettings.batching.batch_window = 0.01  # level-triggered: coalescing is done by our queue
     scope = f"namespaces {', '.join(s.namespaces)}" if s.namespaces else "all namespaces"
     log.info("aiaas operator starting: %s, resync %.1fs, success policy %s", scope, s.resync_seconds,
              s.success_policy)
     try:
         await kopf.operator(
             registry=registry,
-            settings=ksettings,
+            settings=kopf_settings(),
             standalone=True,  # our Lease does the leader election; kopf's peering is not used
             clusterwide=not s.namespaces,
             namespaces=list(s.namespaces),

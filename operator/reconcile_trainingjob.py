@@ -96,7 +96,8 @@ class TrainingJobReconciler:
         sts, pods = owned_workers(snap)
         observed = Observed(statefulset=sts, pods=pods, progress=snap.probe)
         ev = evaluate(job, observed, snap.now, success_policy=self.success_policy)
-        children, absent = self.children_of(job, ev)
+        plan = self.plan(ev)
+        children, absent = self.children_of(job, ev, plan)
         drifted = sts is None or (sts.get("spec") or {}).get("replicas") != ev.replicas
         return Result(
             status=ev.status.dump(),
@@ -108,19 +109,25 @@ class TrainingJobReconciler:
             evict=tuple(ObjectRef("v1", "Pod", p) for p in ev.stale_pods),
             requeue_after=ev.requeue_after,
             time_to_running=ev.time_to_running,
+            children_key=(job.metadata.uid, job.metadata.generation, plan, ev.delete_job),
         )
 
-    def children_of(self, job: api.TrainingJob, ev: Evaluation) -> tuple[list[Body], list[ObjectRef]]:
-        """The plan: a finished job only scales its StatefulSet (what was cleaned up is never recreated);
-        cleanPodPolicy All removes the headless Service; a job about to be deleted wants nothing."""
-        if ev.delete_job:
-            return [], []
+    @staticmethod
+    def plan(ev: Evaluation) -> JobPlan:
+        """A finished job only scales its StatefulSet (what was cleaned up is never recreated); cleanPodPolicy
+        All removes the headless Service."""
         kinds: tuple[str, ...] = ("StatefulSet",) if ev.terminal else CHILD_KINDS
         if not ev.keep_service:
             kinds = tuple(k for k in kinds if k != "Service")
         memory = ev.status.memory or api.MemoryStatus()
-        plan = JobPlan(replicas=ev.replicas, restart_generation=ev.status.restart_count or 0, children=kinds,
+        return JobPlan(replicas=ev.replicas, restart_generation=ev.status.restart_count or 0, children=kinds,
                        memory_request=memory.request, memory_limit=memory.limit)
+
+    def children_of(self, job: api.TrainingJob, ev: Evaluation, plan: JobPlan
+                    ) -> tuple[list[Body], list[ObjectRef]]:
+        """What ``plan`` renders, and what must be gone; a job about to be deleted wants nothing."""
+        if ev.delete_job:
+            return [], []
         absent = [] if ev.keep_service else [ObjectRef("v1", "Service", launch.headless_service_name(job.metadata.name))]
         return render_trainingjob(job, self.render_settings, plan), absent
 

@@ -10,7 +10,7 @@ reads). No kubernetes, no kopf.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
@@ -92,6 +92,9 @@ class Result:
     evict: tuple[ObjectRef, ...] = ()
     requeue_after: float | None = None
     time_to_running: float | None = None  # for the metric, on the first transition to Running
+    # Everything ``children`` and ``absent`` were rendered from, if the reconciler can name it cheaply: the
+    # runtime compares it with the last applied one instead of hashing the manifests. None: hash them.
+    children_key: Hashable | None = None
 
 
 class Reconciler(Protocol):

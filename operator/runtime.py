@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import hashlib
 import json
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -75,15 +77,32 @@ def status_patch(old: Body, new: Body, now: datetime) -> Body | None:
     return patch
 
 
+def _version(body: Body) -> str:
+    return str((body.get("metadata") or {}).get("resourceVersion", ""))
+
+
 def newer(a: Body | None, b: Body) -> bool:
     """Is ``b`` at least as new as ``a`` (by resourceVersion, when both are numbers)?"""
     if a is None:
         return True
-    ra = str((a.get("metadata") or {}).get("resourceVersion", ""))
-    rb = str((b.get("metadata") or {}).get("resourceVersion", ""))
+    ra, rb = _version(a), _version(b)
     if ra.isdigit() and rb.isdigit():
         return int(rb) >= int(ra)
     return True
+
+
+def same_version(a: Body | None, b: Body) -> bool:
+    """Are both the same stored version of an object (equal, non-empty resourceVersions)?"""
+    return a is not None and bool(_version(b)) and _version(a) == _version(b)
+
+
+def same_but_version(a: Body, b: Body) -> bool:
+    """Are two slim bodies equal apart from their resourceVersion?"""
+    meta_a, meta_b = dict(a.get("metadata") or {}), dict(b.get("metadata") or {})
+    meta_a.pop("resourceVersion", None)
+    meta_b.pop("resourceVersion", None)
+    return meta_a == meta_b and {k: v for k, v in a.items() if k != "metadata"} == \
+        {k: v for k, v in b.items() if k != "metadata"}
 
 
 def same_object(cached: Body | None, body: Body) -> bool:
@@ -121,11 +140,13 @@ class Store:
         self._probes: dict[Ref, Any] = {}
 
     def put(self, kind: str, body: Body, refers_to: tuple[Ref, ...] = ()) -> bool:
-        """Cache ``body`` if it is at least as new as the cached one. True if it was stored."""
+        """Cache ``body`` if it is at least as new as the cached one. True if that changed the cache: not for
+        an older version, nor for the watch's echo of a version already stored (our own status patch)."""
         key = key_of(body)
         with self._lock:
             objs = self._resources.setdefault(kind, {})
-            if not newer(objs.get(key), body):
+            cached = objs.get(key)
+            if not newer(cached, body) or same_version(cached, body):
                 return False
             objs[key] = body
             self._set_refs((kind, key), refers_to)
@@ -150,12 +171,18 @@ class Store:
             for target in refers_to:
                 self._referred_by.setdefault(target, set()).add(ref)
 
-    def put_child(self, kind: str, owner: Key, body: Body) -> None:
+    def put_child(self, kind: str, owner: Key, body: Body) -> bool:
+        """Cache a (slim) child if it is at least as new as the cached one. True if what a reconciler reads
+        changed: a new version that differs only in its resourceVersion (a pod's binding, most status updates
+        of a StatefulSet, once slimmed) changes nothing."""
         name = (body.get("metadata") or {}).get("name", "")
         with self._lock:
             named = self._children.setdefault(kind, {}).setdefault(owner, {})
-            if newer(named.get(name), body):
-                named[name] = body
+            cached = named.get(name)
+            if not newer(cached, body):
+                return False
+            named[name] = body
+            return cached is None or not same_but_version(cached, body)
 
     def remove_child(self, kind: str, owner: Key, body: Body) -> None:
         name = (body.get("metadata") or {}).get("name", "")
@@ -198,27 +225,33 @@ class Store:
 # ------------------------------------------------------------------------------------------------- queue
 @dataclass
 class _KeyState:
-    dirty: bool = False
+    dirty: bool = False  # asked for a run since its last run started
+    waiting: bool = False  # in a lane
     running: bool = False
 
 
 class KeyedQueue:
-    """Per-key serialised, coalescing work queue on an event loop; work runs on a thread pool. Call every
-    method on the loop."""
+    """Per-key serialised, coalescing work queue on an event loop; at most ``workers`` runs at a time on the
+    thread pool ``executor``. Keys wait in two FIFO lanes and idle workers take from the first one first:
+    ``first(key)`` puts a key there (a resource never reconciled yet, so a new job is not queued behind the
+    follow-up reconciles of every older one). Call every method on the loop."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, executor: concurrent.futures.Executor,
-                 work: Callable[[Any], float | None]) -> None:
-        self.loop, self.executor, self.work = loop, executor, work
+                 work: Callable[[Any], float | None], workers: int,
+                 first: Callable[[Any], bool] = lambda key: False) -> None:
+        self.loop, self.executor, self.work, self.workers, self.first = loop, executor, work, workers, first
         self.state: dict[Hashable, _KeyState] = {}
         self.timers: dict[Hashable, tuple[float, asyncio.TimerHandle]] = {}
+        self.lanes: tuple[deque[Hashable], deque[Hashable]] = (deque(), deque())
+        self.running = 0
 
     def enqueue(self, key: Hashable) -> None:
         """Runs ``work(key)`` soon; bursts collapse into one more run."""
         st = self.state.setdefault(key, _KeyState())
         st.dirty = True
-        if not st.running:
-            st.running = True
-            self.loop.create_task(self._run(key, st))
+        if not st.waiting and not st.running:
+            self._wait(key, st)
+            self._dispatch()
 
     def later(self, key: Hashable, delay: float) -> None:
         """Run again after ``delay`` seconds (the earliest request wins)."""
@@ -240,19 +273,37 @@ class KeyedQueue:
         if t is not None:
             t[1].cancel()
 
-    async def _run(self, key: Hashable, st: _KeyState) -> None:
-        try:
-            while st.dirty:
-                st.dirty = False
-                delay = await self.loop.run_in_executor(self.executor, self.work, key)
-                if delay is not None:
-                    self.later(key, delay)
-        finally:
-            st.running = False
-            if not st.dirty:
+    def _wait(self, key: Hashable, st: _KeyState) -> None:
+        st.waiting = True
+        self.lanes[0 if self.first(key) else 1].append(key)
+
+    def _dispatch(self) -> None:
+        while self.running < self.workers and (self.lanes[0] or self.lanes[1]):
+            key = (self.lanes[0] or self.lanes[1]).popleft()
+            st = self.state[key]
+            st.waiting, st.dirty, st.running = False, False, True
+            self.running += 1
+            try:
+                future = self.loop.run_in_executor(self.executor, self.work, key)
+            except RuntimeError:  # the executor was shut down: the operator is stopping
+                self.running -= 1
                 self.state.pop(key, None)
-            else:  # enqueued while the last run was finishing
-                self.enqueue(key)
+                continue
+            future.add_done_callback(functools.partial(self._done, key, st))
+
+    def _done(self, key: Hashable, st: _KeyState, future: asyncio.Future[float | None]) -> None:
+        self.running -= 1
+        st.running = False
+        if future.cancelled() or future.exception() is not None:
+            if not future.cancelled():
+                log.error("reconcile of %s raised", key, exc_info=future.exception())
+        elif future.result() is not None:
+            self.later(key, future.result())  # type: ignore[arg-type]
+        if st.dirty:  # enqueued while it ran: to the back of its lane
+            self._wait(key, st)
+        else:
+            self.state.pop(key, None)
+        self._dispatch()
 
 
 # ----------------------------------------------------------------------------------------------- runtime
@@ -266,7 +317,7 @@ class Runtime:
         self.metrics = metrics or OperatorMetrics()
         self.health = health or Health()
         self.store = Store()
-        self._applied: dict[Ref, str] = {}  # hash of what was last applied, written only by the ref's reconcile
+        self._applied: dict[Ref, Hashable] = {}  # key or hash of what was last applied, written only by the ref's reconcile
         self._failures: dict[Ref, int] = {}  # consecutive failed reconciles, likewise
         self._executor = concurrent.futures.ThreadPoolExecutor(settings.workers, thread_name_prefix="reconcile")
         self._events = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="events")  # keeps their order
@@ -278,7 +329,8 @@ class Runtime:
 
     # -------------------------------------------------------------------------------------------- wiring
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._queue = KeyedQueue(loop, self._executor, self.reconcile)
+        self._queue = KeyedQueue(loop, self._executor, self.reconcile, self.settings.workers,
+                                 first=lambda ref: ref not in self._applied)
         self._resync_task = loop.create_task(self._resync_loop())
 
     async def stop(self) -> None:
@@ -307,9 +359,10 @@ class Runtime:
                 self._failures.pop(ref, None)
                 if self._queue is not None:
                     self._queue.forget(ref)
-        else:
-            self.store.put(kind, slim_resource(body), rec.references(body))
+        elif self.store.put(kind, slim_resource(body), rec.references(body)):
             self.enqueue(ref)
+        else:
+            return  # an echo of what we stored or an older version: nothing to look at again
         for dependent in self.store.referred_by(ref):
             self.enqueue(dependent)
 
@@ -322,8 +375,8 @@ class Runtime:
         owner = (meta.get("namespace", ""), owner_name)
         if event_type == "DELETED":
             self.store.remove_child(watch.kind, owner, body)
-        else:
-            self.store.put_child(watch.kind, owner, watch.slim(body))
+        elif not self.store.put_child(watch.kind, owner, watch.slim(body)):
+            return  # nothing the owner's reconciler reads has changed
         self.enqueue((owner_kind, owner))
 
     # ----------------------------------------------------------------------------------- work (threads)
@@ -387,15 +440,16 @@ class Runtime:
         whose name is taken by an object this resource does not control is neither applied (adopted) nor
         deleted: the conflicts are returned, and everything is tried again next time."""
         ref = (rec.kind, snap.key)
-        digest = manifests_hash([*result.children, *(repr(a) for a in result.absent)])
-        if self._applied.get(ref) == digest and not result.drifted:
+        applied = result.children_key
+        if applied is None:
+            applied = manifests_hash([*result.children, *(repr(a) for a in result.absent)])
+        if self._applied.get(ref) == applied and not result.drifted:
             return []
         owner_uid = (snap.body.get("metadata") or {}).get("uid")
         watched = {w.kind: w for w in rec.children}
         conflicts: list[str] = []
         for manifest in result.children:
-            existing = self.kube.get(manifest["apiVersion"], manifest["kind"], snap.key[0],
-                                     manifest["metadata"]["name"])
+            existing = self._current(snap, manifest, owner_uid, manifest["kind"] in watched)
             if existing is not None and not controlled_by(existing, owner_uid):
                 conflicts.append(name_conflict(existing, rec.kind))
                 continue
@@ -411,8 +465,18 @@ class Runtime:
         if conflicts:
             log.warning("%s %s/%s: %s", rec.kind, *snap.key, "; ".join(conflicts))
         else:
-            self._applied[ref] = digest
+            self._applied[ref] = applied
         return conflicts
+
+    def _current(self, snap: Snapshot, manifest: Body, owner_uid: str | None, watched: bool) -> Body | None:
+        """The object the API server holds under a child's name: a watched child that the cache shows under
+        this owner's control is taken from the cache; anything else is read from the API server (a name
+        taken by someone else is found only there)."""
+        name = manifest["metadata"]["name"]
+        cached = snap.child(manifest["kind"], name) if watched else None
+        if cached is not None and controlled_by(cached, owner_uid):
+            return cached
+        return self.kube.get(manifest["apiVersion"], manifest["kind"], snap.key[0], name)
 
     def _write_status(self, rec: Reconciler, snap: Snapshot, new: Body) -> bool:
         """Patch the status if it changed (True); cache what the API server stored."""

@@ -30,7 +30,10 @@ from .settings import RenderSettings
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 VOLCANO_GROUP_ANNOTATION = "scheduling.k8s.io/group-name"
 STORAGE_MOUNT = "/var/run/aiaas"
-CHILD_KINDS = ("NetworkPolicy", "PersistentVolumeClaim", "PodGroup", "Service", "StatefulSet")  # in apply order
+# In apply order: what pods need when they start (their NetworkPolicy, volume claim and PodGroup) before the
+# StatefulSet; the headless Service last, since pods need its DNS names only at rendezvous, and its apply would
+# otherwise delay every job's pods by a round trip.
+CHILD_KINDS = ("NetworkPolicy", "PersistentVolumeClaim", "PodGroup", "StatefulSet", "Service")
 
 
 @dataclass(frozen=True)
@@ -332,7 +335,7 @@ def render_trainingjob(job: api.TrainingJob, settings: RenderSettings, plan: Job
         network_policy(job, settings) if "NetworkPolicy" in kinds else None,
         storage_claim(job) if "PersistentVolumeClaim" in kinds else None,
         pod_group(job) if "PodGroup" in kinds else None,
-        headless_service(job) if "Service" in kinds else None,
         statefulset(job, settings, plan) if "StatefulSet" in kinds else None,
+        headless_service(job) if "Service" in kinds else None,
     ]
     return [o for o in objs if o is not None]

@@ -82,7 +82,7 @@ def pod_template_annotations(result: Any) -> dict[str, str]:
 # ------------------------------------------------------------------------------------------- TrainingJob
 def test_a_new_job_wants_its_service_and_statefulset_stamped_with_generation_zero():
     r = JOBS.reconcile(snap(job_body()))
-    assert kinds(r) == ["NetworkPolicy", "Service", "StatefulSet"] and r.absent == () and r.evict == ()
+    assert kinds(r) == ["NetworkPolicy", "StatefulSet", "Service"] and r.absent == () and r.evict == ()
     assert pod_template_annotations(r)[launch.ANNOTATION_RESTART] == "0"
     assert r.drifted, "no StatefulSet observed yet: apply even if it was applied before"
     assert r.status["phase"] == "Created" and [e.reason for e in r.events] == ["Created"]
@@ -173,6 +173,25 @@ def test_the_store_keeps_the_newest_and_ignores_an_older_namesakes_deletion():
     assert s is not None and [p["metadata"]["uid"] for p in s.children["Pod"]] == ["lenet-0-1"]
 
 
+def test_the_store_tells_a_change_from_an_echo_of_what_it_holds():
+    store = Store()
+    body = job_body()
+    assert store.put("TrainingJob", body)
+    assert not store.put("TrainingJob", job_body()), "the watch's echo of the stored version (our status patch)"
+    newer = job_body({"phase": "Running"})
+    newer["metadata"]["resourceVersion"] = str(int(body["metadata"]["resourceVersion"]) + 1)
+    assert store.put("TrainingJob", newer)
+    p = slim_pod(pod("lenet-0"))
+    assert store.put_child("Pod", ("ml", "lenet"), p)
+    bound = {**p, "metadata": {**p["metadata"], "resourceVersion": "99"}}
+    assert not store.put_child("Pod", ("ml", "lenet"), bound), "a new version that slims to the same pod"
+    ran = {**bound, "status": {**bound["status"], "phase": "Succeeded"},
+           "metadata": {**bound["metadata"], "resourceVersion": "100"}}
+    assert store.put_child("Pod", ("ml", "lenet"), ran)
+    s = store.snapshot(JOBS, ("ml", "lenet"), T0)
+    assert s is not None and s.children["Pod"][0]["status"]["phase"] == "Succeeded"
+
+
 def test_references_find_the_dependents_and_follow_spec_changes():
     store = Store()
     body = isvc_body()
@@ -194,6 +213,7 @@ class RecordingKube:
         self.objects = objects or {}  # (kind, name) -> what the API server holds
 
     def get(self, api_version: str, kind: str, ns: str | None, name: str) -> dict[str, Any] | None:
+        self.calls.append(("get", kind))
         return self.objects.get((kind, name))
 
     def apply(self, m: dict[str, Any]) -> dict[str, Any]:
@@ -228,9 +248,22 @@ def test_the_runtime_applies_then_writes_status_then_deletes_stale_pods():
     for p in (pod("lenet-0"), pod("lenet-1", exit_code=1, outcome=oc.RETRYABLE)):
         rt.store.put_child("Pod", ("ml", "lenet"), p)
     assert rt.reconcile(("TrainingJob", ("ml", "lenet"))) is None
-    assert [c for c in kube.calls if c[0] != "event"] == [
-        ("apply", "NetworkPolicy"), ("apply", "Service"), ("apply", "StatefulSet"), ("status", "Restarting"),
+    assert [c for c in kube.calls if c[0] not in ("event", "get")] == [
+        ("apply", "NetworkPolicy"), ("apply", "StatefulSet"), ("apply", "Service"), ("status", "Restarting"),
         ("delete", "Pod/lenet-0"), ("delete", "Pod/lenet-1")]
+
+
+def test_a_cached_child_of_ours_is_not_read_again_and_unchanged_children_are_not_applied_again():
+    kube = RecordingKube()
+    rt = runtime(kube)
+    rt.store.put("TrainingJob", job_body({"phase": "Running", "restartCount": 0}))
+    rt.store.put_child("StatefulSet", ("ml", "lenet"), sts(2))
+    rt.reconcile(("TrainingJob", ("ml", "lenet")))
+    assert ("get", "Service") in kube.calls and ("get", "StatefulSet") not in kube.calls, kube.calls
+    assert ("apply", "StatefulSet") in kube.calls
+    kube.calls.clear()
+    rt.reconcile(("TrainingJob", ("ml", "lenet")))
+    assert not [c for c in kube.calls if c[0] in ("get", "apply")], "same plan, same spec: nothing to apply"
 
 
 def test_a_failed_reconcile_lands_in_status_and_backs_off():

@@ -163,8 +163,8 @@ def test_custom_command_keeps_the_env_contract() -> None:
 def test_render_is_pure_and_deterministic() -> None:
     j = job(topology={"nodes": 2})
     assert render_trainingjob(j, SETTINGS) == render_trainingjob(j, SETTINGS)
-    assert render_trainingjob(j, RenderSettings(trainer_image="x/y:1"))[-1]["spec"]["template"]["spec"][
-        "containers"][0]["image"] == "x/y:1"
+    sts = next(o for o in render_trainingjob(j, RenderSettings(trainer_image="x/y:1")) if o["kind"] == "StatefulSet")
+    assert sts["spec"]["template"]["spec"]["containers"][0]["image"] == "x/y:1"
 
 
 def isvc(**spec) -> api.InferenceService:
