@@ -117,6 +117,7 @@ kf_uninstall() {
   kctl delete validatingwebhookconfiguration validator.training-operator.kubeflow.org --ignore-not-found >/dev/null
   kctl delete namespace "$NS" --ignore-not-found --wait=false >/dev/null
   rm -rf "$CERT_DIR" "$KF_PKI"
+  rmdir "$(dirname "$CERT_DIR")" 2>/dev/null || true
 }
 
 kf_run() {
