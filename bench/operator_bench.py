@@ -13,13 +13,13 @@ With ``--repeats R`` the kinds rotate (B O K, O K B, K B O, ...) so that a chang
 all. Each phase creates N one-pod jobs in a fresh namespace from 8 client threads and records, per job, the
 time from its create call to its StatefulSet (none for the peer), its pod (created by the StatefulSet
 controller; by the peer itself), the pod scheduled, the pod Running and (operator, peer) the controller's own
-Running status (``status.phase``; a Running condition). Printed per phase: p50/p99 of each, StatefulSets/s and pods Running/s, the controller process's CPU
-seconds and peak RSS, the CPU seconds of the control-plane processes (when ``hack/cluster.sh`` started them),
-the StatefulSet controller's queue wait and the controller-manager's client-side rate-limit wait (its
-/metrics) and the peer's work queue and request counters (its /metrics), the API requests per job by client
-(``--audit-log``: an apiserver audit log), and the ratios operator/baseline, peer/operator and peer/baseline
-(the median of the per-repeat ratios). Anchors: Kueue's envtest baseline ~43 workloads/s; the
-pod-startup SLO p99 <= 5 s.
+Running status (``status.phase``; a Running condition). Printed per phase: p50/p99 of each, StatefulSets/s
+and pods Running/s, the controller process's CPU seconds and peak RSS, the CPU seconds of the control-plane
+processes (when ``hack/cluster.sh`` started them), the StatefulSet controller's queue wait and the
+controller-manager's client-side rate-limit wait (its /metrics), the peer's work queue and request counters
+(its /metrics), the API requests per job by client (``--audit-log``: an apiserver audit log), and the ratios
+operator/baseline, peer/operator and peer/baseline (the median of the per-repeat ratios). Anchors: Kueue's
+envtest baseline ~43 workloads/s; the pod-startup SLO p99 <= 5 s.
 """
 
 from __future__ import annotations
@@ -109,8 +109,8 @@ def trainer_container() -> dict[str, Any]:
 
 def pytorchjob_manifest(name: str, container: dict[str, Any]) -> dict[str, Any]:
     """A one-pod PyTorchJob: one Master replica (the peer requires the container name ``pytorch``)."""
-    pod = {"containers": [{"name": "pytorch", "image": container["image"], "command": ["python", "-m", "aiaas.trainer"],
-                           "resources": container["resources"]}]}
+    pod = {"containers": [{"name": "pytorch", "image": container["image"],
+                           "command": ["python", "-m", "aiaas.trainer"], "resources": container["resources"]}]}
     return {
         "apiVersion": f"{PYTORCHJOB.group}/{PYTORCHJOB.version}", "kind": "PyTorchJob", "metadata": {"name": name},
         "spec": {"pytorchReplicaSpecs": {"Master": {"replicas": 1, "restartPolicy": "OnFailure",
