@@ -2,19 +2,24 @@
 
     python bench/operator_bench.py --jobs 100 --repeats 3   # cluster from hack/cluster.sh (or $KUBECONFIG)
     python bench/operator_bench.py --jobs 1000 --skip-baseline
+    python bench/operator_bench.py --jobs 100 --repeats 3 --peer kubeflow   # after hack/peers/kubeflow.sh build
 
 Baseline: a minimal watcher -- one thread, a TrainingJob watch, and for every new job one POST of the
 StatefulSet the renderer produces; no status, no Service, no caches. Operator: ``aiaas operator`` (standalone,
-progress scraping off because kwok pod IPs are fake). With ``--repeats R`` the two alternate (B O, O B, B O, ...)
-so that a change in the machine's load hits both. Each phase creates N one-node TrainingJobs in a fresh
-namespace from 8 client threads and records, per job, the time from its create call to its StatefulSet, its pod
-(created by the StatefulSet controller), the pod scheduled, the pod Running and (operator only) ``status.phase``
-Running. Printed per phase: p50/p99 of each, StatefulSets/s and pods Running/s, the controller process's CPU
-seconds and peak RSS, the CPU seconds of the control-plane processes (when ``hack/cluster.sh`` started them),
-the StatefulSet controller's queue wait and the controller-manager's client-side rate-limit wait (its
-/metrics), the API requests per job by client (``--audit-log``: an apiserver audit log), and operator/baseline
-ratios (the median of the per-repeat ratios). Anchors: Kueue's envtest baseline ~43 workloads/s; the
-pod-startup SLO p99 <= 5 s.
+progress scraping off because kwok pod IPs are fake). Peer (``--peer kubeflow``): Kubeflow's training
+operator (``hack/peers/kubeflow.sh``: built from its Go module, its defaults, PyTorchJob only, its webhook
+served locally) given one-pod PyTorchJobs (one Master replica, the image and requests of the operator's pod).
+With ``--repeats R`` the kinds rotate (B O K, O K B, K B O, ...) so that a change in the machine's load hits
+all. Each phase creates N one-pod jobs in a fresh namespace from 8 client threads and records, per job, the
+time from its create call to its StatefulSet (none for the peer), its pod (created by the StatefulSet
+controller; by the peer itself), the pod scheduled, the pod Running and (operator, peer) the controller's own
+Running status (``status.phase``; a Running condition). Printed per phase: p50/p99 of each, StatefulSets/s
+and pods Running/s, the controller process's CPU seconds and peak RSS, the CPU seconds of the control-plane
+processes (when ``hack/cluster.sh`` started them), the StatefulSet controller's queue wait and the
+controller-manager's client-side rate-limit wait (its /metrics), the peer's work queue and request counters
+(its /metrics), the API requests per job by client (``--audit-log``: an apiserver audit log), and the ratios
+operator/baseline, peer/operator and peer/baseline (the median of the per-repeat ratios). Anchors: Kueue's
+envtest baseline ~43 workloads/s; the pod-startup SLO p99 <= 5 s.
 """
 
 from __future__ import annotations
@@ -32,12 +37,32 @@ import urllib.request
 import uuid
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 OPERATOR_ARGS: list[str] = []
+KUBEFLOW = REPO / "hack" / "peers" / "kubeflow.sh"
+PEER_JOB_LABEL = "training.kubeflow.org/job-name"  # the peer's pods' label naming their job
+
+
+@dataclass(frozen=True)
+class JobKind:
+    """The custom resource a phase creates."""
+
+    group: str
+    version: str
+    plural: str
+
+
+TRAININGJOB = JobKind("aiaas.dev", "v1alpha1", "trainingjobs")
+PYTORCHJOB = JobKind("kubeflow.org", "v1", "pytorchjobs")
+
+
+def job_kind(kind: str) -> JobKind:
+    return PYTORCHJOB if kind == "kubeflow" else TRAININGJOB
 
 
 def _kubeconfig() -> str:
@@ -67,6 +92,46 @@ def job_manifest(name: str) -> dict[str, Any]:
         "spec": {"trainer": {"hyperparameters": {"epochs": 1, "batchSize": 32}},
                  "topology": {"nodes": 1, "resources": {"requests": {"cpu": "10m", "memory": "16Mi"}}}},
     }
+
+
+def trainer_container() -> dict[str, Any]:
+    """The container of the pod the operator renders for ``job_manifest`` (the peer's pods get its image and
+    resources)."""
+    from aiaas.operator import api
+    from aiaas.operator.render import RenderSettings, render_trainingjob
+
+    body = job_manifest("bench")
+    body["metadata"].update(namespace="bench", uid="bench")
+    sts = next(m for m in render_trainingjob(api.TrainingJob.model_validate(body), RenderSettings())
+               if m["kind"] == "StatefulSet")
+    return sts["spec"]["template"]["spec"]["containers"][0]  # type: ignore[no-any-return]
+
+
+def pytorchjob_manifest(name: str, container: dict[str, Any]) -> dict[str, Any]:
+    """A one-pod PyTorchJob: one Master replica (the peer requires the container name ``pytorch``)."""
+    pod = {"containers": [{"name": "pytorch", "image": container["image"],
+                           "command": ["python", "-m", "aiaas.trainer"], "resources": container["resources"]}]}
+    return {
+        "apiVersion": f"{PYTORCHJOB.group}/{PYTORCHJOB.version}", "kind": "PyTorchJob", "metadata": {"name": name},
+        "spec": {"pytorchReplicaSpecs": {"Master": {"replicas": 1, "restartPolicy": "OnFailure",
+                                                     "template": {"spec": pod}}}},
+    }
+
+
+def job_running(obj: dict[str, Any]) -> bool:
+    """The controller reports the job Running: ``status.phase`` (TrainingJob) or a Running condition that is
+    True (PyTorchJob)."""
+    status = obj.get("status") or {}
+    return status.get("phase") == "Running" or any(
+        c.get("type") == "Running" and c.get("status") == "True" for c in status.get("conditions") or [])
+
+
+def job_of_pod(pod: dict[str, Any]) -> str:
+    """The job a pod belongs to, from its job-name label."""
+    from aiaas.contract.launch import LABEL_JOB
+
+    labels = pod["metadata"].get("labels") or {}
+    return labels.get(LABEL_JOB) or labels.get(PEER_JOB_LABEL) or pod["metadata"]["name"].rsplit("-", 1)[0]
 
 
 # ---------------------------------------------------------------------------------------- process stats
@@ -116,11 +181,11 @@ STAGE_TITLES = {"sts": "→STS", "pod": "→pod", "scheduled": "→bound", "pod_
 
 
 class Recorder:
-    """Watches StatefulSets, pods and TrainingJobs of a namespace; first-seen times per stage by job name
+    """Watches StatefulSets, pods and the jobs (``kind``) of a namespace; first-seen times per stage by job name
     (the list functions are lambdas, so the watch hands over plain dicts)."""
 
-    def __init__(self, namespace: str) -> None:
-        self.ns = namespace
+    def __init__(self, namespace: str, kind: JobKind) -> None:
+        self.ns, self.kind = namespace, kind
         self.seen: dict[str, dict[str, float]] = {stage: {} for stage in STAGES}
         self.stop = threading.Event()
         self.threads = [threading.Thread(target=self._watch, args=(w,), daemon=True)
@@ -154,7 +219,7 @@ class Recorder:
         core = client.CoreV1Api(_api())
 
         def on_pod(pod: dict[str, Any]) -> None:
-            job = pod["metadata"]["name"].rsplit("-", 1)[0]
+            job = job_of_pod(pod)
             self._mark("pod", job)
             if (pod.get("spec") or {}).get("nodeName"):
                 self._mark("scheduled", job)
@@ -169,25 +234,28 @@ class Recorder:
         custom = client.CustomObjectsApi(_api())
 
         def on_job(obj: dict[str, Any]) -> None:
-            if (obj.get("status") or {}).get("phase") == "Running":
+            if job_running(obj):
                 self._mark("running", obj["metadata"]["name"])
 
-        return (lambda **kw: custom.list_namespaced_custom_object("aiaas.dev", "v1alpha1", self.ns, "trainingjobs",
-                                                                  **kw), on_job)
+        k = self.kind
+        return (lambda **kw: custom.list_namespaced_custom_object(k.group, k.version, self.ns, k.plural, **kw),
+                on_job)
 
 
-def create_jobs(namespace: str, n: int, created: dict[str, float]) -> None:
+def create_jobs(namespace: str, n: int, created: dict[str, float], kind: str) -> None:
     from kubernetes import client
 
     custom = client.CustomObjectsApi(_api())
+    res = job_kind(kind)
+    container = trainer_container() if res == PYTORCHJOB else {}
 
     def one(i: int) -> None:
         name = f"bench-{i:05d}"
+        manifest = pytorchjob_manifest(name, container) if res == PYTORCHJOB else job_manifest(name)
         created[name] = time.monotonic()
         for attempt in range(5):
             try:
-                custom.create_namespaced_custom_object("aiaas.dev", "v1alpha1", namespace, "trainingjobs",
-                                                       job_manifest(name))
+                custom.create_namespaced_custom_object(res.group, res.version, namespace, res.plural, manifest)
                 return
             except client.ApiException as err:
                 if err.status == 409:
@@ -242,8 +310,16 @@ KCM_SERIES = {  # what we read from the controller-manager's /metrics (sums over
 }
 
 
-def kcm_metrics(url: str | None) -> dict[str, float]:
-    """The KCM_SERIES counters now ({} when the controller-manager's /metrics is not reachable)."""
+PEER_SERIES = {  # what we read from the peer's /metrics (controller-runtime's work queue and client)
+    "queue_wait_s": 'workqueue_queue_duration_seconds_sum{name="pytorchjob-controller"}',
+    "work_s": 'workqueue_work_duration_seconds_sum{name="pytorchjob-controller"}',
+    "syncs": 'workqueue_adds_total{name="pytorchjob-controller"}',
+    "requests": "rest_client_requests_total",
+}
+
+
+def scrape(url: str | None, series: dict[str, str] = KCM_SERIES) -> dict[str, float]:
+    """The ``series`` counters now ({} when the /metrics is not reachable)."""
     if not url:
         return {}
     ctx = ssl.create_default_context()
@@ -253,12 +329,23 @@ def kcm_metrics(url: str | None) -> dict[str, float]:
             text = resp.read().decode()
     except OSError:
         return {}
-    out = dict.fromkeys(KCM_SERIES, 0.0)
+    out = dict.fromkeys(series, 0.0)
     for line in text.splitlines():
-        for key, prefix in KCM_SERIES.items():
+        for key, prefix in series.items():
             if line.startswith(prefix) and (prefix.endswith("}") or line[len(prefix)] in "{ "):
                 out[key] += float(line.rsplit(" ", 1)[1])
     return out
+
+
+def client_of(user: str, user_agent: str) -> str:
+    """Who made a request: the bench's clients by their agent, the peer (its binary's name), the operator (the
+    admin user), else the user (a controller-manager controller's service account)."""
+    agent = user_agent.split("/")[0]
+    if agent.startswith("aiaas-"):
+        return agent
+    if agent.startswith("training-operator"):
+        return "kubeflow"
+    return "operator" if user == "kubernetes-admin" else user.removeprefix("system:serviceaccount:kube-system:")
 
 
 def audit_counts(path: str | None, namespace: str) -> Counter[str]:
@@ -274,9 +361,7 @@ def audit_counts(path: str | None, namespace: str) -> Counter[str]:
             ref = ev.get("objectRef") or {}
             if ref.get("namespace") != namespace or ev.get("stage") != "ResponseComplete":
                 continue
-            user = ev["user"]["username"].removeprefix("system:serviceaccount:kube-system:")
-            agent = ev.get("userAgent", "").split("/")[0]
-            who = agent if agent.startswith("aiaas-") else "operator" if user == "kubernetes-admin" else user
+            who = client_of(ev["user"]["username"], ev.get("userAgent", ""))
             resource = ref.get("resource", "") + ("/" + ref["subresource"] if ref.get("subresource") else "")
             counts[f"{who} {ev['verb']} {resource}"] += 1
     return counts
@@ -288,6 +373,8 @@ def start_controller(kind: str, ns: str) -> subprocess.Popen[bytes]:
     log = open(f"/tmp/{ns}.log", "wb")  # noqa: SIM115
     if kind == "baseline":
         cmd = [sys.executable, __file__, "baseline-worker", "--namespace", ns]
+    elif kind == "kubeflow":  # the script execs the peer: its pid is the peer's
+        cmd = [str(KUBEFLOW), "run", "--namespace", ns]
     else:
         cmd = [sys.executable, "-m", "aiaas.operator", "operator", "--namespace", ns, "--standalone",
                "--metrics-port", "0", "--metrics-url-template", "", "--log-level", "WARNING",
@@ -295,47 +382,74 @@ def start_controller(kind: str, ns: str) -> subprocess.Popen[bytes]:
     return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
 
 
-def run_phase(kind: str, n: int, timeout: float, opts: argparse.Namespace) -> dict[str, Any]:
-    ns = f"bench-{kind}-{uuid.uuid4().hex[:6]}"
-    kubectl("create", "namespace", ns)
-    proc = start_controller(kind, ns)
-    time.sleep(3)  # imports, watches established
-    if opts.py_spy and kind == "operator":
-        fmt = "raw" if opts.py_spy.endswith(".txt") else "flamegraph"  # raw: collapsed stacks, one per line
-        subprocess.Popen(["py-spy", "record", "-r", "50", "-f", fmt, "-o", opts.py_spy, "--pid", str(proc.pid)],
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    cp_pids = control_plane_pids()
-    cpu0, cp0, kcm0 = proc_stats(proc.pid)[0], cpu_of(cp_pids), kcm_metrics(opts.kcm_metrics)
-    load = os.getloadavg()[0]
-    rec = Recorder(ns)
-    time.sleep(0.5)
-    created: dict[str, float] = {}
-    t0 = time.monotonic()
-    create_jobs(ns, n, created)
-    t_created = time.monotonic() - t0
-    target = rec.seen["running" if kind == "operator" else "pod_running"]
+def wait_started(kind: str, proc: subprocess.Popen[bytes], ns: str, timeout: float = 120) -> None:
+    """Until the controller can take jobs: 3 s for ours (imports, watches); the peer's PyTorchJob workers
+    started (after its webhook certificate is in place), then 1 s."""
+    if kind != "kubeflow":
+        time.sleep(3)
+        return
     deadline = time.monotonic() + timeout
-    while len(target) < n and time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.2)
-    cpu1, peak = proc_stats(proc.pid) if proc.poll() is None else (float("nan"), float("nan"))
-    cp1, kcm1 = cpu_of(cp_pids), kcm_metrics(opts.kcm_metrics)
-    rec.stop.set()
+    while '"pytorchjob-controller", "worker count"' not in Path(f"/tmp/{ns}.log").read_text(errors="replace"):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            sys.exit(f"the kubeflow training operator did not start its workers; see /tmp/{ns}.log")
+        time.sleep(0.5)
+    time.sleep(1)
+
+
+def stop_controller(proc: subprocess.Popen[bytes]) -> tuple[float, float]:
+    """(CPU s, peak RSS MiB) of the controller, then stop it."""
+    stats = proc_stats(proc.pid) if proc.poll() is None else (float("nan"), float("nan"))
     proc.terminate()
     try:
         proc.wait(timeout=20)
     except subprocess.TimeoutExpired:
         proc.kill()
+    return stats
+
+
+def stage_stats(seen: dict[str, float], created: dict[str, float], t0: float) -> dict[str, float]:
+    """p50/p99 from create call to a stage, and jobs per second from the first create to the last one there."""
+    lat = [seen[k] - created[k] for k in created if k in seen]
+    last = max(seen.values(), default=t0) - t0
+    return {"count": len(lat), "p50": pct(lat, 50), "p99": pct(lat, 99),
+            "per_second": len(lat) / last if last > 0 else float("nan")}
+
+
+def run_phase(kind: str, n: int, timeout: float, opts: argparse.Namespace) -> dict[str, Any]:
+    ns = f"bench-{kind}-{uuid.uuid4().hex[:6]}"
+    kubectl("create", "namespace", ns)
+    proc = start_controller(kind, ns)
+    wait_started(kind, proc, ns)
+    if opts.py_spy and kind == "operator":
+        fmt = "raw" if opts.py_spy.endswith(".txt") else "flamegraph"  # raw: collapsed stacks, one per line
+        subprocess.Popen(["py-spy", "record", "-r", "50", "-f", fmt, "-o", opts.py_spy, "--pid", str(proc.pid)],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    peer_url = opts.peer_metrics if kind == "kubeflow" else None
+    cp_pids = control_plane_pids()
+    cpu0, cp0, kcm0 = proc_stats(proc.pid)[0], cpu_of(cp_pids), scrape(opts.kcm_metrics)
+    peer0 = scrape(peer_url, PEER_SERIES)
+    load = os.getloadavg()[0]
+    rec = Recorder(ns, job_kind(kind))
+    time.sleep(0.5)
+    created: dict[str, float] = {}
+    t0 = time.monotonic()
+    create_jobs(ns, n, created, kind)
+    t_created = time.monotonic() - t0
+    target = rec.seen["pod_running" if kind == "baseline" else "running"]
+    deadline = time.monotonic() + timeout
+    while len(target) < n and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    cp1, kcm1, peer1 = cpu_of(cp_pids), scrape(opts.kcm_metrics), scrape(peer_url, PEER_SERIES)
+    rec.stop.set()
+    cpu1, peak = stop_controller(proc)
     result: dict[str, Any] = {
         "kind": kind, "namespace": ns, "jobs": n, "load1": round(load, 2), "create_seconds": round(t_created, 2),
         "cpu_seconds": cpu1 - cpu0, "peak_rss_mib": peak,
         "control_plane_cpu_s": {k: round(cp1[k] - cp0[k], 2) for k in cp0},
         "kcm": {k: round(kcm1.get(k, 0) - v, 2) for k, v in kcm0.items()},
+        "peer": {k: round(peer1.get(k, 0) - v, 2) for k, v in peer0.items()},
+        **{stage: stage_stats(rec.seen[stage], created, t0) for stage in STAGES},
     }
-    for stage in STAGES:
-        lat = [rec.seen[stage][k] - created[k] for k in created if k in rec.seen[stage]]
-        last = max(rec.seen[stage].values(), default=t0) - t0
-        result[stage] = {"count": len(lat), "p50": pct(lat, 50), "p99": pct(lat, 99),
-                         "per_second": len(lat) / last if last > 0 else float("nan")}
     kubectl("delete", "namespace", ns, "--wait=false", check=False)
     time.sleep(2)  # the audit log is written after the response
     result["requests_per_job"] = {k: round(v / n, 2) for k, v in sorted(audit_counts(opts.audit_log, ns).items())
@@ -352,58 +466,58 @@ def wait_namespace_gone(ns: str, timeout: float = 600) -> None:
 
 
 # --------------------------------------------------------------------------------------------- report
-def print_table(results: list[dict[str, Any]], n: int) -> None:
-    print(f"\noperator benchmark: N={n} one-node TrainingJobs, created from 8 threads (create→X p50/p99 s)")
+def print_table(results: list[dict[str, Any]], n: int, kinds: int) -> None:
+    print(f"\noperator benchmark: N={n} one-pod jobs, created from 8 threads (create→X p50/p99 s)")
     print(f"{'':16}{'load1':>6}" + "".join(f"{STAGE_TITLES[s]:>13}" for s in STAGES)
           + f"{'STS/s':>7}{'podRun/s':>9}{'CPU s':>7}{'ms/job':>7}{'RSS':>8}")
     for i, r in enumerate(results):
         cells = "".join(f"{r[s]['p50']:>7.2f}/{r[s]['p99']:<5.2f}" for s in STAGES)
-        print(f"{r['kind'] + ' #' + str(i // 2 + 1):16}{r['load1']:>6.1f}{cells}{r['sts']['per_second']:>7.1f}"
-              f"{r['pod_running']['per_second']:>9.1f}{r['cpu_seconds']:>7.1f}"
+        print(f"{r['kind'] + ' #' + str(i // kinds + 1):16}{r['load1']:>6.1f}{cells}"
+              f"{r['sts']['per_second']:>7.1f}{r['pod_running']['per_second']:>9.1f}{r['cpu_seconds']:>7.1f}"
               f"{1000 * r['cpu_seconds'] / n:>7.1f}{r['peak_rss_mib']:>5.0f}MiB")
-    print("(→pod: created by the StatefulSet controller; →bound: scheduled; →pod Run: kwok set it Running;"
-          " →Running: status.phase written by the operator, the baseline writes none)")
+    print("(→pod: created by the StatefulSet controller, by the peer itself; →bound: scheduled; →pod Run: kwok"
+          " set it Running; →Running: status.phase written by the operator, the peer's Running condition, the"
+          " baseline writes none)")
     for r in results:
         print(f"{r['kind']} {r['namespace']}: control-plane CPU s {r['control_plane_cpu_s']}; "
-              f"controller-manager {r['kcm']}")
+              f"controller-manager {r['kcm']}" + (f"; peer {r['peer']}" if r.get("peer") else ""))
         if r["requests_per_job"]:
             print("  API requests per job: " + ", ".join(f"{k} {v}" for k, v in r["requests_per_job"].items()))
 
 
-def ratios(results: list[dict[str, Any]]) -> dict[str, float]:
-    """operator/baseline per repeat (each pair ran back to back), then the median over repeats."""
-    pairs = [(results[i], results[i + 1]) for i in range(0, len(results) - 1, 2)]
-    per: dict[str, list[float]] = {}
-    for a, b in pairs:
-        op, base = (a, b) if a["kind"] == "operator" else (b, a)
-        for name, value in {
-            "sts_p50": op["sts"]["p50"] / base["sts"]["p50"], "sts_p99": op["sts"]["p99"] / base["sts"]["p99"],
-            "sts_per_second": op["sts"]["per_second"] / base["sts"]["per_second"],
-            "pod_running_p99": op["pod_running"]["p99"] / base["pod_running"]["p99"],
-            "cpu": op["cpu_seconds"] / max(base["cpu_seconds"], 1e-9),
-        }.items():
-            per.setdefault(name, []).append(value)
-    return {k: statistics.median(v) for k, v in per.items()}
+RATIO_STAGES = {  # ratio name -> (stage, statistic); a ratio is left out where either phase lacks the stage
+    "sts_p50": ("sts", "p50"), "sts_p99": ("sts", "p99"), "sts_per_second": ("sts", "per_second"),
+    "pod_p50": ("pod", "p50"), "pod_p99": ("pod", "p99"), "pod_running_p99": ("pod_running", "p99"),
+    "pods_running_per_second": ("pod_running", "per_second"),
+}
+RATIO_PAIRS = (("operator", "baseline"), ("kubeflow", "operator"), ("kubeflow", "baseline"))
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("mode", nargs="?", default="bench", choices=["bench", "baseline-worker"])
-    p.add_argument("--jobs", "-n", type=int, default=100)
-    p.add_argument("--repeats", "-r", type=int, default=1, help="baseline/operator pairs, alternating order")
-    p.add_argument("--namespace", help="(baseline-worker) namespace to watch")
-    p.add_argument("--timeout", type=float, default=600, help="per phase")
-    p.add_argument("--skip-baseline", action="store_true")
-    p.add_argument("--json", help="also write the raw results as JSON to this file")
-    p.add_argument("--operator-args", default="", help="extra flags for `aiaas operator`, e.g. '--workers 32'")
-    p.add_argument("--audit-log", help="the apiserver's audit log (JSON lines): count API requests per job")
-    p.add_argument("--kcm-metrics", help="the controller-manager's /metrics URL, e.g. https://127.0.0.1:17257/metrics")
-    p.add_argument("--py-spy", metavar="SVG", help="record a py-spy profile of the (last) operator phase (.svg; .txt: collapsed stacks)")
-    args = p.parse_args()
-    OPERATOR_ARGS.extend(args.operator_args.split())
-    os.environ["KUBECONFIG"] = _kubeconfig()
-    if args.mode == "baseline-worker":
-        return baseline_worker(args.namespace)
+def phase_order(kinds: list[str], repeats: int) -> list[str]:
+    """The kinds rotated by one each repeat (B O K, O K B, K B O, ...)."""
+    return [kinds[(r + i) % len(kinds)] for r in range(repeats) for i in range(len(kinds))]
+
+
+def ratios(results: list[dict[str, Any]], kinds: int) -> dict[str, dict[str, float]]:
+    """a/b for each pair of RATIO_PAIRS per repeat (the phases of a repeat ran back to back), then the median
+    over repeats: {"operator/baseline": {"sts_p50": ..., ...}, ...}."""
+    per: dict[str, dict[str, list[float]]] = {}
+    for i in range(0, len(results) - kinds + 1, kinds):
+        by_kind = {r["kind"]: r for r in results[i:i + kinds]}
+        for a, b in RATIO_PAIRS:
+            if a not in by_kind or b not in by_kind:
+                continue
+            ra, rb = by_kind[a], by_kind[b]
+            out = per.setdefault(f"{a}/{b}", {})
+            for name, (stage, stat) in RATIO_STAGES.items():
+                if ra[stage]["count"] and rb[stage]["count"]:
+                    out.setdefault(name, []).append(ra[stage][stat] / rb[stage][stat])
+            out.setdefault("cpu", []).append(ra["cpu_seconds"] / max(rb["cpu_seconds"], 1e-9))
+    return {pair: {k: statistics.median(v) for k, v in vals.items()} for pair, vals in per.items()}
+
+
+def setup_cluster(peer: str | None, peer_binary: str | None) -> str | None:
+    """kubectl on PATH, our CRDs applied, the peer installed (its CRD, webhook); the peer's /metrics URL."""
     bin_dir = subprocess.run([str(REPO / "hack" / "cluster.sh"), "bin-dir"], capture_output=True, text=True)
     if bin_dir.returncode == 0:
         os.environ["PATH"] = f"{bin_dir.stdout.strip()}{os.pathsep}{os.environ['PATH']}"
@@ -413,21 +527,56 @@ def main() -> int:
         print(f"warning: could not apply crds/ ({applied.stderr.strip()[:200]}...); using the installed CRDs",
               file=sys.stderr)
     kubectl("wait", "--for=condition=Established", "crd/trainingjobs.aiaas.dev", "--timeout=60s")
+    if peer != "kubeflow":
+        return None
+    if peer_binary:
+        os.environ["AIAAS_KUBEFLOW_BIN"] = peer_binary
+    installed = subprocess.run([str(KUBEFLOW), "install"], capture_output=True, text=True)
+    if installed.returncode != 0:
+        sys.exit(f"hack/peers/kubeflow.sh install failed (run hack/peers/kubeflow.sh build first?):\n"
+                 f"{installed.stderr}")
+    return subprocess.run([str(KUBEFLOW), "metrics-url"], capture_output=True, text=True, check=True).stdout.strip()
 
-    order = [("operator",)] * args.repeats if args.skip_baseline else \
-        [("baseline", "operator") if r % 2 == 0 else ("operator", "baseline") for r in range(args.repeats)]
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("mode", nargs="?", default="bench", choices=["bench", "baseline-worker"])
+    p.add_argument("--jobs", "-n", type=int, default=100)
+    p.add_argument("--repeats", "-r", type=int, default=1, help="rounds of all kinds, order rotated each round")
+    p.add_argument("--namespace", help="(baseline-worker) namespace to watch")
+    p.add_argument("--timeout", type=float, default=600, help="per phase")
+    p.add_argument("--skip-baseline", action="store_true")
+    p.add_argument("--peer", choices=["kubeflow"], help="also measure a peer: Kubeflow's training operator")
+    p.add_argument("--peer-binary", help="the peer's binary (default: what hack/peers/kubeflow.sh build made)")
+    p.add_argument("--json", help="also write the raw results as JSON to this file")
+    p.add_argument("--operator-args", default="", help="extra flags for `aiaas operator`, e.g. '--workers 32'")
+    p.add_argument("--audit-log", help="the apiserver's audit log (JSON lines): count API requests per job")
+    p.add_argument("--kcm-metrics", help="the controller-manager's /metrics URL, e.g. https://127.0.0.1:17257/metrics")
+    p.add_argument("--py-spy", metavar="SVG", help="record a py-spy profile of the (last) operator phase (.svg; .txt: collapsed stacks)")
+    return p.parse_args()
+
+
+def main() -> int:
+    args = parse_args()
+    OPERATOR_ARGS.extend(args.operator_args.split())
+    os.environ["KUBECONFIG"] = _kubeconfig()
+    if args.mode == "baseline-worker":
+        return baseline_worker(args.namespace)
+    args.peer_metrics = setup_cluster(args.peer, args.peer_binary)
+    kinds = ([] if args.skip_baseline else ["baseline"]) + ["operator"] + ([args.peer] if args.peer else [])
     results = []
-    for pair in order:
-        for kind in pair:
+    try:
+        for kind in phase_order(kinds, args.repeats):
             results.append(run_phase(kind, args.jobs, args.timeout, args))
             print(json.dumps(results[-1]), flush=True)
             wait_namespace_gone(results[-1]["namespace"])
-    print_table(results, args.jobs)
-    if not args.skip_baseline:
-        print("ratio operator/baseline (median over repeats): "
-              + ", ".join(f"{k} x{v:.2f}" for k, v in ratios(results).items()))
-    ops = [r for r in results if r["kind"] == "operator"]
-    missing = sum(args.jobs - r["running"]["count"] for r in ops)
+    finally:
+        if args.peer:
+            subprocess.run([str(KUBEFLOW), "uninstall"], check=False)
+    print_table(results, args.jobs, len(kinds))
+    for pair, values in ratios(results, len(kinds)).items():
+        print(f"ratio {pair} (median over repeats): " + ", ".join(f"{k} x{v:.2f}" for k, v in values.items()))
+    missing = sum(args.jobs - r["running"]["count"] for r in results if r["kind"] != "baseline")
     if missing:
         print(f"WARNING: {missing} job(s) did not reach Running within {args.timeout:.0f}s")
     if args.json:

@@ -144,7 +144,7 @@ patched_source() { # <module> <version> <dest> <patch>
 # BUILD_CGO=1 / BUILD_TAGS=<tags> in the environment: cgo and build tags.
 build_module() { # <name> <version> <ldflags> <package>...
   local name=$1 ver=$2 ldflags=$3; shift 3
-  local src=$ROOT/hack/k8s/$name work=$TOOLS_DIR/work/$name
+  local src=${MODULE_SRC:-$ROOT/hack/k8s/$name} work=$TOOLS_DIR/work/$name  # MODULE_SRC: hack/peers/*.sh
   local stamp; stamp=$(stamp_of "$src" "$ver" "$([[ $name == kubernetes ]] || echo "$ldflags")")
   local need=0 p
   for p in "$@"; do
@@ -676,6 +676,9 @@ do_logs() {
 usage() {
   sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed -e '$d' -e 's/^# \{0,1\}//'
 }
+
+# Sourced (hack/peers/*.sh): the functions only.
+[[ ${BASH_SOURCE[0]} == "$0" ]] || return 0
 
 cmd=${1:-}
 shift || true

@@ -1,0 +1,86 @@
+"""The pure helpers of bench/operator_bench.py: the phase order, the ratios, and how the bench reads a job's
+Running status, a pod's job and a request's client for the operator and for the peer (Kubeflow's training
+operator). The bench itself needs a cluster; these run without one."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "bench" / "operator_bench.py"
+
+
+@pytest.fixture(scope="module")
+def bench() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("operator_bench", BENCH)
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclass looks itself up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_phase_order_rotates_the_kinds_each_repeat(bench: ModuleType) -> None:
+    assert bench.phase_order(["B", "O", "K"], 3) == ["B", "O", "K", "O", "K", "B", "K", "B", "O"]
+    assert bench.phase_order(["B", "O"], 3) == ["B", "O", "O", "B", "B", "O"]  # the old alternation
+    assert bench.phase_order(["O"], 2) == ["O", "O"]
+
+
+def _result(kind: str, pod_p99: float, cpu: float, sts: bool = True) -> dict:
+    stage = {"count": 10, "p50": pod_p99 / 2, "p99": pod_p99, "per_second": 100 / pod_p99}
+    none = {"count": 0, "p50": math.nan, "p99": math.nan, "per_second": math.nan}
+    return {"kind": kind, "cpu_seconds": cpu, "sts": stage if sts else none, "pod": stage, "pod_running": stage}
+
+
+def test_ratios_pair_the_phases_of_each_repeat_and_skip_stages_a_phase_lacks(bench: ModuleType) -> None:
+    results = [_result("baseline", 10, 1), _result("operator", 10, 10), _result("kubeflow", 5, 2, sts=False),
+               _result("operator", 20, 10), _result("kubeflow", 5, 4, sts=False), _result("baseline", 20, 1)]
+    out = bench.ratios(results, 3)
+    assert set(out) == {"operator/baseline", "kubeflow/operator", "kubeflow/baseline"}
+    assert out["operator/baseline"]["pod_p99"] == 1.0 and out["operator/baseline"]["cpu"] == 10.0
+    assert out["kubeflow/operator"]["pod_p99"] == pytest.approx((0.5 + 0.25) / 2)  # median of two repeats
+    assert out["kubeflow/baseline"]["cpu"] == 3.0
+    assert "sts_p50" not in out["kubeflow/operator"] and "sts_p50" in out["operator/baseline"]
+
+
+def test_job_running_reads_the_phase_or_a_true_running_condition(bench: ModuleType) -> None:
+    assert bench.job_running({"status": {"phase": "Running"}})
+    assert not bench.job_running({"status": {"phase": "Pending"}})
+    assert not bench.job_running({})
+    created = {"type": "Created", "status": "True"}
+    assert bench.job_running({"status": {"conditions": [created, {"type": "Running", "status": "True"}]}})
+    assert not bench.job_running({"status": {"conditions": [created, {"type": "Running", "status": "False"}]}})
+
+
+def test_job_of_pod_reads_either_job_label(bench: ModuleType) -> None:
+    from aiaas.contract.launch import LABEL_JOB
+
+    assert bench.job_of_pod({"metadata": {"name": "bench-00001-0", "labels": {LABEL_JOB: "bench-00001"}}}) \
+        == "bench-00001"
+    peer = {"metadata": {"name": "bench-00002-master-0", "labels": {bench.PEER_JOB_LABEL: "bench-00002"}}}
+    assert bench.job_of_pod(peer) == "bench-00002"
+
+
+def test_client_of_names_the_bench_the_peer_the_operator_and_controllers(bench: ModuleType) -> None:
+    admin = "kubernetes-admin"
+    assert bench.client_of(admin, "aiaas-bench") == "aiaas-bench"
+    assert bench.client_of(admin, "training-operator.v1/v0.0.0 (linux/amd64) kubernetes/$Format") == "kubeflow"
+    assert bench.client_of(admin, "OpenAPI-Generator/33.1.0/python") == "operator"
+    assert bench.client_of("system:serviceaccount:kube-system:statefulset-controller",
+                           "kube-controller-manager/v1.36.3") == "statefulset-controller"
+
+
+def test_the_peers_pod_gets_the_image_and_requests_of_the_operators(bench: ModuleType) -> None:
+    container = bench.trainer_container()
+    job = bench.pytorchjob_manifest("bench-00001", container)
+    master = job["spec"]["pytorchReplicaSpecs"]["Master"]
+    assert master["replicas"] == 1
+    (pod,) = master["template"]["spec"]["containers"]
+    assert pod["name"] == "pytorch"  # the peer's webhook requires it
+    assert pod["image"] == container["image"]
+    assert pod["resources"]["requests"] == {"cpu": "10m", "memory": "16Mi"}
