@@ -49,6 +49,10 @@ def run(namespace: str) -> int:
         async def on_child(**_: Any) -> None:
             return None
 
+    @kopf.on.login(registry=registry)
+    def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+        return kopf.login_via_client(**kwargs)
+
     @kopf.on.startup(registry=registry)
     async def ready(**_: Any) -> None:
         print("ready", flush=True)

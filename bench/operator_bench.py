@@ -9,6 +9,8 @@ StatefulSet the renderer produces; no status, no Service, no caches. Operator: `
 progress scraping off because kwok pod IPs are fake). Peer (``--peer kubeflow``): Kubeflow's training
 operator (``hack/peers/kubeflow.sh``: built from its Go module, its defaults, PyTorchJob only, its webhook
 served locally) given one-pod PyTorchJobs (one Master replica, the image and requests of the operator's pod).
+kopf floor (``--kopf-floor``, bench/kopf_floor.py): the operator's kopf watches with no-op handlers plus the
+baseline's one POST per job -- what any kopf-based operator pays before it reconciles anything.
 With ``--repeats R`` the kinds rotate (B O K, O K B, K B O, ...) so that a change in the machine's load hits
 all. Each phase creates N one-pod jobs in a fresh namespace from 8 client threads and records, per job, the
 time from its create call to its StatefulSet (none for the peer), its pod (created by the StatefulSet
@@ -18,7 +20,7 @@ and pods Running/s, the controller process's CPU seconds and peak RSS, the CPU s
 processes (when ``hack/cluster.sh`` started them), the StatefulSet controller's queue wait and the
 controller-manager's client-side rate-limit wait (its /metrics), the peer's work queue and request counters
 (its /metrics), the API requests per job by client (``--audit-log``: an apiserver audit log), and the ratios
-operator/baseline, peer/operator and peer/baseline (the median of the per-repeat ratios). Anchors: Kueue's
+operator/baseline, operator/kopf, kopf/baseline, peer/operator and peer/baseline (the median of the per-repeat ratios). Anchors: Kueue's
 envtest baseline ~43 workloads/s; the pod-startup SLO p99 <= 5 s.
 """
 
@@ -45,6 +47,7 @@ REPO = Path(__file__).resolve().parents[1]
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 OPERATOR_ARGS: list[str] = []
 KUBEFLOW = REPO / "hack" / "peers" / "kubeflow.sh"
+STATUS_WRITERS = ("operator", "kubeflow")  # the kinds whose phase ends at the job's own Running status
 PEER_JOB_LABEL = "training.kubeflow.org/job-name"  # the peer's pods' label naming their job
 
 
@@ -375,6 +378,8 @@ def start_controller(kind: str, ns: str) -> subprocess.Popen[bytes]:
         cmd = [sys.executable, __file__, "baseline-worker", "--namespace", ns]
     elif kind == "kubeflow":  # the script execs the peer: its pid is the peer's
         cmd = [str(KUBEFLOW), "run", "--namespace", ns]
+    elif kind == "kopf":
+        cmd = [sys.executable, str(REPO / "bench" / "kopf_floor.py"), ns]
     else:
         cmd = [sys.executable, "-m", "aiaas.operator", "operator", "--namespace", ns, "--standalone",
                "--metrics-port", "0", "--metrics-url-template", "", "--log-level", "WARNING",
@@ -435,7 +440,7 @@ def run_phase(kind: str, n: int, timeout: float, opts: argparse.Namespace) -> di
     t0 = time.monotonic()
     create_jobs(ns, n, created, kind)
     t_created = time.monotonic() - t0
-    target = rec.seen["pod_running" if kind == "baseline" else "running"]
+    target = rec.seen["running" if kind in STATUS_WRITERS else "pod_running"]
     deadline = time.monotonic() + timeout
     while len(target) < n and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.2)
@@ -490,7 +495,8 @@ RATIO_STAGES = {  # ratio name -> (stage, statistic); a ratio is left out where 
     "pod_p50": ("pod", "p50"), "pod_p99": ("pod", "p99"), "pod_running_p99": ("pod_running", "p99"),
     "pods_running_per_second": ("pod_running", "per_second"),
 }
-RATIO_PAIRS = (("operator", "baseline"), ("kubeflow", "operator"), ("kubeflow", "baseline"))
+RATIO_PAIRS = (("operator", "baseline"), ("operator", "kopf"), ("kopf", "baseline"), ("kubeflow", "operator"),
+               ("kubeflow", "baseline"))
 
 
 def phase_order(kinds: list[str], repeats: int) -> list[str]:
@@ -546,6 +552,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--namespace", help="(baseline-worker) namespace to watch")
     p.add_argument("--timeout", type=float, default=600, help="per phase")
     p.add_argument("--skip-baseline", action="store_true")
+    p.add_argument("--kopf-floor", action="store_true",
+                   help="also measure the kopf floor (bench/kopf_floor.py: our kopf watches, no reconciling)")
     p.add_argument("--peer", choices=["kubeflow"], help="also measure a peer: Kubeflow's training operator")
     p.add_argument("--peer-binary", help="the peer's binary (default: what hack/peers/kubeflow.sh build made)")
     p.add_argument("--json", help="also write the raw results as JSON to this file")
@@ -563,7 +571,8 @@ def main() -> int:
     if args.mode == "baseline-worker":
         return baseline_worker(args.namespace)
     args.peer_metrics = setup_cluster(args.peer, args.peer_binary)
-    kinds = ([] if args.skip_baseline else ["baseline"]) + ["operator"] + ([args.peer] if args.peer else [])
+    kinds = ([] if args.skip_baseline else ["baseline"]) + (["kopf"] if args.kopf_floor else []) + ["operator"] + \
+        ([args.peer] if args.peer else [])
     results = []
     try:
         for kind in phase_order(kinds, args.repeats):
@@ -576,7 +585,7 @@ def main() -> int:
     print_table(results, args.jobs, len(kinds))
     for pair, values in ratios(results, len(kinds)).items():
         print(f"ratio {pair} (median over repeats): " + ", ".join(f"{k} x{v:.2f}" for k, v in values.items()))
-    missing = sum(args.jobs - r["running"]["count"] for r in results if r["kind"] != "baseline")
+    missing = sum(args.jobs - r["running"]["count"] for r in results if r["kind"] in STATUS_WRITERS)
     if missing:
         print(f"WARNING: {missing} job(s) did not reach Running within {args.timeout:.0f}s")
     if args.json:
