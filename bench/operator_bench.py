@@ -9,7 +9,7 @@ StatefulSet the renderer produces; no status, no Service, no caches. Operator: `
 progress scraping off because kwok pod IPs are fake). Peer (``--peer kubeflow``): Kubeflow's training
 operator (``hack/peers/kubeflow.sh``: built from its Go module, its defaults, PyTorchJob only, its webhook
 served locally) given one-pod PyTorchJobs (one Master replica, the image and requests of the operator's pod).
-kopf floor (``--kopf-floor``, bench/kopf_floor.py): the operator's kopf watches with no-op handlers plus the
+kopf floor (``--kopf-floor``): the operator's kopf settings and watches with no-op handlers plus the
 baseline's one POST per job -- what any kopf-based operator pays before it reconciles anything.
 With ``--repeats R`` the kinds rotate (B O K, O K B, K B O, ...) so that a change in the machine's load hits
 all. Each phase creates N one-pod jobs in a fresh namespace from 8 client threads and records, per job, the
@@ -27,6 +27,7 @@ envtest baseline ~43 workloads/s; the pod-startup SLO p99 <= 5 s.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import ssl
@@ -152,29 +153,67 @@ def proc_stats(pid: int) -> tuple[float, float]:
 
 
 # ------------------------------------------------------------------------------------------- baseline
-def baseline_worker(namespace: str) -> int:
-    """The minimal controller: watch TrainingJobs, POST the rendered StatefulSet for each new one."""
-    from kubernetes import client, watch
+def create_statefulset(apps: Any, namespace: str, body: dict[str, Any]) -> None:
+    """POST the StatefulSet the renderer produces for the TrainingJob ``body`` (one that exists is fine)."""
+    from kubernetes import client
 
     from aiaas.operator import api
     from aiaas.operator.render import RenderSettings, render_trainingjob
 
+    job = api.TrainingJob.model_validate(dict(body))
+    sts = next(m for m in render_trainingjob(job, RenderSettings()) if m["kind"] == "StatefulSet")
+    try:
+        apps.create_namespaced_stateful_set(namespace, sts)
+    except client.ApiException as err:
+        if err.status != 409:
+            print(f"create failed: {err.reason}", file=sys.stderr, flush=True)
+
+
+def baseline_worker(namespace: str) -> int:
+    """The minimal controller: watch TrainingJobs, POST the rendered StatefulSet for each new one."""
+    from kubernetes import client, watch
+
     apic = _api("aiaas-baseline")
     custom, apps = client.CustomObjectsApi(apic), client.AppsV1Api(apic)
-    settings = RenderSettings()
     print("ready", flush=True)
     for ev in watch.Watch().stream(custom.list_namespaced_custom_object, "aiaas.dev", "v1alpha1", namespace,
                                    "trainingjobs", timeout_seconds=3600):
-        if ev["type"] != "ADDED":
-            continue
-        job = api.TrainingJob.model_validate(ev["object"])
-        sts = next(m for m in render_trainingjob(job, settings) if m["kind"] == "StatefulSet")
-        try:
-            apps.create_namespaced_stateful_set(namespace, sts)  # type: ignore[arg-type]
-        except client.ApiException as err:
-            if err.status != 409:
-                print(f"create failed: {err.reason}", file=sys.stderr, flush=True)
+        if ev["type"] == "ADDED":
+            create_statefulset(apps, namespace, ev["object"])
     return 0
+
+
+def kopf_worker(namespace: str) -> int:
+    """The kopf floor: the operator's kopf settings and its three watches (TrainingJobs; StatefulSets and pods
+    by the job-name label) with handlers that do nothing but the baseline's POST for a new job. Its CPU per job
+    is the least any operator built on kopf pays for the same events."""
+    import kopf
+    from kubernetes import client
+
+    from aiaas.contract import launch
+    from aiaas.operator import api
+    from aiaas.operator.watch import kopf_settings
+
+    apps = client.AppsV1Api(_api("aiaas-kopf-floor"))
+    registry = kopf.OperatorRegistry()
+    kopf.on.login(registry=registry)(kopf.login_via_client)
+
+    @kopf.on.event(api.GROUP, api.VERSION, "trainingjobs", registry=registry)
+    async def on_job(event: kopf.RawEvent, **_: Any) -> None:
+        if event.get("type") in (None, "ADDED"):
+            await asyncio.to_thread(create_statefulset, apps, namespace, event["object"])
+
+    for group, version, plural in (("apps", "v1", "statefulsets"), ("", "v1", "pods")):
+        kopf.on.event(group, version, plural, id=f"watch-{plural}", labels={launch.LABEL_JOB: kopf.PRESENT},
+                      registry=registry)(_ignore)
+    print("ready", flush=True)
+    asyncio.run(kopf.operator(registry=registry, settings=kopf_settings(), standalone=True, clusterwide=False,
+                              namespaces=[namespace]))
+    return 0
+
+
+async def _ignore(**_: Any) -> None:
+    return None
 
 
 # ---------------------------------------------------------------------------------------------- phase
@@ -379,7 +418,7 @@ def start_controller(kind: str, ns: str) -> subprocess.Popen[bytes]:
     elif kind == "kubeflow":  # the script execs the peer: its pid is the peer's
         cmd = [str(KUBEFLOW), "run", "--namespace", ns]
     elif kind == "kopf":
-        cmd = [sys.executable, str(REPO / "bench" / "kopf_floor.py"), ns]
+        cmd = [sys.executable, __file__, "kopf-worker", "--namespace", ns]
     else:
         cmd = [sys.executable, "-m", "aiaas.operator", "operator", "--namespace", ns, "--standalone",
                "--metrics-port", "0", "--metrics-url-template", "", "--log-level", "WARNING",
@@ -546,14 +585,14 @@ def setup_cluster(peer: str | None, peer_binary: str | None) -> str | None:
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("mode", nargs="?", default="bench", choices=["bench", "baseline-worker"])
+    p.add_argument("mode", nargs="?", default="bench", choices=["bench", "baseline-worker", "kopf-worker"])
     p.add_argument("--jobs", "-n", type=int, default=100)
     p.add_argument("--repeats", "-r", type=int, default=1, help="rounds of all kinds, order rotated each round")
-    p.add_argument("--namespace", help="(baseline-worker) namespace to watch")
+    p.add_argument("--namespace", help="(baseline-worker, kopf-worker) namespace to watch")
     p.add_argument("--timeout", type=float, default=600, help="per phase")
     p.add_argument("--skip-baseline", action="store_true")
     p.add_argument("--kopf-floor", action="store_true",
-                   help="also measure the kopf floor (bench/kopf_floor.py: our kopf watches, no reconciling)")
+                   help="also measure the kopf floor (our kopf watches, no reconciling)")
     p.add_argument("--peer", choices=["kubeflow"], help="also measure a peer: Kubeflow's training operator")
     p.add_argument("--peer-binary", help="the peer's binary (default: what hack/peers/kubeflow.sh build made)")
     p.add_argument("--json", help="also write the raw results as JSON to this file")
@@ -570,6 +609,8 @@ def main() -> int:
     os.environ["KUBECONFIG"] = _kubeconfig()
     if args.mode == "baseline-worker":
         return baseline_worker(args.namespace)
+    if args.mode == "kopf-worker":
+        return kopf_worker(args.namespace)
     args.peer_metrics = setup_cluster(args.peer, args.peer_binary)
     kinds = ([] if args.skip_baseline else ["baseline"]) + (["kopf"] if args.kopf_floor else []) + ["operator"] + \
         ([args.peer] if args.peer else [])
