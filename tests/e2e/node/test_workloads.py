@@ -268,17 +268,22 @@ DIGIT_ZERO = [0, 0, 5, 13, 9, 1, 0, 0, 0, 0, 13, 15, 10, 15, 5, 0, 0, 3, 15, 2, 
 
 # Which version answered: every response names it (model_version: the training step the artifact was exported at,
 # as the job's status.artifact.version says).
-COUNT_VERSIONS = ("import collections, json, sys, urllib.request\n"
-                  "seen = collections.Counter()\n"
-                  "for _ in range(200):\n"
+# The client: first asks until both versions have answered (the Service's endpoints are in kube-proxy's rules:
+# a pod that became Ready last may be missing from them for seconds), then counts the versions of 200 answers.
+COUNT_VERSIONS = ("import collections, json, sys, time, urllib.request\n"
+                  "def ask():\n"
                   "    req = urllib.request.Request(sys.argv[1], data=sys.argv[2].encode(),"
                   " headers={'content-type': 'application/json'})\n"
-                  "    seen[json.loads(urllib.request.urlopen(req, timeout=30).read())['model_version']] += 1\n"
-                  "print(json.dumps(seen))\n")
+                  "    return json.loads(urllib.request.urlopen(req, timeout=30).read())['model_version']\n"
+                  "deadline, answered = time.monotonic() + 120, set()\n"
+                  "while len(answered) < 2 and time.monotonic() < deadline:\n"
+                  "    answered.add(ask())\n"
+                  "print(json.dumps(collections.Counter(ask() for _ in range(200))))\n")
 
 
 def test_canary_at_50_percent_splits_real_traffic(resumed_job, images, jobs_ns, kubectl) -> None:
-    """Two versions behind one Service: of 200 requests from a pod, each version answers 30-70 %."""
+    """Two versions behind one Service: of 200 requests from a pod, each version answers 30-70 % (counted once
+    both have answered through the Service)."""
     apply(kubectl, jobs_ns, {
         "apiVersion": "aiaas.dev/v1alpha1", "kind": "TrainingJob", "metadata": {"name": "canary-src"},
         "spec": {"trainer": {"model": {"architecture": "cnn"}, "dataset": {"kind": "digits"},
