@@ -133,7 +133,8 @@ def test_helm_monitoring_objects_are_accepted_strictly(kubectl, helm, restricted
 def test_kustomize_applies_and_deletes(kubectl, restricted, tmp_path, monitoring_crds):
     """`kubectl apply -k deploy/monitoring` (through an overlay that moves it into the test namespace and gives
     cluster-scoped objects a unique suffix; the CRDs are already installed by the session)."""
-    ns, suffix = restricted, f"-{uuid.uuid4().hex[:6]}"
+    # a letter first: "-1e2345" would be dumped unquoted and read back by kustomize as a number
+    ns, suffix = restricted, f"-k{uuid.uuid4().hex[:6]}"
     overlay = tmp_path / "overlay"
     overlay.mkdir()
     patches = [{"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "aiaas-system"}}] + [
