@@ -12,9 +12,10 @@ served locally) given one-pod PyTorchJobs (one Master replica, the image and req
 kopf floor (``--kopf-floor``): the operator's kopf settings and watches with no-op handlers plus the
 baseline's one POST per job -- what any kopf-based operator pays before it reconciles anything.
 With ``--repeats R`` the kinds rotate (B O K, O K B, K B O, ...) so that a change in the machine's load hits
-all. Each phase creates N one-pod jobs in a fresh namespace from 8 client threads and records, per job, the
-time from its create call to its StatefulSet (none for the peer), its pod (created by the StatefulSet
-controller; by the peer itself), the pod scheduled, the pod Running and (operator, peer) the controller's own
+all. Each phase creates N jobs of ``--pods-per-job`` pods (default 1) in a fresh namespace from 8 client
+threads and records, per job, the time from its create call to its StatefulSet (none for the peer), its pods
+(created by the StatefulSet controller; by the peer itself; a pod stage counts when the job's last pod gets
+there), the pods scheduled, the pods Running and (operator, peer) the controller's own
 Running status (``status.phase``; a Running condition). Printed per phase: p50/p99 of each, StatefulSets/s
 and pods Running/s, the controller process's CPU seconds and peak RSS, the CPU seconds of the control-plane
 processes (when ``hack/cluster.sh`` started them), the StatefulSet controller's queue wait and the
@@ -90,11 +91,12 @@ def _api(agent: str = "aiaas-bench"):  # type: ignore[no-untyped-def]
     return apic
 
 
-def job_manifest(name: str) -> dict[str, Any]:
+def job_manifest(name: str, pods: int = 1) -> dict[str, Any]:
+    """A TrainingJob of ``pods`` nodes (one pod each)."""
     return {
         "apiVersion": "aiaas.dev/v1alpha1", "kind": "TrainingJob", "metadata": {"name": name},
         "spec": {"trainer": {"hyperparameters": {"epochs": 1, "batchSize": 32}},
-                 "topology": {"nodes": 1, "resources": {"requests": {"cpu": "10m", "memory": "16Mi"}}}},
+                 "topology": {"nodes": pods, "resources": {"requests": {"cpu": "10m", "memory": "16Mi"}}}},
     }
 
 
@@ -111,14 +113,17 @@ def trainer_container() -> dict[str, Any]:
     return sts["spec"]["template"]["spec"]["containers"][0]  # type: ignore[no-any-return]
 
 
-def pytorchjob_manifest(name: str, container: dict[str, Any]) -> dict[str, Any]:
-    """A one-pod PyTorchJob: one Master replica (the peer requires the container name ``pytorch``)."""
+def pytorchjob_manifest(name: str, container: dict[str, Any], pods: int = 1) -> dict[str, Any]:
+    """A PyTorchJob of ``pods`` pods: one Master replica and ``pods - 1`` Workers (the peer requires the
+    container name ``pytorch``)."""
     pod = {"containers": [{"name": "pytorch", "image": container["image"],
                            "command": ["python", "-m", "aiaas.trainer"], "resources": container["resources"]}]}
+    replicas = {"Master": 1, "Worker": pods - 1}
     return {
         "apiVersion": f"{PYTORCHJOB.group}/{PYTORCHJOB.version}", "kind": "PyTorchJob", "metadata": {"name": name},
-        "spec": {"pytorchReplicaSpecs": {"Master": {"replicas": 1, "restartPolicy": "OnFailure",
-                                                     "template": {"spec": pod}}}},
+        "spec": {"pytorchReplicaSpecs": {
+            role: {"replicas": count, "restartPolicy": "OnFailure", "template": {"spec": pod}}
+            for role, count in replicas.items() if count}},
     }
 
 
@@ -218,17 +223,20 @@ async def _ignore(**_: Any) -> None:
 
 # ---------------------------------------------------------------------------------------------- phase
 STAGES = ("sts", "pod", "scheduled", "pod_running", "running")  # in the order a job goes through them
+POD_STAGES = ("pod", "scheduled", "pod_running")  # reached when all of a job's pods have
 STAGE_TITLES = {"sts": "→STS", "pod": "→pod", "scheduled": "→bound", "pod_running": "→pod Run",
                 "running": "→Running"}
 
 
 class Recorder:
-    """Watches StatefulSets, pods and the jobs (``kind``) of a namespace; first-seen times per stage by job name
-    (the list functions are lambdas, so the watch hands over plain dicts)."""
+    """Watches StatefulSets, pods and the jobs (``kind``) of a namespace; per stage, the time each job got
+    there: a pod stage when the last of its ``pods`` pods did (the list functions are lambdas, so the watch
+    hands over plain dicts)."""
 
-    def __init__(self, namespace: str, kind: JobKind) -> None:
-        self.ns, self.kind = namespace, kind
+    def __init__(self, namespace: str, kind: JobKind, pods: int = 1) -> None:
+        self.ns, self.kind, self.pods = namespace, kind, pods
         self.seen: dict[str, dict[str, float]] = {stage: {} for stage in STAGES}
+        self.pods_at: dict[str, dict[str, set[str]]] = {stage: {} for stage in POD_STAGES}
         self.stop = threading.Event()
         self.threads = [threading.Thread(target=self._watch, args=(w,), daemon=True)
                         for w in (self._sts_stream, self._pod_stream, self._job_stream)]
@@ -237,6 +245,12 @@ class Recorder:
 
     def _mark(self, stage: str, job: str) -> None:
         self.seen[stage].setdefault(job, time.monotonic())
+
+    def _mark_pod(self, stage: str, job: str, pod: str) -> None:
+        at = self.pods_at[stage].setdefault(job, set())
+        at.add(pod)
+        if len(at) >= self.pods:
+            self._mark(stage, job)
 
     def _watch(self, stream: Any) -> None:
         from kubernetes import watch
@@ -261,12 +275,12 @@ class Recorder:
         core = client.CoreV1Api(_api())
 
         def on_pod(pod: dict[str, Any]) -> None:
-            job = job_of_pod(pod)
-            self._mark("pod", job)
+            job, name = job_of_pod(pod), pod["metadata"]["name"]
+            self._mark_pod("pod", job, name)
             if (pod.get("spec") or {}).get("nodeName"):
-                self._mark("scheduled", job)
+                self._mark_pod("scheduled", job, name)
             if (pod.get("status") or {}).get("phase") == "Running":
-                self._mark("pod_running", job)
+                self._mark_pod("pod_running", job, name)
 
         return lambda **kw: core.list_namespaced_pod(self.ns, **kw), on_pod
 
@@ -284,7 +298,7 @@ class Recorder:
                 on_job)
 
 
-def create_jobs(namespace: str, n: int, created: dict[str, float], kind: str) -> None:
+def create_jobs(namespace: str, n: int, created: dict[str, float], kind: str, pods: int) -> None:
     from kubernetes import client
 
     custom = client.CustomObjectsApi(_api())
@@ -293,7 +307,7 @@ def create_jobs(namespace: str, n: int, created: dict[str, float], kind: str) ->
 
     def one(i: int) -> None:
         name = f"bench-{i:05d}"
-        manifest = pytorchjob_manifest(name, container) if res == PYTORCHJOB else job_manifest(name)
+        manifest = pytorchjob_manifest(name, container, pods) if res == PYTORCHJOB else job_manifest(name, pods)
         created[name] = time.monotonic()
         for attempt in range(5):
             try:
@@ -473,11 +487,11 @@ def run_phase(kind: str, n: int, timeout: float, opts: argparse.Namespace) -> di
     cpu0, cp0, kcm0 = proc_stats(proc.pid)[0], cpu_of(cp_pids), scrape(opts.kcm_metrics)
     peer0 = scrape(peer_url, PEER_SERIES)
     load = os.getloadavg()[0]
-    rec = Recorder(ns, job_kind(kind))
+    rec = Recorder(ns, job_kind(kind), opts.pods_per_job)
     time.sleep(0.5)
     created: dict[str, float] = {}
     t0 = time.monotonic()
-    create_jobs(ns, n, created, kind)
+    create_jobs(ns, n, created, kind, opts.pods_per_job)
     t_created = time.monotonic() - t0
     target = rec.seen["running" if kind in STATUS_WRITERS else "pod_running"]
     deadline = time.monotonic() + timeout
@@ -487,7 +501,7 @@ def run_phase(kind: str, n: int, timeout: float, opts: argparse.Namespace) -> di
     rec.stop.set()
     cpu1, peak = stop_controller(proc)
     result: dict[str, Any] = {
-        "kind": kind, "namespace": ns, "jobs": n, "load1": round(load, 2), "create_seconds": round(t_created, 2),
+        "kind": kind, "namespace": ns, "jobs": n, "pods_per_job": opts.pods_per_job, "load1": round(load, 2), "create_seconds": round(t_created, 2),
         "cpu_seconds": cpu1 - cpu0, "peak_rss_mib": peak,
         "control_plane_cpu_s": {k: round(cp1[k] - cp0[k], 2) for k in cp0},
         "kcm": {k: round(kcm1.get(k, 0) - v, 2) for k, v in kcm0.items()},
@@ -511,13 +525,15 @@ def wait_namespace_gone(ns: str, timeout: float = 600) -> None:
 
 # --------------------------------------------------------------------------------------------- report
 def print_table(results: list[dict[str, Any]], n: int, kinds: int) -> None:
-    print(f"\noperator benchmark: N={n} one-pod jobs, created from 8 threads (create→X p50/p99 s)")
+    pods = results[0]["pods_per_job"] if results else 1
+    print(f"\noperator benchmark: N={n} jobs of {pods} pod(s), created from 8 threads (create→X p50/p99 s;"
+          " a pod stage: the job's last pod)")
     print(f"{'':16}{'load1':>6}" + "".join(f"{STAGE_TITLES[s]:>13}" for s in STAGES)
           + f"{'STS/s':>7}{'podRun/s':>9}{'CPU s':>7}{'ms/job':>7}{'RSS':>8}")
     for i, r in enumerate(results):
         cells = "".join(f"{r[s]['p50']:>7.2f}/{r[s]['p99']:<5.2f}" for s in STAGES)
         print(f"{r['kind'] + ' #' + str(i // kinds + 1):16}{r['load1']:>6.1f}{cells}"
-              f"{r['sts']['per_second']:>7.1f}{r['pod_running']['per_second']:>9.1f}{r['cpu_seconds']:>7.1f}"
+              f"{r['sts']['per_second']:>7.1f}{pods * r['pod_running']['per_second']:>9.1f}{r['cpu_seconds']:>7.1f}"
               f"{1000 * r['cpu_seconds'] / n:>7.1f}{r['peak_rss_mib']:>5.0f}MiB")
     print("(→pod: created by the StatefulSet controller, by the peer itself; →bound: scheduled; →pod Run: kwok"
           " set it Running; →Running: status.phase written by the operator, the peer's Running condition, the"
@@ -587,6 +603,8 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("mode", nargs="?", default="bench", choices=["bench", "baseline-worker", "kopf-worker"])
     p.add_argument("--jobs", "-n", type=int, default=100)
+    p.add_argument("--pods-per-job", type=int, default=1, help="nodes of each TrainingJob (the peer: 1 Master and"
+                   " the rest Workers)")
     p.add_argument("--repeats", "-r", type=int, default=1, help="rounds of all kinds, order rotated each round")
     p.add_argument("--namespace", help="(baseline-worker, kopf-worker) namespace to watch")
     p.add_argument("--timeout", type=float, default=600, help="per phase")

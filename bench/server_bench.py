@@ -10,6 +10,8 @@ What runs (all on loopback, each server its own process, this process is the loa
 * ``v2-json`` — ``POST /v2/models/{name}/infer`` with a JSON tensor (what curl and most clients send).
 * ``v2-binary`` — the same with the binary tensor data extension (``tritonclient``'s default).
 * ``v1`` — ``POST /v1/models/{name}:predict`` with ``{"instances": [...]}``.
+* ``bare-grpc`` — the gRPC yardstick: a grpc.aio ModelInfer that calls the same model inline (what one would
+  write without our server), so ``grpc`` is measured against its own stack's floor too.
 * ``grpc`` — ``inference.GRPCInferenceService/ModelInfer`` with ``raw_input_contents`` (grpc.aio client).
 * ``explain`` — ``POST /v2/models/{name}/explain`` (Integrated Gradients, default steps), one at a time.
 
@@ -19,6 +21,9 @@ concurrency 16 >= 2.5x (batching); gRPC's p50 at concurrency 1 next to REST's.
 Each request carries one digit (batch 1), so the server's dynamic batcher is what groups them at concurrency 16.
 The load generator speaks HTTP/1.1 keep-alive over raw asyncio streams with prebuilt requests, so it costs
 little next to the servers (it shares the machine's cores with them all the same). Every response is checked.
+Independent clients instead: ``--client wrk`` (HTTP only) or ``--client go`` (hey for HTTP, ghz for gRPC; build
+them with ``hack/bench/load-generators.sh build`` and put its directory on PATH); with ``--pin`` the servers run
+on the last CPU and the client on the others.
 For each endpoint and concurrency: mean/p50/p99 latency and requests/s, and the ratios against the baseline.
 Anchors: Seldon MLServer's v2 CI gates on a small model are mean < 5 ms, p99 < 10 ms, > 300 requests/s.
 """
@@ -117,6 +122,9 @@ def bare_serve(model_dir: str, port: int, threads: int) -> None:
     app.router.add_post("/v2/models/{name}/infer", infer)
     app.router.add_get("/", ready)
     web.run_app(app, host="127.0.0.1", port=port, access_log=None, print=None)
+
+
+YARDSTICKS = ("floor", "bare", "bare-grpc")  # the servers of this file, each a process of its own
 
 
 # --- the load generator -----------------------------------------------------------------------------------
@@ -238,6 +246,41 @@ def http_request(path: str, body: bytes, headers: dict[str, str] | None = None) 
     return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
 
 
+def bare_grpc_serve(model_dir: str, port: int, threads: int) -> None:
+    """The gRPC counterpart of ``bare``: a grpc.aio server whose ModelInfer reads ``raw_input_contents``, calls the
+    model inline and answers the class as raw output; no validation, batching, metrics, auth or interceptors."""
+    import torch
+    from grpc import aio
+
+    from aiaas.server import grpc_predict_v2_pb2 as pb
+    from aiaas.server import grpc_predict_v2_pb2_grpc as pb_grpc
+    from aiaas.trainer.export import load_artifact
+
+    torch.set_num_threads(threads)
+    model, manifest = load_artifact(model_dir)
+    sample_shape = tuple(manifest["inputs"][0]["shape"][1:])
+
+    class Servicer(pb_grpc.GRPCInferenceServiceServicer):
+        async def ModelInfer(self, request: Any, context: Any) -> Any:
+            raw = bytearray(request.raw_input_contents[0])  # torch wants writable memory
+            x = torch.frombuffer(raw, dtype=torch.float32).reshape(-1, *sample_shape)
+            with torch.inference_mode():
+                classes = model(x).argmax(-1).numpy()
+            response = pb.ModelInferResponse(model_name=manifest["name"])
+            response.outputs.add(name="predicted_class", datatype="INT64", shape=[len(classes)])
+            response.raw_output_contents.append(classes.astype("<i8").tobytes())
+            return response
+
+    async def main() -> None:
+        server = aio.server()
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(Servicer(), server)
+        server.add_insecure_port(f"127.0.0.1:{port}")
+        await server.start()
+        await server.wait_for_termination()
+
+    asyncio.run(main())
+
+
 def build_endpoints(model_name: str, ports: dict[str, int], x: np.ndarray, classes: np.ndarray) -> list[Endpoint]:
     n = len(x)
     v2_json = [http_request(f"/v2/models/{model_name}/infer", json.dumps(
@@ -301,6 +344,20 @@ def check_formats(endpoints: list[Endpoint], classes: np.ndarray) -> None:
             length = int(response.headers["Inference-Header-Content-Length"])
             assert json.loads(raw[:length])["outputs"][0]["parameters"]["binary_data_size"] == 8, raw
         assert endpoint.check(raw, 0), (endpoint.name, raw)
+
+
+def check_grpc(addresses: dict[str, str], request: Any, want_class: int, timeout: float = 120) -> None:
+    """Wait for each gRPC server, then check that it answers ``request`` with the class the model gives."""
+    import grpc
+
+    from aiaas.server import grpc_predict_v2_pb2_grpc as pb_grpc
+
+    for name, address in addresses.items():
+        with grpc.insecure_channel(address) as channel:
+            grpc.channel_ready_future(channel).result(timeout=timeout)
+            response = pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=30)
+        got = int.from_bytes(response.raw_output_contents[0], "little", signed=True)
+        assert got == want_class, (name, got, want_class)
 
 
 # --- orchestration ----------------------------------------------------------------------------------------
@@ -378,15 +435,13 @@ def measure(load: Any, pid: int, total: int, windows: int) -> dict[str, float]:
 def wrk_load(endpoint: Endpoint, concurrency: int, seconds: int, cpus: str | None) -> tuple[list[float], float]:
     """``wrk`` (an independent C load generator) on one prebuilt request; latencies come back as its percentiles
     (mean, p50 and p99 are then wrk's), requests/s as measured by it."""
-    head, body = endpoint.requests[0].split(b"\r\n\r\n", 1)
-    lines = head.decode().split("\r\n")
-    headers = {k: v for k, v in (line.split(": ", 1) for line in lines[1:]) if k not in ("Host", "Content-Length")}
+    path, headers, body = split_request(endpoint.requests[0])
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
         script.write(f"wrk.method = 'POST'\nwrk.body = {lua_string(body)}\n"
                      + "".join(f"wrk.headers[{lua_string(k.encode())}] = {lua_string(v.encode())}\n"
                                for k, v in headers.items()))
     command = ["wrk", "-t1", f"-c{concurrency}", f"-d{seconds}s", "--latency", "-s", script.name,
-               f"http://127.0.0.1:{endpoint.port}{lines[0].split()[1]}"]
+               f"http://127.0.0.1:{endpoint.port}{path}"]
     if cpus:
         command = ["taskset", "-c", cpus, *command]
     out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
@@ -400,6 +455,61 @@ def wrk_load(endpoint: Endpoint, concurrency: int, seconds: int, cpus: str | Non
     # a latency list with wrk's percentiles in the right places, so summary() reads them back
     latencies = [percentiles["50%"] / 1000] * (total - total // 100) + [percentiles["99%"] / 1000] * (total // 100)
     return latencies, total / rps
+
+
+def hey_load(endpoint: Endpoint, concurrency: int, seconds: int, cpus: str | None) -> tuple[list[float], float]:
+    """``hey`` (a Go HTTP load generator, ``hack/bench/load-generators.sh``) on one prebuilt request for
+    ``seconds``: every request's latency from its CSV output."""
+    path, headers, body = split_request(endpoint.requests[0])
+    with tempfile.NamedTemporaryFile("wb", suffix=".body", delete=False) as f:
+        f.write(body)
+    command = ["hey", "-z", f"{seconds}s", "-c", str(concurrency), "-m", "POST", "-D", f.name, "-o", "csv",
+               "-T", headers.pop("Content-Type", "application/json"),
+               *[arg for k, v in headers.items() for arg in ("-H", f"{k}: {v}")], f"http://127.0.0.1:{endpoint.port}{path}"]
+    out = go_tool(command, cpus)
+    os.unlink(f.name)
+    rows = [line.split(",") for line in out.splitlines()[1:] if line]  # response-time,...,status-code,offset
+    if not rows or any(row[6] != "200" for row in rows):
+        raise SystemExit(f"hey on {endpoint.name}: no responses or some not 200:\n{out[:500]}")
+    return [float(row[0]) for row in rows], max(float(row[7]) + float(row[0]) for row in rows)
+
+
+def ghz_load(address: str, request: Any, concurrency: int, seconds: int, cpus: str | None) -> tuple[list[float], float]:
+    """``ghz`` (a Go gRPC load generator) sending one prebuilt ModelInferRequest over one connection for
+    ``seconds``: every request's latency from its JSON report."""
+    from google.protobuf import descriptor_pb2
+
+    from aiaas.server import grpc_predict_v2_pb2 as pb
+
+    protoset = descriptor_pb2.FileDescriptorSet()
+    pb.DESCRIPTOR.CopyToProto(protoset.file.add())  # the service as our server has it, no .proto file needed
+    method = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].methods_by_name["ModelInfer"].full_name
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "request.bin").write_bytes(request.SerializeToString())
+        (Path(tmp) / "v2.protoset").write_bytes(protoset.SerializeToString())
+        command = ["ghz", "--insecure", "--protoset", f"{tmp}/v2.protoset", "--call", method,
+                   "-B", f"{tmp}/request.bin", "-c", str(concurrency), "-z", f"{seconds}s", "-O", "json", address]
+        report = json.loads(go_tool(command, cpus))
+    ok = [d["latency"] / 1e9 for d in report.get("details") or [] if d.get("status") == "OK"]
+    if not ok or report["count"] - len(ok) > concurrency:  # those in flight when the time is up are cut off
+        raise SystemExit(f"ghz: no responses or some not OK: {report.get('errorDistribution')}")
+    return ok, report["total"] / 1e9
+
+
+def go_tool(command: list[str], cpus: str | None) -> str:
+    """Run a load generator, on ``cpus`` (and as many Go threads) when given; its stdout."""
+    if cpus:
+        command = ["taskset", "-c", cpus, *command]
+    env = {**os.environ, **({"GOMAXPROCS": str(len(cpus.split(",")))} if cpus else {})}
+    return subprocess.run(command, capture_output=True, text=True, check=True, env=env).stdout
+
+
+def split_request(raw: bytes) -> tuple[str, dict[str, str], bytes]:
+    """(path, headers but Host and Content-Length, body) of a prebuilt HTTP request."""
+    head, body = raw.split(b"\r\n\r\n", 1)
+    lines = head.decode().split("\r\n")
+    headers = {k: v for k, v in (line.split(": ", 1) for line in lines[1:]) if k not in ("Host", "Content-Length")}
+    return lines[0].split()[1], headers, body
 
 
 def lua_string(raw: bytes) -> str:
@@ -424,10 +534,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="torch threads of the servers")
     p.add_argument("--pin", action="store_true",
                    help="servers on the last CPU, the load generator on the others (taskset / sched_setaffinity)")
-    p.add_argument("--client", choices=["python", "wrk"], default="python",
-                   help="load generator for the HTTP endpoints: this file's (checks every response) or wrk "
-                   "(apt-get install wrk; one request body per endpoint; gRPC stays on the Python client)")
-    p.add_argument("--wrk-seconds", type=int, default=5, help="duration of one wrk run (split into the windows)")
+    p.add_argument("--client", choices=["python", "wrk", "go"], default="python",
+                   help="load generator: this file's (checks every response; gRPC: a grpc.aio client); wrk "
+                   "(apt-get install wrk; one request body per endpoint; gRPC stays on the Python client); go: "
+                   "hey for HTTP and ghz for gRPC (hack/bench/load-generators.sh build; one request each)")
+    p.add_argument("--wrk-seconds", type=int, default=5,
+                   help="duration of one wrk/hey/ghz run (split into the windows)")
     p.add_argument("--server-arg", action="append", default=[], help="extra argument for aiaas.server")
     p.add_argument("--explains", type=int, default=20, help="explain requests to time (after 3 warm-ups)")
     p.add_argument("--json", help="also write the results to this file")
@@ -443,7 +555,7 @@ def start_servers(args: argparse.Namespace, model_dir: Path, ports: dict[str, in
              "--port", str(ports["server"]), "--threads", str(args.threads), "--log-level", "WARNING",
              "--grpc-port", str(ports["grpc"]), "--explain-method", "integrated-gradients", *args.server_arg], env=env),
         **{kind: subprocess.Popen([sys.executable, __file__, "--serve", kind, str(model_dir), str(ports[kind]),
-                                   "--threads", str(args.threads)], env=env) for kind in ("floor", "bare")},
+                                   "--threads", str(args.threads)], env=env) for kind in YARDSTICKS},
     }
     if args.pin and (os.cpu_count() or 1) > 1:
         last = (os.cpu_count() or 2) - 1
@@ -454,7 +566,7 @@ def start_servers(args: argparse.Namespace, model_dir: Path, ports: dict[str, in
 
 
 def run_all(args: argparse.Namespace, procs: dict[str, Any], endpoints: list[Endpoint], grpc_reqs: list[Any],
-            grpc_address: str) -> dict[tuple[str, int], list[dict[str, float]]]:
+            grpc_addresses: dict[str, str]) -> dict[tuple[str, int], list[dict[str, float]]]:
     """Every endpoint at every concurrency, ``repeat`` times, interleaved so that a burst of other load hits every
     endpoint alike."""
     client_cpus = None
@@ -463,23 +575,35 @@ def run_all(args: argparse.Namespace, procs: dict[str, Any], endpoints: list[End
     runs: dict[tuple[str, int], list[dict[str, float]]] = {}
     for _ in range(args.repeat):
         for c in args.concurrency:
-            for endpoint in endpoints:
-                pid = procs[endpoint.name if endpoint.name in ("floor", "bare") else "server"].pid
-                if args.client == "wrk":
-                    seconds = max(1, round(args.wrk_seconds / args.windows))  # wrk takes whole seconds
-                    wrk_load(endpoint, c, 1, client_cpus)
-                    result = measure(lambda n, e=endpoint, s=seconds, c=c: wrk_load(e, c, s, client_cpus), pid,
-                                     args.windows, args.windows)
-                else:
-                    asyncio.run(_load(endpoint, args.warmup, c))
-                    result = measure(lambda n, e=endpoint, c=c: asyncio.run(_load(e, n, c)), pid, args.requests,
-                                     args.windows)
-                runs.setdefault((endpoint.name, c), []).append(result)
-            asyncio.run(_load_grpc(grpc_address, grpc_reqs, args.warmup, c))
-            runs.setdefault(("grpc", c), []).append(measure(
-                lambda n, c=c: asyncio.run(_load_grpc(grpc_address, grpc_reqs, n, c)), procs["server"].pid,
-                args.requests, args.windows))
+            loads = {e.name: http_load(args, e, c, client_cpus) for e in endpoints}
+            for name, address in grpc_addresses.items():
+                loads[name] = grpc_load(args, address, grpc_reqs, c, client_cpus)
+            for name, (warm_up, load, timed) in loads.items():
+                pid = procs[name if name in YARDSTICKS else "server"].pid
+                warm_up()
+                total = args.windows if timed else args.requests  # a timed client: one run per window
+                runs.setdefault((name, c), []).append(measure(load, pid, total, args.windows))
     return runs
+
+
+def http_load(args: argparse.Namespace, endpoint: Endpoint, c: int, cpus: str | None) -> tuple[Any, Any, bool]:
+    """(warm up, load(n) -> latencies and seconds, whether the client runs for a time) for an HTTP endpoint."""
+    if args.client in ("wrk", "go"):
+        run = wrk_load if args.client == "wrk" else hey_load
+        seconds = max(1, round(args.wrk_seconds / args.windows))  # wrk and hey take whole seconds
+        return (lambda: run(endpoint, c, 1, cpus)), (lambda n: run(endpoint, c, seconds, cpus)), True
+    return (lambda: asyncio.run(_load(endpoint, args.warmup, c))), (lambda n: asyncio.run(_load(endpoint, n, c))), False
+
+
+def grpc_load(args: argparse.Namespace, address: str, requests: list[Any], c: int,
+              cpus: str | None) -> tuple[Any, Any, bool]:
+    """The same for gRPC: ghz with ``--client go``, else the grpc.aio client."""
+    if args.client == "go":
+        seconds = max(1, round(args.wrk_seconds / args.windows))
+        return ((lambda: ghz_load(address, requests[0], c, 1, cpus)),
+                (lambda n: ghz_load(address, requests[0], c, seconds, cpus)), True)
+    return ((lambda: asyncio.run(_load_grpc(address, requests, args.warmup, c))),
+            (lambda n: asyncio.run(_load_grpc(address, requests, n, c))), False)
 
 
 def report(args: argparse.Namespace, results: dict[str, dict[int, dict[str, float]]], names: list[str],
@@ -510,6 +634,10 @@ def report(args: argparse.Namespace, results: dict[str, dict[int, dict[str, floa
         goals.append(("REST JSON c1 >= 0.9x bare", results["v2-json"][1]["rps"] / results["bare"][1]["rps"], 0.9))
         goals.append(("gRPC p50 <= REST JSON p50 at c1",
                       results["v2-json"][1]["p50_ms"] / results["grpc"][1]["p50_ms"], 1.0))
+        goals.append(("the stacks' floors at c1, bare aiohttp p50 / bare grpc.aio p50",
+                      results["bare"][1]["p50_ms"] / results["bare-grpc"][1]["p50_ms"], None))
+        goals.append(("gRPC c1 req/s vs the bare grpc.aio endpoint",
+                      results["grpc"][1]["rps"] / results["bare-grpc"][1]["rps"], None))
     if 16 in results["bare"]:
         goals.append(("REST JSON c16 >= 2.5x bare", results["v2-json"][16]["rps"] / results["bare"][16]["rps"], 2.5))
     for label, ratio, goal in goals:
@@ -527,7 +655,8 @@ def main() -> int:
     args = parse_args()
     if args.serve:
         kind, model_dir, port = args.serve
-        (baseline_serve if kind == "floor" else bare_serve)(model_dir, int(port), args.threads)
+        serve = {"floor": baseline_serve, "bare": bare_serve, "bare-grpc": bare_grpc_serve}[kind]
+        serve(model_dir, int(port), args.threads)
         return 0
 
     from sklearn.datasets import load_digits
@@ -541,20 +670,23 @@ def main() -> int:
     classes = predict(model, manifest, x)["predicted_class"].numpy()
     name = manifest["name"]
 
-    ports = {kind: free_port() for kind in ("server", "floor", "bare", "grpc")}
+    ports = {kind: free_port() for kind in ("server", "grpc", *YARDSTICKS)}
     procs = start_servers(args, model_dir, ports)
     load_before = os.getloadavg()[0]
     try:
         wait_http(f"http://127.0.0.1:{ports['server']}/v2/health/ready", procs["server"])
         for kind in ("floor", "bare"):
             wait_http(f"http://127.0.0.1:{ports[kind]}/", procs[kind])
+        grpc_addresses = {"bare-grpc": f"127.0.0.1:{ports['bare-grpc']}", "grpc": f"127.0.0.1:{ports['grpc']}"}
+        grpc_reqs = grpc_requests(name, x)
+        check_grpc(grpc_addresses, grpc_reqs[0], int(classes[0]))
         endpoints = build_endpoints(name, ports, x, classes)
         check_formats(endpoints, classes)
         print(f"model {name} ({manifest['model']['architecture']}), {args.requests} requests of one sample per run "
               f"({args.client} client{', pinned' if args.pin else ''}), median of {args.repeat} runs, "
               f"{os.cpu_count()} CPUs (load average {load_before:.1f} before), torch threads {args.threads}",
               flush=True)
-        runs = run_all(args, procs, endpoints, grpc_requests(name, x), f"127.0.0.1:{ports['grpc']}")
+        runs = run_all(args, procs, endpoints, grpc_reqs, grpc_addresses)
         explain_ms = sorted(v * 1000 for v in explain_latencies(ports["server"], name, x, 3 + args.explains)[3:])
         results: dict[str, dict[int, dict[str, float]]] = {}
         for (endpoint_name, c), summaries in runs.items():  # the median of each figure over the repeats
@@ -568,7 +700,7 @@ def main() -> int:
         for proc in procs.values():
             proc.wait(30)
         tmp.cleanup()
-    report(args, results, [e.name for e in endpoints] + ["grpc"], metrics, explain_ms,
+    report(args, results, [e.name for e in endpoints] + ["bare-grpc", "grpc"], metrics, explain_ms,
            (load_before, os.getloadavg()[0]))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))

@@ -84,3 +84,11 @@ def test_the_peers_pod_gets_the_image_and_requests_of_the_operators(bench: Modul
     assert pod["name"] == "pytorch"  # the peer's webhook requires it
     assert pod["image"] == container["image"]
     assert pod["resources"]["requests"] == {"cpu": "10m", "memory": "16Mi"}
+
+
+def test_a_job_of_several_pods_is_one_master_and_workers_for_the_peer_and_nodes_for_us(bench: ModuleType) -> None:
+    container = bench.trainer_container()
+    replicas = bench.pytorchjob_manifest("bench-00001", container, pods=4)["spec"]["pytorchReplicaSpecs"]
+    assert {role: spec["replicas"] for role, spec in replicas.items()} == {"Master": 1, "Worker": 3}
+    assert set(bench.pytorchjob_manifest("bench-00001", container)["spec"]["pytorchReplicaSpecs"]) == {"Master"}
+    assert bench.job_manifest("bench-00001", pods=4)["spec"]["topology"]["nodes"] == 4
