@@ -76,6 +76,34 @@ def apply(kubectl: Kubectl, namespace: str, *docs: dict) -> None:
             namespace=namespace)
 
 
+def get(kubectl: Kubectl, namespace: str | None, *what: str) -> dict[str, Any] | None:
+    """``kubectl get <what> -o json`` parsed; None when it fails (e.g. not found)."""
+    r = kubectl("get", *what, "-o", "json", namespace=namespace, check=False)
+    return json.loads(r.stdout) if r.returncode == 0 else None
+
+
+def install_operator(helm: Callable[..., Any], values_dir: Path, namespace: str, prefix: str,
+                     image: str | None = None) -> Iterator[str]:
+    """`helm install` of charts/aiaas watching ``namespace`` (and installed there), its pods on the real node,
+    ``image`` the operator image (default: the chart's); yields the release name (``prefix`` and a random
+    suffix: its cluster-wide objects are unique per run), uninstalls it afterwards."""
+    release = f"{prefix}-{uuid.uuid4().hex[:4]}"
+    values: dict[str, Any] = {
+        "operator": {"watchNamespaces": [namespace], "workloadImagePullPolicy": "IfNotPresent"},
+        "nodeSelector": {REAL_NODE_LABEL: "true"},
+        "tolerations": [{"key": REAL_NODE_LABEL, "operator": "Exists", "effect": "NoSchedule"}],
+    }
+    if image:
+        repo, _, tag = image.rpartition(":")
+        values["image"] = {"repository": repo, "tag": tag, "pullPolicy": "IfNotPresent"}
+    path = values_dir / f"{release}.yaml"
+    path.write_text(json.dumps(values))  # JSON is YAML
+    helm("install", release, str(REPO / "charts" / "aiaas"), "--namespace", namespace, "--values", str(path),
+         "--wait", "--timeout", "300s", timeout=360)
+    yield release
+    helm("uninstall", release, "--namespace", namespace, "--wait", check=False, timeout=180)
+
+
 def get_pod(kubectl: Kubectl, namespace: str, name: str) -> dict:
     return json.loads(kubectl("get", "pod", name, "-o", "json", namespace=namespace).stdout)
 

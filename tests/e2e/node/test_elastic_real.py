@@ -14,17 +14,14 @@ from __future__ import annotations
 import json
 import re
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 from e2e_util import wait_for
-from node_util import LOCAL_PATH_CLASS, REAL_NODE_LABEL, restricted_namespace
+from node_util import LOCAL_PATH_CLASS, get, install_operator, restricted_namespace
 
-REPO = Path(__file__).resolve().parents[3]
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1800), pytest.mark.usefixtures("e2e_cluster")]
 
 NAME = "elastic-real"
@@ -34,31 +31,15 @@ GRACE = 10  # spec.elastic.scaleDownGraceSeconds
 INTERVAL = 5  # spec.checkpoint.intervalSteps
 
 
-def get(kubectl, ns: str | None, *what: str) -> dict[str, Any] | None:
-    r = kubectl("get", *what, "-o", "json", namespace=ns, check=False)
-    return json.loads(r.stdout) if r.returncode == 0 else None
-
-
 @pytest.fixture(scope="module")
 def elastic_ns(real_node, kubectl) -> Iterator[str]:
     yield from restricted_namespace(kubectl, "aiaas-elastic")
 
 
 @pytest.fixture(scope="module")
-def operator_release(images, elastic_ns, kubectl, helm, tmp_path_factory) -> Iterator[str]:
-    repo, _, tag = images["aiaas-operator"].rpartition(":")
-    release = f"aiaas-elastic-{uuid.uuid4().hex[:4]}"
-    values = tmp_path_factory.mktemp("values") / "values.yaml"
-    values.write_text(yaml.safe_dump({
-        "image": {"repository": repo, "tag": tag, "pullPolicy": "IfNotPresent"},
-        "operator": {"watchNamespaces": [elastic_ns], "workloadImagePullPolicy": "IfNotPresent"},
-        "nodeSelector": {REAL_NODE_LABEL: "true"},
-        "tolerations": [{"key": REAL_NODE_LABEL, "operator": "Exists", "effect": "NoSchedule"}],
-    }))
-    helm("install", release, str(REPO / "charts" / "aiaas"), "--namespace", elastic_ns, "--values", str(values),
-         "--wait", "--timeout", "300s", timeout=360)
-    yield release
-    helm("uninstall", release, "--namespace", elastic_ns, "--wait", check=False, timeout=180)
+def operator_release(images, elastic_ns, helm, tmp_path_factory) -> Iterator[str]:
+    yield from install_operator(helm, tmp_path_factory.mktemp("values"), elastic_ns, "aiaas-elastic",
+                                images["aiaas-operator"])
 
 
 # ----------------------------------------------------------------------------------------- node capacity

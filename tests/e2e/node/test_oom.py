@@ -12,17 +12,14 @@ which has Python and a shell and no torch: only that image has to be built for t
 from __future__ import annotations
 
 import json
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 from e2e_util import wait_for
-from node_util import REAL_NODE_LABEL, build_and_load, restricted_namespace
+from node_util import build_and_load, get, install_operator, restricted_namespace
 
-REPO = Path(__file__).resolve().parents[3]
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900), pytest.mark.usefixtures("e2e_cluster")]
 
 # Allocates NEED_MIB and touches every page (bytes repetition writes them), so the cgroup really is charged.
@@ -39,11 +36,6 @@ print(f"allocated {len(block) >> 20} MiB", flush=True)
 """
 
 
-def get(kubectl, ns: str | None, *what: str) -> dict[str, Any] | None:
-    r = kubectl("get", *what, "-o", "json", namespace=ns, check=False)
-    return json.loads(r.stdout) if r.returncode == 0 else None
-
-
 @pytest.fixture(scope="module")
 def operator_image(real_node) -> str:
     """This tree's operator image (the job runs in it too: no trainer image needed), loaded into the real node."""
@@ -56,20 +48,8 @@ def oom_ns(real_node, kubectl) -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
-def operator_release(operator_image, oom_ns, kubectl, helm, tmp_path_factory) -> Iterator[str]:
-    repo, _, tag = operator_image.rpartition(":")
-    release = f"aiaas-oom-{uuid.uuid4().hex[:4]}"
-    values = tmp_path_factory.mktemp("values") / "values.yaml"
-    values.write_text(yaml.safe_dump({
-        "image": {"repository": repo, "tag": tag, "pullPolicy": "IfNotPresent"},
-        "operator": {"watchNamespaces": [oom_ns], "workloadImagePullPolicy": "IfNotPresent"},
-        "nodeSelector": {REAL_NODE_LABEL: "true"},
-        "tolerations": [{"key": REAL_NODE_LABEL, "operator": "Exists", "effect": "NoSchedule"}],
-    }))
-    helm("install", release, str(REPO / "charts" / "aiaas"), "--namespace", oom_ns, "--values", str(values),
-         "--wait", "--timeout", "300s", timeout=360)
-    yield release
-    helm("uninstall", release, "--namespace", oom_ns, "--wait", check=False, timeout=180)
+def operator_release(operator_image, oom_ns, helm, tmp_path_factory) -> Iterator[str]:
+    yield from install_operator(helm, tmp_path_factory.mktemp("values"), oom_ns, "aiaas-oom", operator_image)
 
 
 def test_a_real_oom_kill_raises_the_memory_and_the_job_then_succeeds(operator_release, operator_image, oom_ns,

@@ -15,7 +15,6 @@ import shutil
 import subprocess
 import time
 import urllib.request
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,16 +22,11 @@ from typing import Any
 import pytest
 import yaml
 from e2e_util import wait_for
-from node_util import REAL_NODE_LABEL, restricted_namespace
+from node_util import get, install_operator, restricted_namespace
 
 REPO = Path(__file__).resolve().parents[3]
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1500)]
 SMALL = {"requests": {"cpu": "250m", "memory": "512Mi"}, "limits": {"memory": "2Gi"}}
-
-
-def get(kubectl, ns: str | None, *what: str) -> dict[str, Any] | None:
-    r = kubectl("get", *what, "-o", "json", namespace=ns, check=False)
-    return json.loads(r.stdout) if r.returncode == 0 else None
 
 
 def apply(kubectl, ns: str, doc: dict[str, Any] | str) -> None:
@@ -46,19 +40,11 @@ def jobs_ns(real_node, kubectl) -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
-def operator_release(images, jobs_ns, kubectl, helm, tmp_path_factory) -> Iterator[dict[str, str]]:
-    """`helm install` of charts/aiaas with the built operator image, its pods on the real node."""
-    ns, release = jobs_ns, f"aiaas-operator-{uuid.uuid4().hex[:4]}"  # cluster-wide objects: unique per run
-    values = tmp_path_factory.mktemp("values") / "values.yaml"
-    values.write_text(yaml.safe_dump({
-        "operator": {"watchNamespaces": [ns], "workloadImagePullPolicy": "IfNotPresent"},
-        "nodeSelector": {REAL_NODE_LABEL: "true"},
-        "tolerations": [{"key": REAL_NODE_LABEL, "operator": "Exists", "effect": "NoSchedule"}],
-    }))
-    helm("install", release, str(REPO / "charts" / "aiaas"), "--namespace", ns, "--values", str(values),
-         "--wait", "--timeout", "300s", timeout=360)
-    yield {"namespace": ns, "release": release}
-    helm("uninstall", release, "--namespace", ns, "--wait", check=False, timeout=180)
+def operator_release(images, jobs_ns, helm, tmp_path_factory) -> Iterator[dict[str, str]]:
+    """`helm install` of charts/aiaas with the built operator image (the chart's default), its pods on the real
+    node."""
+    for release in install_operator(helm, tmp_path_factory.mktemp("values"), jobs_ns, "aiaas-operator"):
+        yield {"namespace": jobs_ns, "release": release}
 
 
 def _pods(kubectl, ns: str, selector: str) -> list[dict[str, Any]]:
