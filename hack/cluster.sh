@@ -597,7 +597,7 @@ do_up() {
   kctl apply -f "$ROOT/hack/kwok/manifests/" >/dev/null
   wait_for "the default service account" "$UP_TIMEOUT" kctl -n default get serviceaccount default
   if ((real_node)); then node_up; fi
-  wait_for "nodes to be Ready" "$UP_TIMEOUT" kctl wait --for=condition=Ready node --all --timeout=5s
+  wait_for "nodes to be Ready" "$UP_TIMEOUT" all_nodes_ready
   # Nodes start with the not-ready taint until the node lifecycle controller
   # sees them Ready; pods would otherwise go Pending for a few seconds.
   wait_for "node.kubernetes.io/not-ready taints to go" "$UP_TIMEOUT" no_not_ready_taints
@@ -613,6 +613,14 @@ up_failed() {
   for f in "$LOGS"/*.log; do [[ -e $f ]] && { echo "==> $f <==" >&2; tail -n 15 "$f" >&2; }; done
   do_down --keep-logs
   log "logs kept in $LOGS"
+}
+
+# One list, not `kubectl wait --all`: that waits node by node through kubectl's
+# client rate limit, which with ~30 nodes or more cannot finish in its timeout.
+all_nodes_ready() {
+  local ready
+  ready=$(kctl get nodes -o jsonpath='{range .items[*]}{.metadata.name}={range .status.conditions[?(@.type=="Ready")]}{.status}{end}{"\n"}{end}') || return 1
+  [[ -n $ready ]] && ! grep -qv '=True$' <<<"$ready"  # one line per node: a node without the condition fails
 }
 
 no_not_ready_taints() {
