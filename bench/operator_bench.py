@@ -253,14 +253,20 @@ class Recorder:
             self._mark(stage, job)
 
     def _watch(self, stream: Any) -> None:
-        from kubernetes import watch
+        """Follow one stream until stopped; a watch the apiserver ends (410 Gone, or 504 for a resourceVersion its
+        lagging watch cache has not reached: seen at N=5000) starts over with a fresh list."""
+        from kubernetes import client, watch
 
         list_fn, on_event = stream()
         while not self.stop.is_set():
-            for ev in watch.Watch().stream(list_fn, timeout_seconds=5):
-                on_event(ev["object"])
-                if self.stop.is_set():
-                    return
+            try:
+                for ev in watch.Watch().stream(list_fn, timeout_seconds=5):
+                    on_event(ev["object"])
+                    if self.stop.is_set():
+                        return
+            except client.ApiException as err:
+                print(f"watch restarts after {err.status} {err.reason}", file=sys.stderr, flush=True)
+                time.sleep(1)
 
     def _sts_stream(self) -> tuple[Any, Any]:
         from kubernetes import client
