@@ -254,13 +254,15 @@ class Recorder:
 
     def _watch(self, stream: Any) -> None:
         """Follow one stream until stopped; a watch the apiserver ends (410 Gone, or 504 for a resourceVersion its
-        lagging watch cache has not reached: seen at N=5000) starts over with a fresh list."""
+        lagging watch cache has not reached: seen at N=5000) starts over with a fresh list. Each watch starts
+        with every object of the namespace; it lasts 60 s, because at N=5000 that replay alone took longer
+        than the 5 s it had before, so the objects at its end were never seen."""
         from kubernetes import client, watch
 
         list_fn, on_event = stream()
         while not self.stop.is_set():
             try:
-                for ev in watch.Watch().stream(list_fn, timeout_seconds=5):
+                for ev in watch.Watch().stream(list_fn, timeout_seconds=60):
                     on_event(ev["object"])
                     if self.stop.is_set():
                         return
