@@ -509,7 +509,8 @@ def run_phase(kind: str, n: int, timeout: float, opts: argparse.Namespace) -> di
     rec.stop.set()
     cpu1, peak = stop_controller(proc)
     result: dict[str, Any] = {
-        "kind": kind, "namespace": ns, "jobs": n, "pods_per_job": opts.pods_per_job, "load1": round(load, 2), "create_seconds": round(t_created, 2),
+        "kind": kind, "namespace": ns, "jobs": n, "pods_per_job": opts.pods_per_job, "load1": round(load, 2),
+        "create_seconds": round(t_created, 2),
         "cpu_seconds": cpu1 - cpu0, "peak_rss_mib": peak,
         "control_plane_cpu_s": {k: round(cp1[k] - cp0[k], 2) for k in cp0},
         "kcm": {k: round(kcm1.get(k, 0) - v, 2) for k, v in kcm0.items()},

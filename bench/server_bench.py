@@ -461,13 +461,13 @@ def hey_load(endpoint: Endpoint, concurrency: int, seconds: int, cpus: str | Non
     """``hey`` (a Go HTTP load generator, ``hack/bench/load-generators.sh``) on one prebuilt request for
     ``seconds``: every request's latency from its CSV output."""
     path, headers, body = split_request(endpoint.requests[0])
-    with tempfile.NamedTemporaryFile("wb", suffix=".body", delete=False) as f:
-        f.write(body)
-    command = ["hey", "-z", f"{seconds}s", "-c", str(concurrency), "-m", "POST", "-D", f.name, "-o", "csv",
-               "-T", headers.pop("Content-Type", "application/json"),
-               *[arg for k, v in headers.items() for arg in ("-H", f"{k}: {v}")], f"http://127.0.0.1:{endpoint.port}{path}"]
-    out = go_tool(command, cpus)
-    os.unlink(f.name)
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "body").write_bytes(body)
+        command = ["hey", "-z", f"{seconds}s", "-c", str(concurrency), "-m", "POST", "-D", f"{tmp}/body",
+                   "-o", "csv", "-T", headers.pop("Content-Type", "application/json"),
+                   *[arg for k, v in headers.items() for arg in ("-H", f"{k}: {v}")],
+                   f"http://127.0.0.1:{endpoint.port}{path}"]
+        out = go_tool(command, cpus)
     rows = [line.split(",") for line in out.splitlines()[1:] if line]  # response-time,...,status-code,offset
     if not rows or any(row[6] != "200" for row in rows):
         raise SystemExit(f"hey on {endpoint.name}: no responses or some not 200:\n{out[:500]}")
@@ -593,16 +593,21 @@ def http_load(args: argparse.Namespace, endpoint: Endpoint, c: int, cpus: str | 
     """(warm up, load(n) -> latencies and seconds, whether the client runs for a time) for an HTTP endpoint."""
     if args.client in ("wrk", "go"):
         run = wrk_load if args.client == "wrk" else hey_load
-        seconds = max(1, round(args.wrk_seconds / args.windows))  # wrk and hey take whole seconds
+        seconds = window_seconds(args)
         return (lambda: run(endpoint, c, 1, cpus)), (lambda n: run(endpoint, c, seconds, cpus)), True
     return (lambda: asyncio.run(_load(endpoint, args.warmup, c))), (lambda n: asyncio.run(_load(endpoint, n, c))), False
+
+
+def window_seconds(args: argparse.Namespace) -> int:
+    """How long a timed client (wrk, hey, ghz) runs per window: whole seconds, as they take them."""
+    return max(1, round(args.wrk_seconds / args.windows))
 
 
 def grpc_load(args: argparse.Namespace, address: str, requests: list[Any], c: int,
               cpus: str | None) -> tuple[Any, Any, bool]:
     """The same for gRPC: ghz with ``--client go``, else the grpc.aio client."""
     if args.client == "go":
-        seconds = max(1, round(args.wrk_seconds / args.windows))
+        seconds = window_seconds(args)
         return ((lambda: ghz_load(address, requests[0], c, 1, cpus)),
                 (lambda n: ghz_load(address, requests[0], c, seconds, cpus)), True)
     return ((lambda: asyncio.run(_load_grpc(address, requests, args.warmup, c))),
