@@ -158,6 +158,11 @@ def data_plane(handler: BodyHandler) -> Handler:
 # --- handlers ---------------------------------------------------------------------------------------------
 
 
+def connection_of(request: web.Request) -> int:
+    """Which client connection a request came on (the batcher tells a lone client from several by it)."""
+    return id(request.protocol)
+
+
 def model_of(request: web.Request) -> ServedModel:
     info = request.match_info
     return plane_of(request).require_model(info.get("name", ""), info.get("version"))
@@ -218,7 +223,7 @@ async def infer(request: web.Request, body: bytes) -> web.Response:
                 body, request.headers.get(HEADER_CONTENT_LENGTH), model.inputs, model.outputs
             )
             model.check(parsed.inputs)
-        results = await plane.infer(parsed.inputs)
+        results = await plane.infer(parsed.inputs, connection_of(request), parsed.wanted)
         payload, header_length = protocol.encode_infer_response(
             model.name, model.version, parsed, model.output_specs, results
         )
@@ -255,7 +260,7 @@ async def predict_v1(request: web.Request, body: bytes) -> web.Response:
     with plane.timed(request[RECEIVED_AT]):
         with plane.receiving():
             array = v1_input(model, body)
-        results = await plane.infer([array])
+        results = await plane.infer([array], connection_of(request), frozenset(class_outputs[:1]) or None)
     if class_outputs:
         classes = results[class_outputs[0]]
     else:
@@ -317,7 +322,11 @@ def openapi_document(plane: DataPlane) -> bytes:
 
 NAME = r"{name:[^/:]+}"
 VERSION = "{version}"
+# aiohttp tries the routes that share a path prefix in this order (their patterns never overlap: a name holds
+# no '/' or ':'), so the inference routes come first within each prefix.
 ROUTES: list[tuple[str, str, Handler, str]] = [
+    ("POST", f"/v2/models/{NAME}/infer", infer, "infer"),
+    ("POST", f"/v1/models/{NAME}:predict", predict_v1, "predict"),
     ("GET", "/", root, "root"),
     ("GET", "/v2/health/live", live, "health_live"),
     ("GET", "/v2/health/ready", ready, "health_ready"),
@@ -326,7 +335,6 @@ ROUTES: list[tuple[str, str, Handler, str]] = [
     ("GET", f"/v2/models/{NAME}", model_metadata, "model_metadata"),
     ("GET", f"/v2/models/{NAME}/ready", model_ready, "model_ready"),
     ("GET", f"/v2/models/{NAME}/config", model_config, "model_config"),
-    ("POST", f"/v2/models/{NAME}/infer", infer, "infer"),
     ("POST", f"/v2/models/{NAME}/explain", explain_v2, "explain"),
     ("POST", f"/v2/models/{NAME}/generate", generate_text, "generate"),
     ("GET", f"/v2/models/{NAME}/versions/{VERSION}", model_metadata, "model_version_metadata"),
@@ -334,7 +342,6 @@ ROUTES: list[tuple[str, str, Handler, str]] = [
     ("POST", f"/v2/models/{NAME}/versions/{VERSION}/infer", infer, "infer_version"),
     ("GET", "/v1/models", list_models_v1, "list_models"),
     ("GET", f"/v1/models/{NAME}", model_status_v1, "model_status"),
-    ("POST", f"/v1/models/{NAME}:predict", predict_v1, "predict"),
     ("POST", f"/v1/models/{NAME}:explain", explain_v1, "explain_v1"),
     ("GET", "/metrics", metrics, "metrics"),
     ("GET", "/v2/openapi.json", openapi_json, "openapi"),

@@ -11,6 +11,11 @@ Policy (Triton's dynamic batcher, adapted to an asyncio server):
   the loop is blocked for at most about ``inline_seconds`` per pass, and requests that arrive meanwhile wait in
   the socket buffers and join the next batch. Every pass is timed (:class:`PassTimes`, per power-of-two batch
   size), so a model or batch size that turns out slower goes back to the thread;
+* a request from a lone client runs at once in its own handler when it would be a batch of its own anyway: the
+  model idle, nothing queued or being received, a short pass for its size, and no other client connection
+  sending within ``SHARED_WINDOW`` for ``SHARED_HOLD`` (:class:`Clients`). That skips the hand-off to the worker
+  and back (three event-loop turns). Concurrent clients are told apart by their connections because a request
+  run inline blocks the loop: the others wait unread in their sockets and could not be seen otherwise;
 * when the model is idle the worker waits for more requests only while some are still being received by the
   HTTP layer (:meth:`Batcher.arrival_started`) and began less than ``max_delay`` ago (a stalled upload is not
   waited for), and never longer than ``max_delay`` after the first one;
@@ -41,6 +46,13 @@ from .protocol import ProtocolError
 log = logging.getLogger(__name__)
 
 Outputs = dict[str, np.ndarray]
+Wanted = frozenset[str] | None  # the outputs a request asks for (None: every output of the model)
+Run = Callable[[list[np.ndarray], Wanted], Outputs]  # one forward pass: inputs, wanted outputs -> outputs
+
+
+def union(wanted: list[Wanted]) -> Wanted:
+    """The outputs a batch must compute for all of its requests."""
+    return None if any(w is None for w in wanted) else frozenset().union(*wanted)  # type: ignore[arg-type]
 
 
 @dataclass
@@ -49,6 +61,7 @@ class _Item:
     key: tuple[tuple[int, ...], ...]
     rows: int
     future: asyncio.Future[Outputs]
+    wanted: Wanted
 
 
 def _resolve(future: asyncio.Future[Outputs], result: Outputs | None, error: BaseException | None) -> None:
@@ -59,6 +72,11 @@ def _resolve(future: asyncio.Future[Outputs], result: Outputs | None, error: Bas
     else:
         assert result is not None
         future.set_result(result)
+
+
+def _writable(inputs: list[np.ndarray]) -> list[np.ndarray]:
+    """The arrays as torch takes them: a read-only view of the request body (binary tensors) is copied."""
+    return [a if a.flags.writeable and a.flags.c_contiguous else a.copy() for a in inputs]
 
 
 def size_class(rows: int) -> int:
@@ -92,10 +110,34 @@ class PassTimes:
         return self._seconds.get(size_class(rows))
 
 
+class Clients:
+    """Whether requests come from one client or several at a time, told by their connections: a request from a
+    different connection within ``SHARED_WINDOW`` seconds of the previous one means concurrent clients, and
+    requests count as shared for ``SHARED_HOLD`` seconds after that. A request without a connection (gRPC
+    multiplexes its calls on one) always counts as shared."""
+
+    SHARED_WINDOW = 0.010
+    SHARED_HOLD = 1.0
+
+    def __init__(self) -> None:
+        self._last_source: int | None = None
+        self._last_seen = float("-inf")
+        self._shared_until = float("-inf")
+
+    def lone(self, source: int | None, now: float) -> bool:
+        """Record a request from connection ``source`` at ``now``; True when it comes from a lone client."""
+        if source is None:
+            return False
+        if source != self._last_source and now - self._last_seen < self.SHARED_WINDOW:
+            self._shared_until = now + self.SHARED_HOLD
+        self._last_source, self._last_seen = source, now
+        return now >= self._shared_until
+
+
 class Batcher:
     def __init__(
         self,
-        run: Callable[[list[np.ndarray]], Outputs],
+        run: Run,
         max_batch_size: int = 64,
         max_delay: float = 0.005,
         on_batch: Callable[[int], None] | None = None,
@@ -112,13 +154,15 @@ class Batcher:
         self.max_queue_samples = max(1, max_queue_samples)
         self._queued_rows = 0  # samples in self._queue
         self._wakeup = asyncio.Event()
-        self._jobs: queue.SimpleQueue[tuple[list[np.ndarray], asyncio.Future[Outputs]] | None] = queue.SimpleQueue()
+        self._jobs: queue.SimpleQueue[tuple[list[np.ndarray], Wanted, asyncio.Future[Outputs]] | None] = (
+            queue.SimpleQueue())
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task[None] | None = None
         self._arrivals: dict[int, float] = {}  # requests the HTTP layer is receiving -> when they began
         self._next_token = 0
         self._busy = False
+        self._clients = Clients()
 
     def start(self) -> None:
         if self._task is None:
@@ -132,9 +176,9 @@ class Batcher:
         loop = self._loop
         assert loop is not None
         while (job := self._jobs.get()) is not None:
-            inputs, future = job
+            inputs, wanted, future = job
             try:
-                result = self._timed_run(inputs)
+                result = self._timed_run(inputs, wanted)
             except Exception as e:  # handed to the waiting request, which answers it
                 loop.call_soon_threadsafe(_resolve, future, None, e)
             except BaseException as e:  # never leave a request waiting forever
@@ -142,9 +186,9 @@ class Batcher:
             else:
                 loop.call_soon_threadsafe(_resolve, future, result, None)
 
-    def _timed_run(self, inputs: list[np.ndarray]) -> Outputs:
+    def _timed_run(self, inputs: list[np.ndarray], wanted: Wanted) -> Outputs:
         start = time.perf_counter()
-        result = self._run(inputs)
+        result = self._run(inputs, wanted)
         self.pass_times.record(int(inputs[0].shape[0]), time.perf_counter() - start)
         return result
 
@@ -152,10 +196,10 @@ class Batcher:
         expected = self.pass_times.expected(rows)
         return expected is not None and expected < self.inline_seconds
 
-    def _offload(self, inputs: list[np.ndarray]) -> asyncio.Future[Outputs]:
+    def _offload(self, inputs: list[np.ndarray], wanted: Wanted) -> asyncio.Future[Outputs]:
         assert self._loop is not None
         future: asyncio.Future[Outputs] = self._loop.create_future()
-        self._jobs.put((inputs, future))
+        self._jobs.put((inputs, wanted, future))
         return future
 
     async def stop(self) -> None:
@@ -187,19 +231,37 @@ class Batcher:
         now = time.monotonic()
         return any(now - began < self.max_delay for began in self._arrivals.values())
 
-    async def submit(self, inputs: list[np.ndarray]) -> Outputs:
-        """Queue one request (arrays with the batch first) and wait for its slice of the outputs."""
-        future: asyncio.Future[Outputs] = asyncio.get_running_loop().create_future()
-        key = tuple(a.shape[1:] for a in inputs)
+    async def submit(self, inputs: list[np.ndarray], source: int | None = None, wanted: Wanted = None) -> Outputs:
+        """Queue one request (arrays with the batch first) and wait for its slice of the outputs it wants (at
+        least; None: all of them). ``source`` names the client connection it came on (None: unknown)."""
         rows = int(inputs[0].shape[0])
         if self._queued_rows and self._queued_rows + rows > self.max_queue_samples:
             raise ProtocolError(
                 503, f"the server is busy: {self._queued_rows} samples are waiting for the model; retry later", 1
             )
-        self._queue.append(_Item(inputs, key, rows, future))
+        if self._clients.lone(source, time.perf_counter()) and self._alone_now(rows):
+            return self._run_alone(inputs, rows, wanted)
+        future: asyncio.Future[Outputs] = asyncio.get_running_loop().create_future()
+        key = tuple(a.shape[1:] for a in inputs)
+        self._queue.append(_Item(inputs, key, rows, future, wanted))
         self._queued_rows += rows
         self._wakeup.set()
         return await future
+
+    def _alone_now(self, rows: int) -> bool:
+        """Would this request be a batch of its own, run inline, if queued now?"""
+        return (not self._busy and not self._queue and rows <= self.max_batch_size and self._runs_inline(rows)
+                and not self._expecting())
+
+    def _run_alone(self, inputs: list[np.ndarray], rows: int, wanted: Wanted) -> Outputs:
+        """One request's forward pass on the event loop, in its own handler (``_execute`` for a batch of one)."""
+        if self._on_batch is not None:
+            self._on_batch(rows)
+        try:
+            return self._timed_run(_writable(inputs), wanted)
+        except Exception:
+            log.exception("inference failed")
+            raise
 
     def _take_batch(self, first: _Item, batch: list[_Item], rows: int) -> int:
         """Move queued items compatible with ``first`` into ``batch`` while they fit."""
@@ -251,11 +313,10 @@ class Batcher:
 
     def _stack(self, batch: list[_Item]) -> list[np.ndarray]:
         if len(batch) == 1:
-            # A read-only view of the request body (binary tensors) is copied: torch wants writable memory.
-            return [a if a.flags.writeable and a.flags.c_contiguous else a.copy() for a in batch[0].inputs]
+            return _writable(batch[0].inputs)
         return [np.concatenate(parts) for parts in zip(*(item.inputs for item in batch), strict=True)]
 
-    async def _forward(self, inputs: list[np.ndarray]) -> Outputs:
+    async def _forward(self, inputs: list[np.ndarray], wanted: Wanted) -> Outputs:
         """Forward passes of at most ``max_batch_size`` samples: a larger request is run in slices, which bounds
         the memory a single forward pass takes."""
         total = int(inputs[0].shape[0])
@@ -265,7 +326,8 @@ class Batcher:
             rows = int(chunk[0].shape[0])
             if self._on_batch is not None:
                 self._on_batch(rows)
-            parts.append(self._timed_run(chunk) if self._runs_inline(rows) else await self._offload(chunk))
+            parts.append(self._timed_run(chunk, wanted) if self._runs_inline(rows)
+                         else await self._offload(chunk, wanted))
         if len(parts) == 1:
             return parts[0]
         return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
@@ -273,7 +335,7 @@ class Batcher:
     async def _execute(self, batch: list[_Item]) -> None:
         try:
             inputs = self._stack(batch)
-            outputs = await self._forward(inputs)
+            outputs = await self._forward(inputs, union([item.wanted for item in batch]))
         except Exception as e:  # a failure of the model, not of the event loop
             if len(batch) > 1:
                 log.warning("a batch of %d requests failed (%s); retrying them one by one", len(batch), e)

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from .batcher import Batcher, Outputs
+from .batcher import Batcher, Outputs, Wanted
 from .metrics import ServerMetrics
 from .model import ServedModel
 from .protocol import ProtocolError
@@ -206,13 +206,15 @@ class DataPlane:
         was answered (``with plane.timed(t): ...``); refused ones are only counted."""
         return _Timed(self.metrics, started)
 
-    async def infer(self, inputs: list[np.ndarray]) -> Outputs:
-        """Run validated inputs through the batcher; a failure of the model is an :class:`InternalError`."""
+    async def infer(self, inputs: list[np.ndarray], source: int | None = None, wanted: Wanted = None) -> Outputs:
+        """Run validated inputs through the batcher for the ``wanted`` outputs (None: all); a failure of the
+        model is an :class:`InternalError`. ``source`` identifies the client connection (see
+        :class:`.batcher.Clients`); None when unknown."""
         batcher = self.batcher
         if batcher is None:
             raise ProtocolError(503, "the model is not ready yet: it is still loading")
         try:
-            return await batcher.submit(inputs)
+            return await batcher.submit(inputs, source, wanted)
         except ProtocolError:
             raise
         except Exception as e:

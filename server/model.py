@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -94,8 +94,9 @@ class ServedModel:
     def versions(self) -> list[str]:
         return [self.version]
 
-    def predict(self, inputs: list[np.ndarray]) -> dict[str, np.ndarray]:
-        """Run one batch; called off the event loop. Returns every output of the signature."""
+    def predict(self, inputs: list[np.ndarray], wanted: Collection[str] | None = None) -> dict[str, np.ndarray]:
+        """Run one batch. Returns the ``wanted`` outputs of the signature (None: all of them): what no request
+        asked for is not computed (probabilities cost a softmax per pass)."""
         logits = np.asarray(self.predict_fn(inputs), dtype=np.float32)
         if logits.ndim == 1:
             logits = logits[:, None]
@@ -103,6 +104,8 @@ class ServedModel:
         results: dict[str, np.ndarray] = {}
         probabilities: np.ndarray | None = None
         for spec in self.outputs:
+            if wanted is not None and spec.name not in wanted:
+                continue
             kind = output_kind(spec)
             if kind == "class":
                 value = logits.argmax(axis=-1)

@@ -113,6 +113,11 @@ class InferRequest:
     def batch_size(self) -> int:
         return int(self.inputs[0].shape[0])
 
+    @property
+    def wanted(self) -> frozenset[str]:
+        """The names of the outputs to compute."""
+        return frozenset(o.name for o in self.outputs)
+
 
 def loads(body: bytes | memoryview) -> Any:
     """Parse JSON strictly (no NaN/Infinity, valid UTF-8); a failure is a 400 with the parser's reason."""

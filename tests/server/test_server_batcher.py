@@ -22,10 +22,12 @@ class Recorder:
         self.delay = delay
         self.fail_on = fail_on
         self.threads: set[str] = set()
+        self.wanted: list[frozenset[str] | None] = []
 
-    def __call__(self, inputs: list[np.ndarray]) -> dict[str, np.ndarray]:
+    def __call__(self, inputs: list[np.ndarray], wanted: frozenset[str] | None = None) -> dict[str, np.ndarray]:
         self.threads.add(threading.current_thread().name)
         self.batches.append(int(inputs[0].shape[0]))
+        self.wanted.append(wanted)
         if self.fail_on is not None and (inputs[0] == self.fail_on).any():
             raise ValueError("poisoned input")
         time.sleep(self.delay)
@@ -164,7 +166,7 @@ def test_the_queue_is_bounded() -> None:
 
     gate = threading.Event()
 
-    def blocked(inputs: list[np.ndarray]) -> dict[str, np.ndarray]:
+    def blocked(inputs: list[np.ndarray], wanted: frozenset[str] | None) -> dict[str, np.ndarray]:
         gate.wait(60)
         return {"double": inputs[0] * 2}
 
@@ -224,3 +226,77 @@ def test_pass_times_shrug_off_one_slow_pass() -> None:
     for _ in range(100):  # a lasting slowdown shows after a few dozen passes
         times.record(4, 0.010)
     assert times.expected(4) > 0.009
+
+
+def test_clients_are_told_apart_by_their_connections() -> None:
+    from aiaas.server.batcher import Clients
+
+    clients, hold, window = Clients(), Clients.SHARED_HOLD, Clients.SHARED_WINDOW
+    assert [clients.lone(7, t) for t in (0.0, 0.001, 0.002)] == [True, True, True]  # one connection, back to back
+    assert clients.lone(8, 0.003) is False  # another connection right after it: several clients
+    assert clients.lone(7, 0.5) is False  # ... for a while
+    assert clients.lone(7, 0.003 + hold) is True
+    assert clients.lone(9, 0.003 + hold + 2 * window) is True  # a new connection long after the last request
+    assert clients.lone(None, 10.0) is False  # no connection to tell by (gRPC): always shared
+
+
+def test_a_lone_client_runs_in_its_own_handler_and_concurrent_clients_still_batch() -> None:
+    """A request from a lone client skips the hand-off to the worker once passes of its size are known to be
+    short; requests from several connections at once go to the worker and share passes, even though a request
+    run in its handler blocks the loop and the others could not be seen arriving."""
+    tasks: list[tuple[str, int]] = []  # who ran each pass, and its size
+
+    def model(inputs: list[np.ndarray], wanted: frozenset[str] | None) -> dict[str, np.ndarray]:
+        task = asyncio.current_task() if threading.current_thread() is threading.main_thread() else None
+        tasks.append((task.get_name() if task else "model thread", len(inputs[0])))
+        return {"double": inputs[0] * 2}
+
+    async def main() -> list[list[tuple[str, int]]]:
+        batcher = Batcher(model, max_batch_size=8, max_delay=0.0, inline_seconds=0.05)
+        batcher.start()
+        rounds = []
+        for n_clients in (1, 1, 4):
+            tasks.clear()
+            jobs = [asyncio.create_task(batcher.submit(rows(1.0), source=c), name=f"client-{c}")
+                    for c in range(n_clients)]
+            outs = await asyncio.gather(*jobs)
+            assert all(np.array_equal(o["double"], np.full((1, 3), 2.0)) for o in outs)
+            rounds.append(list(tasks))
+        await batcher.stop()
+        return rounds
+
+    rounds = run(main())
+    assert rounds[0] == [("model thread", 1)], rounds  # the first pass of a size is timed off the loop
+    assert rounds[1] == [("client-0", 1)], rounds  # a lone client: its own handler ran the model
+    # four connections at once: the first one still looks alone, the other three are seen and batched together
+    # (by the worker, in the model thread: passes of 3 samples have not been timed yet)
+    assert rounds[2] == [("client-0", 1), ("model thread", 3)], rounds
+
+
+def test_a_batch_computes_the_outputs_its_requests_want() -> None:
+    model = Recorder()
+
+    async def main() -> None:
+        batcher = Batcher(model, max_batch_size=8, max_delay=0.005)
+        batcher.start()
+        await asyncio.gather(batcher.submit(rows(1.0), wanted=frozenset({"sum"})),
+                             batcher.submit(rows(2.0), wanted=frozenset({"double"})))
+        await asyncio.gather(batcher.submit(rows(1.0), wanted=frozenset({"sum"})), batcher.submit(rows(2.0)))
+        await batcher.stop()
+
+    run(main())
+    assert model.batches == [2, 2]
+    assert model.wanted == [frozenset({"sum", "double"}), None], "the union; None (all) when one wants all"
+
+
+def test_the_served_model_computes_only_the_wanted_outputs(cnn_artifact: Any) -> None:
+    from aiaas.server.model import load
+
+    model = load(cnn_artifact, threads=1)
+    x = [np.zeros((2, *model.inputs[0].shape[1:]), dtype=np.float32)]
+    every = model.predict(x)
+    assert set(every) == {s.name for s in model.outputs} and len(every) > 1
+    for name in every:
+        only = model.predict(x, frozenset({name}))
+        assert list(only) == [name]
+        np.testing.assert_allclose(only[name], every[name], rtol=1e-6)
