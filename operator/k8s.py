@@ -120,13 +120,16 @@ class Kube:
         return json.loads(text) if text else {}
 
     # ------------------------------------------------------------------------------------------ writes
-    def apply(self, manifest: dict[str, Any]) -> dict[str, Any]:
-        """Server-side apply ``manifest`` (create or update; idempotent)."""
+    def apply(self, manifest: dict[str, Any], uid: str | None = None) -> dict[str, Any]:
+        """Server-side apply ``manifest`` (create or update; idempotent). With ``uid`` it only updates the object
+        of that UID: if the name is free the API server answers 409, if another object holds it 422, and
+        nothing is written."""
         meta = manifest["metadata"]
         path = resource_path(manifest["apiVersion"], manifest["kind"], meta.get("namespace"), meta["name"])
+        body = manifest if uid is None else {**manifest, "metadata": {**meta, "uid": uid}}
         try:
             return self.call("PATCH", path, query={"fieldManager": self.field_manager, "force": "true"},
-                             body=manifest, content_type="application/apply-patch+yaml")
+                             body=body, content_type="application/apply-patch+yaml")
         except KubeError as err:
             what = f"{manifest['kind']} {meta.get('namespace', '')}/{meta['name']}".replace(" /", " ")
             if err.status == 404:

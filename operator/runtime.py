@@ -318,6 +318,7 @@ class Runtime:
         self.health = health or Health()
         self.store = Store()
         self._applied: dict[Ref, Hashable] = {}  # key or hash of what was last applied, written only by the ref's reconcile
+        self._child_uids: dict[Ref, dict[tuple[str, str], str]] = {}  # (kind, name) -> UID of what we applied, likewise
         self._failures: dict[Ref, int] = {}  # consecutive failed reconciles, likewise
         self._executor = concurrent.futures.ThreadPoolExecutor(settings.workers, thread_name_prefix="reconcile")
         self._events = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="events")  # keeps their order
@@ -356,6 +357,7 @@ class Runtime:
         if event_type == "DELETED":
             if self.store.remove(kind, body):
                 self._applied.pop(ref, None)
+                self._child_uids.pop(ref, None)
                 self._failures.pop(ref, None)
                 if self._queue is not None:
                     self._queue.forget(ref)
@@ -447,13 +449,17 @@ class Runtime:
             return []
         owner_uid = (snap.body.get("metadata") or {}).get("uid")
         watched = {w.kind: w for w in rec.children}
+        uids = self._child_uids.setdefault(ref, {})
         conflicts: list[str] = []
         for manifest in result.children:
-            existing = self._current(snap, manifest, owner_uid, manifest["kind"] in watched)
-            if existing is not None and not controlled_by(existing, owner_uid):
-                conflicts.append(name_conflict(existing, rec.kind))
+            child_id = (manifest["kind"], manifest["metadata"]["name"])
+            ours, stored = self._apply_child(snap, manifest, owner_uid, child_id[0] in watched, uids.get(child_id))
+            if not ours:
+                uids.pop(child_id, None)
+                conflicts.append(name_conflict(stored, rec.kind))
                 continue
-            stored = self.kube.apply(manifest)
+            if uid := (stored.get("metadata") or {}).get("uid"):
+                uids[child_id] = uid
             child = watched.get(manifest["kind"])
             if child is not None and stored:
                 self.store.put_child(child.kind, snap.key, child.slim(stored))
@@ -468,15 +474,27 @@ class Runtime:
             self._applied[ref] = applied
         return conflicts
 
-    def _current(self, snap: Snapshot, manifest: Body, owner_uid: str | None, watched: bool) -> Body | None:
-        """The object the API server holds under a child's name: a watched child that the cache shows under
-        this owner's control is taken from the cache; anything else is read from the API server (a name
-        taken by someone else is found only there)."""
-        name = manifest["metadata"]["name"]
-        cached = snap.child(manifest["kind"], name) if watched else None
-        if cached is not None and controlled_by(cached, owner_uid):
-            return cached
-        return self.kube.get(manifest["apiVersion"], manifest["kind"], snap.key[0], name)
+    def _apply_child(self, snap: Snapshot, manifest: Body, owner_uid: str | None, watched: bool,
+                     known_uid: str | None) -> tuple[bool, Body]:
+        """Apply one child: ``(True, what the API server stored)``, or ``(False, the object in the way)`` when
+        its name is held by an object this resource does not control. An update names the UID of the object it
+        expects, so an object that took the name meanwhile is never written. That UID is the one we applied last
+        time, or the one the watch cache shows under our control: then no read is needed. Without one, or when
+        that object is gone or replaced (409, 422), the API server is asked who holds the name."""
+        kind, name = manifest["kind"], manifest["metadata"]["name"]
+        cached = snap.child(kind, name) if watched else None
+        expected = known_uid or ((cached.get("metadata") or {}).get("uid")
+                                 if cached is not None and controlled_by(cached, owner_uid) else None)
+        if expected:
+            try:
+                return True, self.kube.apply(manifest, uid=expected)
+            except KubeError as err:
+                if err.status not in (409, 422):
+                    raise
+        existing = self.kube.get(manifest["apiVersion"], kind, snap.key[0], name)
+        if existing is not None and not controlled_by(existing, owner_uid):
+            return False, existing
+        return True, self.kube.apply(manifest, uid=(existing.get("metadata") or {}).get("uid") if existing else None)
 
     def _write_status(self, rec: Reconciler, snap: Snapshot, new: Body) -> bool:
         """Patch the status if it changed (True); cache what the API server stored."""

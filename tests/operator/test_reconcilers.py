@@ -211,16 +211,24 @@ class RecordingKube:
         self.fail_apply = fail_apply
         self.status: dict[str, Any] = {}
         self.objects = objects or {}  # (kind, name) -> what the API server holds
+        self.applied_with_uid: list[tuple[str, str | None]] = []
 
     def get(self, api_version: str, kind: str, ns: str | None, name: str) -> dict[str, Any] | None:
         self.calls.append(("get", kind))
         return self.objects.get((kind, name))
 
-    def apply(self, m: dict[str, Any]) -> dict[str, Any]:
+    def apply(self, m: dict[str, Any], uid: str | None = None) -> dict[str, Any]:
+        """Server-side apply as the API server answers it, the UID precondition included."""
         if self.fail_apply:
             raise KubeError(403, self.fail_apply)
         self.calls.append(("apply", m["kind"]))
-        return m
+        self.applied_with_uid.append((m["kind"], uid))
+        key = (m["kind"], m["metadata"]["name"])
+        held_uid = (self.objects.get(key) or {}).get("metadata", {}).get("uid")
+        if uid is not None and uid != held_uid:
+            raise KubeError(422 if held_uid else 409, f"uid mismatch: the provided object specified uid {uid}")
+        self.objects[key] = {**m, "metadata": {**m["metadata"], "uid": held_uid or f"{m['kind']}-{len(self.calls)}"}}
+        return self.objects[key]
 
     def delete(self, api_version: str, kind: str, ns: str | None, name: str, **_: Any) -> bool:
         self.calls.append(("delete", f"{kind}/{name}"))
@@ -241,7 +249,7 @@ def runtime(kube: RecordingKube) -> Runtime:
 
 
 def test_the_runtime_applies_then_writes_status_then_deletes_stale_pods():
-    kube = RecordingKube()
+    kube = RecordingKube(objects={("StatefulSet", "lenet"): sts(2)})  # what the cache shows
     rt = runtime(kube)
     rt.store.put("TrainingJob", job_body({"phase": "Running"}))
     rt.store.put_child("StatefulSet", ("ml", "lenet"), sts(2))
@@ -254,7 +262,7 @@ def test_the_runtime_applies_then_writes_status_then_deletes_stale_pods():
 
 
 def test_a_cached_child_of_ours_is_not_read_again_and_unchanged_children_are_not_applied_again():
-    kube = RecordingKube()
+    kube = RecordingKube(objects={("StatefulSet", "lenet"): sts(2)})  # what the cache shows
     rt = runtime(kube)
     rt.store.put("TrainingJob", job_body({"phase": "Running", "restartCount": 0}))
     rt.store.put_child("StatefulSet", ("ml", "lenet"), sts(2))
@@ -264,6 +272,35 @@ def test_a_cached_child_of_ours_is_not_read_again_and_unchanged_children_are_not
     kube.calls.clear()
     rt.reconcile(("TrainingJob", ("ml", "lenet")))
     assert not [c for c in kube.calls if c[0] in ("get", "apply")], "same plan, same spec: nothing to apply"
+
+
+def test_children_applied_before_are_updated_by_uid_without_a_read_and_a_namesake_is_never_written():
+    kube = RecordingKube()
+    rt = runtime(kube)
+    rt.store.put("TrainingJob", job_body())
+    rt.reconcile(("TrainingJob", ("ml", "lenet")))
+    first = {kind: uid for kind, uid in kube.applied_with_uid}
+    assert first == {"NetworkPolicy": None, "StatefulSet": None, "Service": None}, "created: names read free"
+    assert [c for c in kube.calls if c[0] == "get"] == [("get", "NetworkPolicy"), ("get", "StatefulSet"),
+                                                        ("get", "Service")]
+    held = {kind: kube.objects[kind, name]["metadata"]["uid"] for kind, name in kube.objects}
+    # a restart: a new plan, so everything is applied again, each naming the object it updates, with no read
+    kube.calls.clear()
+    kube.applied_with_uid.clear()
+    rt.store.put("TrainingJob", job_body({"phase": "Running", "restartCount": 1}) | {"metadata": {
+        **job_body()["metadata"], "resourceVersion": "12"}})
+    rt.reconcile(("TrainingJob", ("ml", "lenet")))
+    assert dict(kube.applied_with_uid) == held and not [c for c in kube.calls if c[0] == "get"], kube.calls
+    # someone deleted the Service and put their own in its place: it is read, reported, and left alone
+    theirs = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "lenet-workers", "uid": "theirs"}}
+    kube.objects["Service", "lenet-workers"] = theirs
+    kube.calls.clear()
+    rt.store.put("TrainingJob", job_body({"phase": "Running", "restartCount": 2}) | {"metadata": {
+        **job_body()["metadata"], "resourceVersion": "13"}})
+    rt.reconcile(("TrainingJob", ("ml", "lenet")))
+    assert kube.objects["Service", "lenet-workers"] is theirs
+    assert ("get", "Service") in kube.calls
+    assert any(c["type"] == "NameConflict" and c["status"] == "True" for c in kube.status["conditions"])
 
 
 def test_a_failed_reconcile_lands_in_status_and_backs_off():
