@@ -62,6 +62,7 @@ class _Item:
     rows: int
     future: asyncio.Future[Outputs]
     wanted: Wanted
+    offload: bool  # run its pass in the model thread even if short (see submit)
 
 
 def _resolve(future: asyncio.Future[Outputs], result: Outputs | None, error: BaseException | None) -> None:
@@ -132,6 +133,22 @@ class Clients:
             self._shared_until = now + self.SHARED_HOLD
         self._last_source, self._last_seen = source, now
         return now >= self._shared_until
+
+
+class Overlap:
+    """For a front end that cannot tell clients apart (gRPC multiplexes every call on one connection): whether
+    calls have been seen overlapping within the last ``HOLD`` seconds."""
+
+    HOLD = 1.0
+
+    def __init__(self) -> None:
+        self._until = float("-inf")
+
+    def seen(self, overlapping: bool, now: float) -> bool:
+        """Record whether a call overlaps others at ``now``; True while overlapping calls are recent."""
+        if overlapping:
+            self._until = now + self.HOLD
+        return now < self._until
 
 
 class Batcher:
@@ -231,19 +248,23 @@ class Batcher:
         now = time.monotonic()
         return any(now - began < self.max_delay for began in self._arrivals.values())
 
-    async def submit(self, inputs: list[np.ndarray], source: int | None = None, wanted: Wanted = None) -> Outputs:
+    async def submit(self, inputs: list[np.ndarray], source: int | None = None, wanted: Wanted = None,
+                     offload: bool = False) -> Outputs:
         """Queue one request (arrays with the batch first) and wait for its slice of the outputs it wants (at
-        least; None: all of them). ``source`` names the client connection it came on (None: unknown)."""
+        least; None: all of them). ``source`` names the client connection it came on (None: unknown).
+        ``offload``: other requests are being served, so its pass runs in the model thread even if short,
+        keeping the loop free to take them in meanwhile (a front end that hands the server one request per
+        loop turn, like grpc.aio, batches only then)."""
         rows = int(inputs[0].shape[0])
         if self._queued_rows and self._queued_rows + rows > self.max_queue_samples:
             raise ProtocolError(
                 503, f"the server is busy: {self._queued_rows} samples are waiting for the model; retry later", 1
             )
-        if self._clients.lone(source, time.perf_counter()) and self._alone_now(rows):
+        if not offload and self._clients.lone(source, time.perf_counter()) and self._alone_now(rows):
             return self._run_alone(inputs, rows, wanted)
         future: asyncio.Future[Outputs] = asyncio.get_running_loop().create_future()
         key = tuple(a.shape[1:] for a in inputs)
-        self._queue.append(_Item(inputs, key, rows, future, wanted))
+        self._queue.append(_Item(inputs, key, rows, future, wanted, offload))
         self._queued_rows += rows
         self._wakeup.set()
         return await future
@@ -316,7 +337,7 @@ class Batcher:
             return _writable(batch[0].inputs)
         return [np.concatenate(parts) for parts in zip(*(item.inputs for item in batch), strict=True)]
 
-    async def _forward(self, inputs: list[np.ndarray], wanted: Wanted) -> Outputs:
+    async def _forward(self, inputs: list[np.ndarray], wanted: Wanted, offload: bool) -> Outputs:
         """Forward passes of at most ``max_batch_size`` samples: a larger request is run in slices, which bounds
         the memory a single forward pass takes."""
         total = int(inputs[0].shape[0])
@@ -326,7 +347,7 @@ class Batcher:
             rows = int(chunk[0].shape[0])
             if self._on_batch is not None:
                 self._on_batch(rows)
-            parts.append(self._timed_run(chunk, wanted) if self._runs_inline(rows)
+            parts.append(self._timed_run(chunk, wanted) if self._runs_inline(rows) and not offload
                          else await self._offload(chunk, wanted))
         if len(parts) == 1:
             return parts[0]
@@ -335,7 +356,8 @@ class Batcher:
     async def _execute(self, batch: list[_Item]) -> None:
         try:
             inputs = self._stack(batch)
-            outputs = await self._forward(inputs, union([item.wanted for item in batch]))
+            outputs = await self._forward(inputs, union([item.wanted for item in batch]),
+                                          any(item.offload for item in batch))
         except Exception as e:  # a failure of the model, not of the event loop
             if len(batch) > 1:
                 log.warning("a batch of %d requests failed (%s); retrying them one by one", len(batch), e)

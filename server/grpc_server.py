@@ -121,7 +121,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 with plane.receiving():
                     parsed = parse_model_infer(request, model.inputs, model.outputs)
                     model.check(parsed.inputs)
-                results = await plane.infer(parsed.inputs, wanted=parsed.wanted)
+                results = await plane.infer(parsed.inputs, wanted=parsed.wanted, offload=plane.calls_overlap())
                 return model_infer_response(model.name, model.version, parsed, model.output_specs, results)
 
         return await self._call("ModelInfer", context, body)

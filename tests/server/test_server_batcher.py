@@ -240,6 +240,16 @@ def test_clients_are_told_apart_by_their_connections() -> None:
     assert clients.lone(None, 10.0) is False  # no connection to tell by (gRPC): always shared
 
 
+def test_overlapping_calls_are_remembered_for_a_while() -> None:
+    from aiaas.server.batcher import Overlap
+
+    overlap, hold = Overlap(), Overlap.HOLD
+    assert overlap.seen(False, 0.0) is False  # one call at a time
+    assert overlap.seen(True, 1.0) is True
+    assert overlap.seen(False, 1.0 + hold / 2) is True  # a call alone right after overlapping ones
+    assert overlap.seen(False, 1.0 + hold) is False
+
+
 def test_a_lone_client_runs_in_its_own_handler_and_concurrent_clients_still_batch() -> None:
     """A request from a lone client skips the hand-off to the worker once passes of its size are known to be
     short; requests from several connections at once go to the worker and share passes, even though a request
@@ -300,3 +310,22 @@ def test_the_served_model_computes_only_the_wanted_outputs(cnn_artifact: Any) ->
         only = model.predict(x, frozenset({name}))
         assert list(only) == [name]
         np.testing.assert_allclose(only[name], every[name], rtol=1e-6)
+
+
+def test_offloaded_requests_run_in_the_model_thread_even_when_short() -> None:
+    """A request marked offload (others are being served: the gRPC front end) leaves the loop free during its
+    pass, however short; without the mark a short pass runs on the loop."""
+    model = Recorder()
+
+    async def main() -> list[str]:
+        batcher = Batcher(model, max_batch_size=8, max_delay=0.0, inline_seconds=0.05)
+        batcher.start()
+        seen = []
+        for offload in (False, False, True, False):
+            model.threads.clear()
+            await batcher.submit(rows(1.0), offload=offload)
+            seen.append(model.threads.pop())
+        await batcher.stop()
+        return seen
+
+    assert run(main()) == ["model", "MainThread", "model", "MainThread"]
