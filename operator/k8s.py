@@ -38,6 +38,12 @@ RESOURCES: dict[tuple[str, str], tuple[str, str]] = {
 }
 
 
+# A resourceVersion no stored object has (etcd's first write is revision 2): an apply that names it can only
+# create, since an existing object's version never matches (409). Where a storage does hand out "1", the
+# apply is refused and the caller reads the object instead: one round trip more, nothing written.
+CREATE_ONLY_RESOURCE_VERSION = "1"
+
+
 class KubeError(Exception):
     """An API call failed; ``str()`` is the API server's message."""
 
@@ -120,13 +126,18 @@ class Kube:
         return json.loads(text) if text else {}
 
     # ------------------------------------------------------------------------------------------ writes
-    def apply(self, manifest: dict[str, Any], uid: str | None = None) -> dict[str, Any]:
+    def apply(self, manifest: dict[str, Any], uid: str | None = None, create_only: bool = False) -> dict[str, Any]:
         """Server-side apply ``manifest`` (create or update; idempotent). With ``uid`` it only updates the object
-        of that UID: if the name is free the API server answers 409, if another object holds it 422, and
-        nothing is written."""
+        of that UID: if the name is free the API server answers 409, if another object holds it 422. With
+        ``create_only`` it only creates: if the name is taken, 409. Either way a refusal writes nothing, and
+        what is applied is owned by our field manager as an apply (later applies can remove fields)."""
         meta = manifest["metadata"]
         path = resource_path(manifest["apiVersion"], manifest["kind"], meta.get("namespace"), meta["name"])
-        body = manifest if uid is None else {**manifest, "metadata": {**meta, "uid": uid}}
+        if uid is not None:
+            meta = {**meta, "uid": uid}
+        if create_only:
+            meta = {**meta, "resourceVersion": CREATE_ONLY_RESOURCE_VERSION}
+        body = manifest if meta is manifest["metadata"] else {**manifest, "metadata": meta}
         try:
             return self.call("PATCH", path, query={"fieldManager": self.field_manager, "force": "true"},
                              body=body, content_type="application/apply-patch+yaml")

@@ -450,10 +450,12 @@ class Runtime:
         owner_uid = (snap.body.get("metadata") or {}).get("uid")
         watched = {w.kind: w for w in rec.children}
         uids = self._child_uids.setdefault(ref, {})
+        fresh = not snap.body.get("status")  # never reconciled: its children most likely do not exist yet
         conflicts: list[str] = []
         for manifest in result.children:
             child_id = (manifest["kind"], manifest["metadata"]["name"])
-            ours, stored = self._apply_child(snap, manifest, owner_uid, child_id[0] in watched, uids.get(child_id))
+            ours, stored = self._apply_child(snap, manifest, owner_uid, child_id[0] in watched, uids.get(child_id),
+                                             fresh)
             if not ours:
                 uids.pop(child_id, None)
                 conflicts.append(name_conflict(stored, rec.kind))
@@ -475,19 +477,20 @@ class Runtime:
         return conflicts
 
     def _apply_child(self, snap: Snapshot, manifest: Body, owner_uid: str | None, watched: bool,
-                     known_uid: str | None) -> tuple[bool, Body]:
+                     known_uid: str | None, fresh: bool) -> tuple[bool, Body]:
         """Apply one child: ``(True, what the API server stored)``, or ``(False, the object in the way)`` when
-        its name is held by an object this resource does not control. An update names the UID of the object it
-        expects, so an object that took the name meanwhile is never written. That UID is the one we applied last
-        time, or the one the watch cache shows under our control: then no read is needed. Without one, or when
-        that object is gone or replaced (409, 422), the API server is asked who holds the name."""
+        its name is held by an object this resource does not control. No apply can write an object that is not
+        ours: an update names the UID of the object it expects (the one applied last time, or the one the watch
+        cache shows under our control), and a first apply of a fresh resource's child may only create. Either
+        needs no read; when there is neither, or the API server refuses (gone, replaced, already there: 409,
+        422), the name's holder is read and judged."""
         kind, name = manifest["kind"], manifest["metadata"]["name"]
         cached = snap.child(kind, name) if watched else None
         expected = known_uid or ((cached.get("metadata") or {}).get("uid")
                                  if cached is not None and controlled_by(cached, owner_uid) else None)
-        if expected:
+        if expected or fresh:
             try:
-                return True, self.kube.apply(manifest, uid=expected)
+                return True, self.kube.apply(manifest, uid=expected, create_only=not expected)
             except KubeError as err:
                 if err.status not in (409, 422):
                     raise

@@ -217,16 +217,20 @@ class RecordingKube:
         self.calls.append(("get", kind))
         return self.objects.get((kind, name))
 
-    def apply(self, m: dict[str, Any], uid: str | None = None) -> dict[str, Any]:
-        """Server-side apply as the API server answers it, the UID precondition included."""
+    def apply(self, m: dict[str, Any], uid: str | None = None, create_only: bool = False) -> dict[str, Any]:
+        """Server-side apply as the API server answers it, with its UID and create-only preconditions."""
         if self.fail_apply:
             raise KubeError(403, self.fail_apply)
-        self.calls.append(("apply", m["kind"]))
-        self.applied_with_uid.append((m["kind"], uid))
+        self.applied_with_uid.append((m["kind"], "create-only" if create_only else uid))
         key = (m["kind"], m["metadata"]["name"])
         held_uid = (self.objects.get(key) or {}).get("metadata", {}).get("uid")
         if uid is not None and uid != held_uid:
+            self.calls.append(("refused", m["kind"]))
             raise KubeError(422 if held_uid else 409, f"uid mismatch: the provided object specified uid {uid}")
+        if create_only and key in self.objects:
+            self.calls.append(("refused", m["kind"]))
+            raise KubeError(409, "the object has been modified; please apply your changes to the latest version")
+        self.calls.append(("apply", m["kind"]))
         self.objects[key] = {**m, "metadata": {**m["metadata"], "uid": held_uid or f"{m['kind']}-{len(self.calls)}"}}
         return self.objects[key]
 
@@ -280,9 +284,8 @@ def test_children_applied_before_are_updated_by_uid_without_a_read_and_a_namesak
     rt.store.put("TrainingJob", job_body())
     rt.reconcile(("TrainingJob", ("ml", "lenet")))
     first = {kind: uid for kind, uid in kube.applied_with_uid}
-    assert first == {"NetworkPolicy": None, "StatefulSet": None, "Service": None}, "created: names read free"
-    assert [c for c in kube.calls if c[0] == "get"] == [("get", "NetworkPolicy"), ("get", "StatefulSet"),
-                                                        ("get", "Service")]
+    assert first == dict.fromkeys(("NetworkPolicy", "StatefulSet", "Service"), "create-only"), first
+    assert not [c for c in kube.calls if c[0] == "get"], "a fresh job's children are created without a read"
     held = {kind: kube.objects[kind, name]["metadata"]["uid"] for kind, name in kube.objects}
     # a restart: a new plan, so everything is applied again, each naming the object it updates, with no read
     kube.calls.clear()
@@ -329,6 +332,7 @@ def test_an_object_in_the_way_is_neither_adopted_nor_deleted_and_the_conflict_is
     delay = rt.reconcile(("TrainingJob", ("ml", "lenet")))
     applied = [c for c in kube.calls if c[0] in ("apply", "delete")]
     assert applied == [("apply", "NetworkPolicy")], "nothing foreign is taken over; the free names are applied"
+    assert kube.objects["Service", "lenet-workers"] is foreign_svc and kube.objects["StatefulSet", "lenet"] is foreign_sts
     cond = next(c for c in kube.status["conditions"] if c["type"] == "NameConflict")
     assert cond["status"] == "True" and cond["reason"] == "NameConflict"
     assert "Service lenet-workers already exists and is controlled by InferenceService" in cond["message"]
