@@ -27,7 +27,7 @@ from .reconciler import (
     slim_workload,
 )
 from .render import JobPlan, RenderSettings, render_trainingjob
-from .render.trainingjob import CHILD_KINDS
+from .render.trainingjob import CHILD_KINDS, NOT_NEEDED_TO_START
 from .status import TERMINAL, Evaluation, Observed, error_status, evaluate, pod_view
 from .status_progress import Fetch, http_fetch, scrape
 
@@ -110,6 +110,7 @@ class TrainingJobReconciler:
             requeue_after=ev.requeue_after,
             time_to_running=ev.time_to_running,
             children_key=(job.metadata.uid, job.metadata.generation, plan, ev.delete_job),
+            later_kinds=NOT_NEEDED_TO_START,
         )
 
     @staticmethod

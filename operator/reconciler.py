@@ -81,7 +81,8 @@ class Result:
     """What a reconcile wants. The runtime carries it out in this order: apply ``children`` and delete
     ``absent`` (skipped when identical to the last time and not ``drifted``), write ``status``, post
     ``events``, delete the resource itself (``delete_self``), delete ``evict``; then look again after
-    ``requeue_after`` seconds."""
+    ``requeue_after`` seconds. For a fresh resource (no status yet) the children of the ``later_kinds`` and
+    everything after them wait until every fresh resource got its other children (see the runtime)."""
 
     status: Body
     children: tuple[Body, ...] = ()
@@ -95,6 +96,7 @@ class Result:
     # Everything ``children`` and ``absent`` were rendered from, if the reconciler can name it cheaply: the
     # runtime compares it with the last applied one instead of hashing the manifests. None: hash them.
     children_key: Hashable | None = None
+    later_kinds: tuple[str, ...] = ()  # children that starting the pods does not need (the headless Service)
 
 
 class Reconciler(Protocol):

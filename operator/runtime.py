@@ -21,7 +21,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Hashable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from typing import Any
 
@@ -319,6 +319,7 @@ class Runtime:
         self.store = Store()
         self._applied: dict[Ref, Hashable] = {}  # key or hash of what was last applied, written only by the ref's reconcile
         self._child_uids: dict[Ref, dict[tuple[str, str], str]] = {}  # (kind, name) -> UID of what we applied, likewise
+        self._started: dict[Ref, tuple[Hashable, frozenset[str]]] = {}  # a fresh resource's first pass: key, kinds
         self._failures: dict[Ref, int] = {}  # consecutive failed reconciles, likewise
         self._executor = concurrent.futures.ThreadPoolExecutor(settings.workers, thread_name_prefix="reconcile")
         self._events = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="events")  # keeps their order
@@ -331,8 +332,12 @@ class Runtime:
     # -------------------------------------------------------------------------------------------- wiring
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._queue = KeyedQueue(loop, self._executor, self.reconcile, self.settings.workers,
-                                 first=lambda ref: ref not in self._applied)
+                                 first=self._first_pass_due)
         self._resync_task = loop.create_task(self._resync_loop())
+
+    def _first_pass_due(self, ref: Ref) -> bool:
+        """Queue ahead of everything else: a resource none of whose children were applied yet."""
+        return ref not in self._applied and ref not in self._started
 
     async def stop(self) -> None:
         if self._resync_task is not None:
@@ -358,6 +363,7 @@ class Runtime:
             if self.store.remove(kind, body):
                 self._applied.pop(ref, None)
                 self._child_uids.pop(ref, None)
+                self._started.pop(ref, None)
                 self._failures.pop(ref, None)
                 if self._queue is not None:
                     self._queue.forget(ref)
@@ -412,7 +418,9 @@ class Runtime:
 
     def _carry_out(self, rec: Reconciler, snap: Snapshot, result: Result) -> float | None:
         """Children, then status (a restart generation is recorded before pods go for it), then the rest."""
-        conflicts = self._apply_children(rec, snap, result)
+        if self._start(rec, snap, result):
+            return 0.0  # the rest in a second pass, behind the first passes of other fresh resources
+        conflicts = [message for _, message in self._apply_children(rec, snap, result)]
         old = snap.body.get("status") or {}
         meta = snap.body.get("metadata") or {}
         status = name_conflict_status(result.status, conflicts, REASON_NAME_CONFLICT, self.clock(),
@@ -437,28 +445,55 @@ class Runtime:
             return min(result.requeue_after or self.settings.resync_seconds, self.settings.resync_seconds)
         return result.requeue_after
 
-    def _apply_children(self, rec: Reconciler, snap: Snapshot, result: Result) -> list[str]:
+    def _start(self, rec: Reconciler, snap: Snapshot, result: Result) -> bool:
+        """A fresh resource's first pass: apply only the children its pods need to start (all but
+        ``result.later_kinds``) and stop there (True). Its second pass does the rest: the later children, the
+        status, the events. The queue runs first passes before anything else, so under a burst of new
+        resources every one of them gets its pods going before any gets its Service and status: one round
+        trip or two each instead of four or more. Not for a resource that has a status, deletes something, or
+        has nothing to leave for later."""
+        ref = (rec.kind, snap.key)
+        urgent = tuple(c for c in result.children if c["kind"] not in result.later_kinds)
+        if (snap.body.get("status") or ref in self._started or ref in self._applied or result.delete_self
+                or result.evict or len(urgent) == len(result.children)):
+            return False
+        key = self._children_key(result)
+        conflicts = self._apply_children(rec, snap, replace(result, children=urgent, absent=(),
+                                                            children_key=("first pass", key)))
+        self._applied.pop(ref, None)
+        self._started[ref] = (key, frozenset(c["kind"] for c in urgent) - {kind for kind, _ in conflicts})
+        return not conflicts  # a name conflict: the full pass now reports it (and tries that child again)
+
+    @staticmethod
+    def _children_key(result: Result) -> Hashable:
+        if result.children_key is not None:
+            return result.children_key
+        return manifests_hash([*result.children, *(repr(a) for a in result.absent)])
+
+    def _apply_children(self, rec: Reconciler, snap: Snapshot, result: Result) -> list[tuple[str, str]]:
         """Apply what the reconciler wants, unless it is what was last applied and nothing drifted. A child
         whose name is taken by an object this resource does not control is neither applied (adopted) nor
         deleted: the conflicts are returned, and everything is tried again next time."""
         ref = (rec.kind, snap.key)
-        applied = result.children_key
-        if applied is None:
-            applied = manifests_hash([*result.children, *(repr(a) for a in result.absent)])
+        applied = self._children_key(result)
         if self._applied.get(ref) == applied and not result.drifted:
             return []
+        started_key, started_kinds = self._started.pop(ref, (None, frozenset()))
+        if started_key == applied:  # the first pass applied these, from the same plan
+            result = replace(result, children=tuple(
+                c for c in result.children if c["kind"] not in started_kinds))
         owner_uid = (snap.body.get("metadata") or {}).get("uid")
         watched = {w.kind: w for w in rec.children}
         uids = self._child_uids.setdefault(ref, {})
         fresh = not snap.body.get("status")  # never reconciled: its children most likely do not exist yet
-        conflicts: list[str] = []
+        conflicts: list[tuple[str, str]] = []  # (kind, what is in the way)
         for manifest in result.children:
             child_id = (manifest["kind"], manifest["metadata"]["name"])
             ours, stored = self._apply_child(snap, manifest, owner_uid, child_id[0] in watched, uids.get(child_id),
                                              fresh)
             if not ours:
                 uids.pop(child_id, None)
-                conflicts.append(name_conflict(stored, rec.kind))
+                conflicts.append((child_id[0], name_conflict(stored, rec.kind)))
                 continue
             if uid := (stored.get("metadata") or {}).get("uid"):
                 uids[child_id] = uid
@@ -471,7 +506,7 @@ class Runtime:
                 self.kube.delete(absent.api_version, absent.kind, snap.key[0], absent.name,
                                  uid=(existing.get("metadata") or {}).get("uid"))
         if conflicts:
-            log.warning("%s %s/%s: %s", rec.kind, *snap.key, "; ".join(conflicts))
+            log.warning("%s %s/%s: %s", rec.kind, *snap.key, "; ".join(message for _, message in conflicts))
         else:
             self._applied[ref] = applied
         return conflicts

@@ -34,6 +34,7 @@ STORAGE_MOUNT = "/var/run/aiaas"
 # StatefulSet; the headless Service last, since pods need its DNS names only at rendezvous, and its apply would
 # otherwise delay every job's pods by a round trip.
 CHILD_KINDS = ("NetworkPolicy", "PersistentVolumeClaim", "PodGroup", "StatefulSet", "Service")
+NOT_NEEDED_TO_START = ("Service",)  # may come after the other children of every new job (see Result.later_kinds)
 
 
 @dataclass(frozen=True)

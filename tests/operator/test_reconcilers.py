@@ -282,7 +282,8 @@ def test_children_applied_before_are_updated_by_uid_without_a_read_and_a_namesak
     kube = RecordingKube()
     rt = runtime(kube)
     rt.store.put("TrainingJob", job_body())
-    rt.reconcile(("TrainingJob", ("ml", "lenet")))
+    rt.reconcile(("TrainingJob", ("ml", "lenet")))  # the first pass: what the pods need
+    rt.reconcile(("TrainingJob", ("ml", "lenet")))  # the rest
     first = {kind: uid for kind, uid in kube.applied_with_uid}
     assert first == dict.fromkeys(("NetworkPolicy", "StatefulSet", "Service"), "create-only"), first
     assert not [c for c in kube.calls if c[0] == "get"], "a fresh job's children are created without a read"
@@ -304,6 +305,28 @@ def test_children_applied_before_are_updated_by_uid_without_a_read_and_a_namesak
     assert kube.objects["Service", "lenet-workers"] is theirs
     assert ("get", "Service") in kube.calls
     assert any(c["type"] == "NameConflict" and c["status"] == "True" for c in kube.status["conditions"])
+
+
+def test_a_fresh_job_gets_what_its_pods_need_first_and_its_service_and_status_in_a_second_pass():
+    """Under a burst of new jobs every one gets its pods going before any gets its Service and status: the
+    first pass applies only what the pods need and is queued ahead of second passes."""
+    kube = RecordingKube()
+    rt = runtime(kube)
+    ref = ("TrainingJob", ("ml", "lenet"))
+    rt.store.put("TrainingJob", job_body())
+    assert rt.reconcile(ref) == 0.0, "the rest at once, behind other first passes"
+    assert kube.calls == [("apply", "NetworkPolicy"), ("apply", "StatefulSet")], kube.calls
+    assert not rt._first_pass_due(ref), "its second pass waits behind the first passes of other new jobs"
+    assert rt._first_pass_due(("TrainingJob", ("ml", "another")))
+    kube.calls.clear()
+    rt.reconcile(ref)
+    rt._events.submit(lambda: None).result()  # the events thread has posted what the pass gave it
+    assert [c for c in kube.calls if c[0] != "event"] == [("apply", "Service"), ("status", "Created")], kube.calls
+    assert ("event", "Created") in kube.calls, "events come with the second pass"
+    kube.calls.clear()
+    rt.reconcile(ref)
+    rt._events.shutdown(wait=True)
+    assert not [c for c in kube.calls if c[0] in ("apply", "get")], "then nothing to apply again"
 
 
 def test_a_failed_reconcile_lands_in_status_and_backs_off():
