@@ -460,7 +460,7 @@ class Runtime:
         key = self._children_key(result)
         conflicts = self._apply_children(rec, snap, replace(result, children=urgent, absent=(),
                                                             children_key=("first pass", key)))
-        self._applied.pop(ref, None)
+        self._applied.pop(ref, None)  # what _apply_children recorded was the first pass only
         self._started[ref] = (key, frozenset(c["kind"] for c in urgent) - {kind for kind, _ in conflicts})
         return not conflicts  # a name conflict: the full pass now reports it (and tries that child again)
 
@@ -501,6 +501,7 @@ class Runtime:
             if child is not None and stored:
                 self.store.put_child(child.kind, snap.key, child.slim(stored))
         for absent in result.absent:
+            uids.pop((absent.kind, absent.name), None)
             existing = self.kube.get(absent.api_version, absent.kind, snap.key[0], absent.name)
             if existing is not None and controlled_by(existing, owner_uid):
                 self.kube.delete(absent.api_version, absent.kind, snap.key[0], absent.name,
@@ -518,7 +519,7 @@ class Runtime:
         ours: an update names the UID of the object it expects (the one applied last time, or the one the watch
         cache shows under our control), and a first apply of a fresh resource's child may only create. Either
         needs no read; when there is neither, or the API server refuses (gone, replaced, already there: 409,
-        422), the name's holder is read and judged."""
+        422), the name's holder is read and judged, and a name read free is still only created."""
         kind, name = manifest["kind"], manifest["metadata"]["name"]
         cached = snap.child(kind, name) if watched else None
         expected = known_uid or ((cached.get("metadata") or {}).get("uid")
@@ -530,9 +531,11 @@ class Runtime:
                 if err.status not in (409, 422):
                     raise
         existing = self.kube.get(manifest["apiVersion"], kind, snap.key[0], name)
-        if existing is not None and not controlled_by(existing, owner_uid):
+        if existing is None:  # free when read: still only create (someone may take the name meanwhile)
+            return True, self.kube.apply(manifest, create_only=True)
+        if not controlled_by(existing, owner_uid):
             return False, existing
-        return True, self.kube.apply(manifest, uid=(existing.get("metadata") or {}).get("uid") if existing else None)
+        return True, self.kube.apply(manifest, uid=(existing.get("metadata") or {}).get("uid"))
 
     def _write_status(self, rec: Reconciler, snap: Snapshot, new: Body) -> bool:
         """Patch the status if it changed (True); cache what the API server stored."""
