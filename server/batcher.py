@@ -13,7 +13,7 @@ Policy (Triton's dynamic batcher, adapted to an asyncio server):
   size), so a model or batch size that turns out slower goes back to the thread;
 * a request from a lone client runs at once in its own handler when it would be a batch of its own anyway: the
   model idle, nothing queued or being received, a short pass for its size, and no other client connection
-  sending within ``SHARED_WINDOW`` for ``SHARED_HOLD`` (:class:`Clients`). That skips the hand-off to the worker
+  sending within ``SHARED_WINDOW`` for ``Overlap.HOLD`` (:class:`Clients`). That skips the hand-off to the worker
   and back (three event-loop turns). Concurrent clients are told apart by their connections because a request
   run inline blocks the loop: the others wait unread in their sockets and could not be seen otherwise;
 * when the model is idle the worker waits for more requests only while some are still being received by the
@@ -111,33 +111,9 @@ class PassTimes:
         return self._seconds.get(size_class(rows))
 
 
-class Clients:
-    """Whether requests come from one client or several at a time, told by their connections: a request from a
-    different connection within ``SHARED_WINDOW`` seconds of the previous one means concurrent clients, and
-    requests count as shared for ``SHARED_HOLD`` seconds after that. A request without a connection (gRPC
-    multiplexes its calls on one) always counts as shared."""
-
-    SHARED_WINDOW = 0.010
-    SHARED_HOLD = 1.0
-
-    def __init__(self) -> None:
-        self._last_source: int | None = None
-        self._last_seen = float("-inf")
-        self._shared_until = float("-inf")
-
-    def lone(self, source: int | None, now: float) -> bool:
-        """Record a request from connection ``source`` at ``now``; True when it comes from a lone client."""
-        if source is None:
-            return False
-        if source != self._last_source and now - self._last_seen < self.SHARED_WINDOW:
-            self._shared_until = now + self.SHARED_HOLD
-        self._last_source, self._last_seen = source, now
-        return now >= self._shared_until
-
-
 class Overlap:
-    """For a front end that cannot tell clients apart (gRPC multiplexes every call on one connection): whether
-    calls have been seen overlapping within the last ``HOLD`` seconds."""
+    """Whether requests have been seen overlapping within the last ``HOLD`` seconds. On its own it serves a
+    front end that cannot tell clients apart (gRPC multiplexes every call on one connection)."""
 
     HOLD = 1.0
 
@@ -145,10 +121,32 @@ class Overlap:
         self._until = float("-inf")
 
     def seen(self, overlapping: bool, now: float) -> bool:
-        """Record whether a call overlaps others at ``now``; True while overlapping calls are recent."""
+        """Record whether a request overlaps others at ``now``; True while overlapping ones are recent."""
         if overlapping:
             self._until = now + self.HOLD
         return now < self._until
+
+
+class Clients:
+    """Whether requests come from one client or several at a time, told by their connections: a request from a
+    different connection within ``SHARED_WINDOW`` seconds of the previous one means concurrent clients, and
+    requests count as shared for :attr:`Overlap.HOLD` seconds after that. A request without a connection (gRPC
+    multiplexes its calls on one) always counts as shared."""
+
+    SHARED_WINDOW = 0.010
+
+    def __init__(self) -> None:
+        self._last_source: int | None = None
+        self._last_seen = float("-inf")
+        self._shared = Overlap()
+
+    def lone(self, source: int | None, now: float) -> bool:
+        """Record a request from connection ``source`` at ``now``; True when it comes from a lone client."""
+        if source is None:
+            return False
+        another = source != self._last_source and now - self._last_seen < self.SHARED_WINDOW
+        self._last_source, self._last_seen = source, now
+        return not self._shared.seen(another, now)
 
 
 class Batcher:

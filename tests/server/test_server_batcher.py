@@ -229,9 +229,9 @@ def test_pass_times_shrug_off_one_slow_pass() -> None:
 
 
 def test_clients_are_told_apart_by_their_connections() -> None:
-    from aiaas.server.batcher import Clients
+    from aiaas.server.batcher import Clients, Overlap
 
-    clients, hold, window = Clients(), Clients.SHARED_HOLD, Clients.SHARED_WINDOW
+    clients, hold, window = Clients(), Overlap.HOLD, Clients.SHARED_WINDOW
     assert [clients.lone(7, t) for t in (0.0, 0.001, 0.002)] == [True, True, True]  # one connection, back to back
     assert clients.lone(8, 0.003) is False  # another connection right after it: several clients
     assert clients.lone(7, 0.5) is False  # ... for a while
