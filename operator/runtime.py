@@ -114,6 +114,11 @@ def same_object(cached: Body | None, body: Body) -> bool:
     return (cached.get("metadata") or {}).get("uid") == (body.get("metadata") or {}).get("uid")
 
 
+def fresh(snap: Snapshot) -> bool:
+    """Never reconciled (no status yet): its children most likely do not exist yet."""
+    return not snap.body.get("status")
+
+
 def key_of(body: Body) -> Key:
     meta = body.get("metadata") or {}
     return meta.get("namespace", ""), meta.get("name", "")
@@ -454,8 +459,8 @@ class Runtime:
         has nothing to leave for later."""
         ref = (rec.kind, snap.key)
         urgent = tuple(c for c in result.children if c["kind"] not in result.later_kinds)
-        if (snap.body.get("status") or ref in self._started or ref in self._applied or result.delete_self
-                or result.evict or len(urgent) == len(result.children)):
+        if (not fresh(snap) or not self._first_pass_due(ref) or result.delete_self or result.evict
+                or len(urgent) == len(result.children)):
             return False
         key = self._children_key(result)
         conflicts = self._apply_children(rec, snap, replace(result, children=urgent, absent=(),
@@ -485,12 +490,12 @@ class Runtime:
         owner_uid = (snap.body.get("metadata") or {}).get("uid")
         watched = {w.kind: w for w in rec.children}
         uids = self._child_uids.setdefault(ref, {})
-        fresh = not snap.body.get("status")  # never reconciled: its children most likely do not exist yet
+        new = fresh(snap)
         conflicts: list[tuple[str, str]] = []  # (kind, what is in the way)
         for manifest in result.children:
             child_id = (manifest["kind"], manifest["metadata"]["name"])
             ours, stored = self._apply_child(snap, manifest, owner_uid, child_id[0] in watched, uids.get(child_id),
-                                             fresh)
+                                             new)
             if not ours:
                 uids.pop(child_id, None)
                 conflicts.append((child_id[0], name_conflict(stored, rec.kind)))
