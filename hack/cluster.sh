@@ -64,6 +64,11 @@
 #   KUBE_NETWORK_POLICIES_VERSION  see hack/k8s/versions.sh
 #   GO                   the go command (default: go on PATH, else /usr/local/go/bin/go)
 set -euo pipefail
+# The command that ends the script (set -e), for up_failed's report; errtrace:
+# also inside functions.
+FAILED_AT=""
+set -o errtrace
+trap 'FAILED_AT="${BASH_SOURCE[0]##*/}:$LINENO: $BASH_COMMAND"' ERR
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 # shellcheck source=SCRIPTDIR/k8s/versions.sh
@@ -238,13 +243,17 @@ do_build() {
 
 pid_of() { cat "$RUN/$1.pid" 2>/dev/null || true; }
 
-# alive <component>: the pid in the pid file runs the expected binary.
-alive() {
-  local pid; pid=$(pid_of "$1")
-  [[ -n $pid ]] && kill -0 "$pid" 2>/dev/null || return 1
-  local exe; exe=$(readlink "/proc/$pid/exe" 2>/dev/null || true)
-  [[ -z $exe || ${exe##*/} == "$1" || ${exe##*/} == "$1 (deleted)" ]]
+# The pid in <pid file> when that process runs <program> (its executable's
+# name): after a crash or a reboot the pid may belong to another program.
+pid_running() { # <pid file> <program>
+  local p exe; p=$(cat "$1" 2>/dev/null) || return 1
+  [[ $p =~ ^[0-9]+$ ]] && exe=$(readlink "/proc/$p/exe" 2>/dev/null) || return 1
+  exe=${exe##*/}
+  [[ $exe == "$2" || $exe == "$2 (deleted)" ]] && echo "$p"
 }
+
+# alive <component>: the pid in this cluster's pid file runs the expected binary.
+alive() { pid_running "$RUN/$1.pid" "$1" >/dev/null; }
 
 start() { # <component> <args...>  (START_BIN: a program not built here, named like the component)
   local c=$1; shift
@@ -608,7 +617,7 @@ do_up() {
 }
 
 up_failed() {
-  log "up failed; last log lines:"
+  log "up failed${FAILED_AT:+ at $FAILED_AT}; last log lines:"
   local f
   for f in "$LOGS"/*.log; do [[ -e $f ]] && { echo "==> $f <==" >&2; tail -n 15 "$f" >&2; }; done
   do_down --keep-logs

@@ -433,8 +433,7 @@ netpol_ready() {
 # The cluster dir of another cluster whose real node runs (empty if none).
 node_owner_running() {
   local owner; owner=$(cat "$NODE_OWNER_FILE" 2>/dev/null) || return 0
-  [[ $owner != "$CLUSTER_DIR" ]] && kill -0 "$(cat "$owner/run/kubelet.pid" 2>/dev/null || echo x)" 2>/dev/null &&
-    echo "$owner"
+  [[ $owner != "$CLUSTER_DIR" ]] && pid_running "$owner/run/kubelet.pid" kubelet >/dev/null && echo "$owner"
   return 0
 }
 
@@ -515,7 +514,8 @@ node_cleanup() { # <cluster dir>
   local cdir=$1 nd; nd=$(node_dir "$1")
   kill_cgroup_tree "$NODE_CGROUP_ROOT"
   kill_shims "$nd/containerd/containerd.sock"
-  if [[ $cdir == "$CLUSTER_DIR" ]]; then stop containerd; else kill_pidfile "$cdir/run/containerd.pid"; fi
+  if [[ $cdir == "$CLUSTER_DIR" ]]; then stop containerd; fi
+  kill_components_of "$cdir"
   kill_shims "$nd/containerd/containerd.sock"
   unmount_under "$nd"
   remove_cgroups "$NODE_CGROUP_ROOT"
@@ -543,7 +543,16 @@ node_cleanup() { # <cluster dir>
   return 0
 }
 
-kill_pidfile() { local p; p=$(cat "$1" 2>/dev/null) && kill -KILL "$p" 2>/dev/null; return 0; }
+# SIGKILL the node components of the cluster in <dir> that still run: after its
+# kubelet crashed, or when a job's end killed only some. Each may be gone by
+# the time it is killed; that must not end the script (set -e).
+kill_components_of() { # <cluster dir>
+  local c p
+  for c in "${NODE_COMPONENTS[@]}"; do
+    p=$(pid_running "$1/run/$c.pid" "$c") || continue
+    kill -KILL "$p" 2>/dev/null || true
+  done
+}
 
 # SIGKILL every process in the cgroup tree <root> of every v1 hierarchy (or v2).
 kill_cgroup_tree() {
@@ -582,7 +591,8 @@ remove_cgroups() {
 kill_shims() {
   local pid
   for pid in $(pgrep -f -- "-address $1" 2>/dev/null); do
-    [[ $(readlink "/proc/$pid/exe" 2>/dev/null) == */containerd-shim-runc-v2* ]] && kill -KILL "$pid" 2>/dev/null
+    [[ $(readlink "/proc/$pid/exe" 2>/dev/null) == */containerd-shim-runc-v2* ]] || continue
+    kill -KILL "$pid" 2>/dev/null || true
   done
   return 0
 }

@@ -1,6 +1,7 @@
 """`hack/cluster.sh down` leaves nothing of the real node behind on the machine:
 processes, mounts, network interfaces, iptables chains and rules, cgroups,
-sysctls, files outside the cluster directory.
+sysctls, files outside the cluster directory. Nor does a node whose processes
+were all killed (a crash, the end of a CI job): the next `up` removes it.
 
 Starts a cluster of its own (its own directory and ports, one kwok node), so
 it runs only where no real node runs yet (one per machine). This file sorts
@@ -10,11 +11,14 @@ session cluster starts.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -91,16 +95,29 @@ def _host_state(cluster_dir: str) -> dict[str, set[str]]:
     }
 
 
-def test_down_leaves_nothing_of_the_real_node(tmp_path_factory):
+def _skip_unless_a_real_node_can_start() -> None:
     if os.geteuid() != 0:
         pytest.skip("the real node needs root")
     if owner := _real_node_running():
         pytest.skip(f"a real node already runs on this machine (cluster {owner}); run this test alone: "
                     f"pytest -m e2e {Path(__file__).relative_to(REPO_ROOT)}")
+
+
+def _cluster_env(cluster_dir: str, port_shift: int) -> dict[str, str]:
+    """A one-kwok-node cluster with a real node, in its own dir and ports."""
+    offset = int(os.environ.get("AIAAS_PORT_OFFSET", "0")) + port_shift
+    return {**os.environ, "AIAAS_CLUSTER_DIR": cluster_dir, "AIAAS_PORT_OFFSET": str(offset),
+            "AIAAS_REAL_NODE": "1", "AIAAS_GPU_NODES": "0", "AIAAS_CPU_NODES": "1"}
+
+
+def _left_behind(before: dict[str, set[str]], after: dict[str, set[str]]) -> dict[str, list[str]]:
+    return {k: sorted(after[k] - before[k]) for k in before if after[k] - before[k]}
+
+
+def test_down_leaves_nothing_of_the_real_node(tmp_path_factory):
+    _skip_unless_a_real_node_can_start()
     cluster_dir = str(tmp_path_factory.mktemp("down") / "cluster")
-    offset = int(os.environ.get("AIAAS_PORT_OFFSET", "0")) + 500
-    env = {**os.environ, "AIAAS_CLUSTER_DIR": cluster_dir, "AIAAS_PORT_OFFSET": str(offset),
-           "AIAAS_REAL_NODE": "1", "AIAAS_GPU_NODES": "0", "AIAAS_CPU_NODES": "1"}
+    env = _cluster_env(cluster_dir, 500)
     before = _host_state(cluster_dir)
     up = run([str(CLUSTER_SH), "up"], check=False, env=env, timeout=3600)
     try:
@@ -112,10 +129,65 @@ def test_down_leaves_nothing_of_the_real_node(tmp_path_factory):
         down = run([str(CLUSTER_SH), "down"], check=False, env=env, timeout=600)
     assert down.returncode == 0, down.stderr
     wait_for(lambda: not _processes(cluster_dir), timeout=30, what="the node's processes to exit")
-    after = _host_state(cluster_dir)
-    left = {k: sorted(after[k] - before[k]) for k in before if after[k] - before[k]}
+    left = _left_behind(before, _host_state(cluster_dir))
     assert not left, f"down left behind: {json.dumps(left, indent=1)}"
     assert not Path(cluster_dir).exists()
+
+
+def test_up_cleans_up_after_a_killed_node(tmp_path_factory):
+    """Every process of a cluster SIGKILLed (pods, shims, containerd, kubelet, control plane) leaves
+    mounts, veths, chains, cgroups and the owner file; `up` of another cluster removes them first."""
+    _skip_unless_a_real_node_can_start()
+    both = tmp_path_factory.mktemp("killed")
+    killed_dir, next_dir = str(both / "killed"), str(both / "next")
+    killed_env, next_env = _cluster_env(killed_dir, 500), _cluster_env(next_dir, 600)
+    before = _host_state(str(both))
+    try:
+        run([str(CLUSTER_SH), "up"], env=killed_env, timeout=3600)
+        _use_the_node(killed_env, killed_dir)
+        _kill_everything_of(killed_dir)
+        assert _mounts_under(killed_dir), "the killed node left no mounts to clean up"
+        up = run([str(CLUSTER_SH), "up"], check=False, env=next_env, timeout=3600)
+        assert up.returncode == 0, f"up after a killed node failed:\n{up.stderr[-4000:]}"
+        assert f"cleaning up after the real node of {killed_dir}" in up.stderr
+        assert not _mounts_under(killed_dir) and not Path(killed_dir, "node").exists()
+    finally:
+        run([str(CLUSTER_SH), "down"], check=False, env=next_env, timeout=600)
+        run([str(CLUSTER_SH), "down"], check=False, env=killed_env, timeout=600)
+    wait_for(lambda: not _processes(str(both)), timeout=30, what="the nodes' processes to exit")
+    left = _left_behind(before, _host_state(str(both)))
+    assert not left, f"the killed node or the next one left behind: {json.dumps(left, indent=1)}"
+
+
+def _mounts_under(directory: str) -> list[str]:
+    return [m for line in Path("/proc/self/mountinfo").read_text().splitlines()
+            if (m := line.split()[4]).startswith(directory + "/")]
+
+
+def _kill_everything_of(cluster_dir: str) -> None:
+    """SIGKILL, as the end of a job does: each process the cluster started (its pid files), each
+    one whose command line names the cluster dir (containerd's shims) and each one in the node's cgroups."""
+    def victims() -> set[int]:
+        pids = {int(pid) for procs in Path("/sys/fs/cgroup").glob("*/aiaas-node/**/cgroup.procs")
+                for pid in procs.read_text().split()}
+        pids |= {int(f.read_text()) for f in Path(cluster_dir, "run").glob("*.pid")
+                 if Path("/proc", f.read_text().strip(), "cmdline").exists()}
+        for proc in Path("/proc").iterdir():
+            try:
+                if proc.name.isdigit() and cluster_dir.encode() in (proc / "cmdline").read_bytes():
+                    pids.add(int(proc.name))
+            except OSError:
+                continue
+        return pids - {os.getpid()}
+
+    for _ in range(20):
+        if not (pids := victims()):
+            return
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.5)
+    raise AssertionError(f"processes of {cluster_dir} survived SIGKILL: {sorted(victims())}")
 
 
 def _use_the_node(env: dict[str, str], cluster_dir: str) -> None:
