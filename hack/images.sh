@@ -96,6 +96,7 @@ ensure_base() {
   buildah commit -q --rm "$ctr" "$BASE_TAG" >/dev/null
   rm -rf "$tmp"
   mkdir -p "$IMAGES_DIR"
+  rm -f "$archive.tmp"  # a push killed half-way leaves one, and docker-archive refuses to write into it
   buildah push -q "$BASE_TAG" "docker-archive:$archive.tmp:$BASE_TAG" && mv "$archive.tmp" "$archive"
   log "base image built in $((SECONDS - t0))s"
   echo "$BASE_TAG"
@@ -146,7 +147,8 @@ build_one() { # <image> <base> <wheelhouse>
     --build-arg "BASE=$base" --build-arg "PIP_OPTIONS=--no-index --find-links=/wheels" \
     --volume "$wheels:/wheels:ro" -f "$image/Dockerfile" -t "$name" . >&2)
   mkdir -p "$IMAGES_DIR"
-  rm -f "$IMAGES_DIR/aiaas-$image-"*.tar  # keep one archive per image
+  # keep one archive per image; a push killed half-way leaves a .tmp, and docker-archive refuses to write into it
+  rm -f "$IMAGES_DIR/aiaas-$image-"*.tar "$archive.tmp"
   buildah push -q "$name" "docker-archive:$archive.tmp:$name" && mv "$archive.tmp" "$archive"
   log "built $name in $((SECONDS - t0))s: $(du -h "$archive" | cut -f1) archive"
   echo "$name $archive"

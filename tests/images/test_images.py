@@ -5,7 +5,8 @@
   env and volumes, as uid 1000 with a read-only root filesystem — and leaves a loadable artifact (accuracy
   >= 0.95) and a Succeeded termination message;
 - the same image serves that artifact with the command the InferenceService renderer writes, and answers an
-  Open Inference Protocol v2 request sent from another process in the pod's network namespace.
+  Open Inference Protocol v2 request sent from another process in the pod's network namespace;
+- a build killed while it saved an archive does not block the next build.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import json
 import os
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 from typing import Any
@@ -218,6 +220,29 @@ def test_trainer_image_serves_the_artifact(trainer_image: Image, trained: dict[s
     finally:
         log = stop(proc)  # type: ignore[arg-type]
     assert "Traceback" not in log, log[-3000:]
+
+
+def test_a_save_killed_half_way_does_not_block_the_next_build(built: dict[str, Path], repo: Path) -> None:
+    """Saving an image writes ``<archive>.tmp`` and renames it; a build killed meanwhile (the end of a CI job)
+    leaves the ``.tmp``, and docker-archive refuses to write into an existing file: every later build of that
+    image failed until someone removed it by hand."""
+    archive = built[f"localhost/aiaas-operator:{_version()}"]
+    half, aside = archive.with_name(archive.name + ".tmp"), archive.with_name(archive.name + ".aside")
+    archive.rename(aside)
+    try:
+        half.write_bytes(b"the first bytes of an archive")
+        build = subprocess.run([str(repo / "hack" / "images.sh"), "build"], capture_output=True, text=True,
+                               timeout=1800, env={**os.environ, "AIAAS_IMAGES": "operator"})
+        assert build.returncode == 0, build.stderr[-3000:]
+        assert f"{archive}" in build.stdout and not half.exists()
+        with tarfile.open(archive) as tar:
+            assert "manifest.json" in tar.getnames()
+    finally:
+        half.unlink(missing_ok=True)
+        if archive.exists():
+            aside.unlink()
+        else:
+            aside.rename(archive)
 
 
 def _container_pid(cid: str) -> int:
