@@ -77,7 +77,7 @@ def _ours(lines: set[str], cluster_dir: str) -> set[str]:
 
 
 def _host_state(cluster_dir: str) -> dict[str, set[str]]:
-    mounts = {line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()}
+    mounts = set(_mount_points())
     return {
         "mounts": _ours(mounts, cluster_dir),
         "links": _ours({line.split(":")[1].strip().split("@")[0] for line in _lines(["ip", "-o", "link"])}, cluster_dir),
@@ -159,9 +159,12 @@ def test_up_cleans_up_after_a_killed_node(tmp_path_factory):
     assert not left, f"the killed node or the next one left behind: {json.dumps(left, indent=1)}"
 
 
+def _mount_points() -> list[str]:
+    return [line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()]
+
+
 def _mounts_under(directory: str) -> list[str]:
-    return [m for line in Path("/proc/self/mountinfo").read_text().splitlines()
-            if (m := line.split()[4]).startswith(directory + "/")]
+    return [m for m in _mount_points() if m.startswith(directory + "/")]
 
 
 def _kill_everything_of(cluster_dir: str) -> None:
@@ -170,8 +173,8 @@ def _kill_everything_of(cluster_dir: str) -> None:
     def victims() -> set[int]:
         pids = {int(pid) for procs in Path("/sys/fs/cgroup").glob("*/aiaas-node/**/cgroup.procs")
                 for pid in procs.read_text().split()}
-        pids |= {int(f.read_text()) for f in Path(cluster_dir, "run").glob("*.pid")
-                 if Path("/proc", f.read_text().strip(), "cmdline").exists()}
+        pids |= {int(pid) for f in Path(cluster_dir, "run").glob("*.pid")
+                 if Path("/proc", pid := f.read_text().strip(), "cmdline").exists()}
         for proc in Path("/proc").iterdir():
             try:
                 if proc.name.isdigit() and cluster_dir.encode() in (proc / "cmdline").read_bytes():
