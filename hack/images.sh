@@ -96,8 +96,7 @@ ensure_base() {
   buildah commit -q --rm "$ctr" "$BASE_TAG" >/dev/null
   rm -rf "$tmp"
   mkdir -p "$IMAGES_DIR"
-  rm -f "$archive.tmp"  # a push killed half-way leaves one, and docker-archive refuses to write into it
-  buildah push -q "$BASE_TAG" "docker-archive:$archive.tmp:$BASE_TAG" && mv "$archive.tmp" "$archive"
+  save_archive "$BASE_TAG" "$archive"
   log "base image built in $((SECONDS - t0))s"
   echo "$BASE_TAG"
 }
@@ -138,6 +137,14 @@ archive_of() { # <image> <base> -> the archive path for this tree
   echo "$IMAGES_DIR/aiaas-$1-$key.tar"
 }
 
+# Save image <name> as the docker archive <archive>: written to <archive>.tmp and renamed, so a save cut short
+# never looks finished. A .tmp left by one is removed first: docker-archive refuses to write into it.
+save_archive() { # <name> <archive>
+  rm -f "$2.tmp"
+  buildah push -q "$1" "docker-archive:$2.tmp:$1"
+  mv "$2.tmp" "$2"
+}
+
 build_one() { # <image> <base> <wheelhouse>
   local image=$1 base=$2 wheels=$3 name archive t0=$SECONDS
   name=$(image_name "$image"); archive=$(archive_of "$image" "$base")
@@ -147,9 +154,8 @@ build_one() { # <image> <base> <wheelhouse>
     --build-arg "BASE=$base" --build-arg "PIP_OPTIONS=--no-index --find-links=/wheels" \
     --volume "$wheels:/wheels:ro" -f "$image/Dockerfile" -t "$name" . >&2)
   mkdir -p "$IMAGES_DIR"
-  # keep one archive per image; a push killed half-way leaves a .tmp, and docker-archive refuses to write into it
-  rm -f "$IMAGES_DIR/aiaas-$image-"*.tar "$archive.tmp"
-  buildah push -q "$name" "docker-archive:$archive.tmp:$name" && mv "$archive.tmp" "$archive"
+  rm -f "$IMAGES_DIR/aiaas-$image-"*.tar  # keep one archive per image
+  save_archive "$name" "$archive"
   log "built $name in $((SECONDS - t0))s: $(du -h "$archive" | cut -f1) archive"
   echo "$name $archive"
 }
