@@ -49,7 +49,7 @@ ENV_RDZV_BACKEND = "PET_RDZV_BACKEND"
 ENV_RDZV_ID = "PET_RDZV_ID"
 ENV_MAX_RESTARTS = "PET_MAX_RESTARTS"
 ENV_RANK = "RANK"  # the pod's node rank, as PyTorchJob sets it (torchrun overrides it for its workers)
-POD_INDEX_LABEL = "apps.kubernetes.io/pod-index"  # set on StatefulSet pods by Kubernetes >= 1.28
+POD_INDEX_LABEL = "apps.kubernetes.io/pod-index"  # set by Kubernetes >= 1.28 on StatefulSet pods, by us on bare ones
 
 # Exit codes: how the operator tells success, a retryable failure and a permanent error apart.
 EXIT_SUCCESS = 0
@@ -115,15 +115,20 @@ def network_policy_name(job_name: str) -> str:
     return f"{job_name}-{HEADLESS_SERVICE_SUFFIX}"
 
 
+def worker_pod_name(job_name: str, ordinal: int) -> str:
+    """A job's worker pod: ``<job>-<ordinal>``, as a StatefulSet names its pods (a bare pod gets the same)."""
+    return f"{job_name}-{ordinal}"
+
+
 def pod_dns_name(job_name: str, ordinal: int, namespace: str | None) -> str:
-    """The stable DNS name of a job's StatefulSet pod behind its headless Service (without a namespace, the
+    """The stable DNS name of a job's worker pod behind its headless Service (without a namespace, the
     short name that resolves inside the pod's own namespace)."""
-    short = f"{job_name}-{ordinal}.{headless_service_name(job_name)}"
+    short = f"{worker_pod_name(job_name, ordinal)}.{headless_service_name(job_name)}"
     return f"{short}.{namespace}.svc" if namespace else short
 
 
 def node_rank_from_pod_name(pod_name: str) -> int:
-    """The node rank is the StatefulSet ordinal: the number after the last dash of the pod name."""
+    """The node rank is the pod's ordinal: the number after the last dash of the pod name."""
     tail = pod_name.rsplit("-", 1)[-1]
     if not tail.isdigit():
         raise ValueError(f"pod name {pod_name!r} does not end in a StatefulSet ordinal")

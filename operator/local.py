@@ -304,8 +304,10 @@ def plan_pods(sts: dict[str, Any], run_dir: Path, mounts: dict[str, str] | None 
 def plan(job: api.TrainingJob, run_dir: Path, mounts: dict[str, str] | None = None,
          metrics_base: int | None = None, settings: RenderSettings | None = None) -> LocalPlan:
     """Render ``job`` and plan its pods under ``run_dir``."""
-    # locally every pod is this machine: run topology.nodes pods even when the job is elastic or suspended
-    manifests = render_trainingjob(job, settings or RenderSettings(), JobPlan(replicas=job.spec.topology.nodes))
+    # locally every pod is this machine: run topology.nodes pods even when the job is elastic or suspended; the
+    # StatefulSet holds the pod template a one-node job's bare pod is made of too (render.trainingjob.worker_pods)
+    manifests = render_trainingjob(job, settings or RenderSettings(),
+                                   JobPlan(replicas=job.spec.topology.nodes, workload="StatefulSet"))
     sts = next(m for m in manifests if m["kind"] == "StatefulSet")
     pods, mount_map = plan_pods(sts, run_dir, mounts, metrics_base, job.metadata.namespace or "default")
     cfg = json.loads(pods[0].env[launch.ENV_CONFIG]) if pods and launch.ENV_CONFIG in pods[0].env else {}

@@ -1,12 +1,13 @@
 """The TrainingJob reconciler: snapshot -> :func:`.status.evaluate` -> a :class:`.render.JobPlan` -> result.
 
 Pure apart from :meth:`TrainingJobReconciler.probe` (the resync's progress scrape of rank 0, run by the
-runtime on a worker thread). Children: a StatefulSet and its pods, watched by the job-name label.
+runtime on a worker thread). Children: the workers (a StatefulSet and its pods, or a one-node job's bare pod,
+:func:`.render.trainingjob.workload_kind`), watched by the job-name label, and the headless Service.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import ClassVar
 
@@ -27,7 +28,7 @@ from .reconciler import (
     slim_workload,
 )
 from .render import JobPlan, RenderSettings, render_trainingjob
-from .render.trainingjob import CHILD_KINDS, NOT_NEEDED_TO_START
+from .render.trainingjob import CHILD_KINDS, NOT_NEEDED_TO_START, WORKLOAD_KINDS, workload_kind
 from .status import TERMINAL, Evaluation, Observed, error_status, evaluate, pod_view
 from .status_progress import Fetch, http_fetch, scrape
 
@@ -39,13 +40,25 @@ def _slim_job_pod(pod: Body) -> Body:
 
 
 def owned_workers(snap: Snapshot) -> tuple[Body | None, list[Body]]:
-    """The job's StatefulSet and its pods: only what the job controls (owner UIDs), never what merely carries
-    the job's labels (anyone who may create a pod can set those)."""
+    """The job's StatefulSet and its worker pods (the StatefulSet's, or the job's own bare ones): only what
+    the job controls (owner UIDs), never what merely carries the job's labels (anyone who may create a pod
+    can set those)."""
     job_uid = (snap.body.get("metadata") or {}).get("uid")
     sts = next((s for s in snap.children.get("StatefulSet", ())
                 if (s.get("metadata") or {}).get("name") == snap.key[1] and controlled_by(s, job_uid)), None)
     sts_uid = (sts.get("metadata") or {}).get("uid") if sts else None
-    return sts, [p for p in snap.children.get("Pod", ()) if controlled_by(p, sts_uid)]
+    return sts, [p for p in snap.children.get("Pod", ())
+                 if controlled_by(p, sts_uid) or (job_uid and controlled_by(p, job_uid))]
+
+
+def _name(body: Body) -> str:
+    return str((body.get("metadata") or {}).get("name") or "")
+
+
+def _bare(pod: Body, sts: Body | None) -> bool:
+    """A worker pod the job controls itself (not through its StatefulSet)."""
+    sts_uid = ((sts or {}).get("metadata") or {}).get("uid")
+    return not (sts_uid and controlled_by(pod, sts_uid))
 
 
 @dataclass(frozen=True)
@@ -94,43 +107,61 @@ class TrainingJobReconciler:
     def reconcile(self, snap: Snapshot) -> Result:
         job: api.TrainingJob = parse(api.TrainingJob, snap.body)
         sts, pods = owned_workers(snap)
-        observed = Observed(statefulset=sts, pods=pods, progress=snap.probe)
-        ev = evaluate(job, observed, snap.now, success_policy=self.success_policy)
-        plan = self.plan(ev)
-        children, absent = self.children_of(job, ev, plan)
-        drifted = sts is None or (sts.get("spec") or {}).get("replicas") != ev.replicas
+        ev = evaluate(job, Observed(pods=pods, progress=snap.probe), snap.now, success_policy=self.success_policy)
+        plan = self.plan(job, ev, sts, pods)
+        children, absent = self.children_of(job, ev, plan, pods)
+        if plan.workload == "StatefulSet":
+            drifted = sts is None or (sts.get("spec") or {}).get("replicas") != ev.replicas
+        else:
+            drifted = bool(plan.pods)  # a pod the job wants is missing
         return Result(
             status=ev.status.dump(),
             children=tuple(children),
-            absent=tuple(absent),
+            absent=absent,
             drifted=drifted and not ev.delete_job,
             events=tuple(ev.events),
             delete_self=ev.delete_job,
             evict=tuple(ObjectRef("v1", "Pod", p) for p in ev.stale_pods),
             requeue_after=ev.requeue_after,
             time_to_running=ev.time_to_running,
-            children_key=(job.metadata.uid, job.metadata.generation, plan, ev.delete_job),
+            # which bare pods are missing is drift, not a new plan: the pod's appearance re-applies nothing
+            children_key=(job.metadata.uid, job.metadata.generation, replace(plan, pods=None), absent,
+                          ev.delete_job),
             later_kinds=NOT_NEEDED_TO_START,
         )
 
     @staticmethod
-    def plan(ev: Evaluation) -> JobPlan:
-        """A finished job only scales its StatefulSet (what was cleaned up is never recreated); cleanPodPolicy
-        All removes the headless Service."""
-        kinds: tuple[str, ...] = ("StatefulSet",) if ev.terminal else CHILD_KINDS
+    def plan(job: api.TrainingJob, ev: Evaluation, sts: Body | None, pods: list[Body]) -> JobPlan:
+        """The workload stays what it is (a StatefulSet, or bare pods) and a fresh job gets its
+        :func:`workload_kind`. A finished job only scales its StatefulSet (what was cleaned up is never
+        recreated: no bare pod either); cleanPodPolicy All removes the headless Service. Bare pods: only the
+        missing ordinals below the size, since a pod's spec cannot change (one of another restart generation is
+        deleted first, and recreated once it is gone)."""
+        workload = "StatefulSet" if sts is not None else (
+            "Pod" if any(_bare(p, sts) for p in pods) else workload_kind(job))
+        kinds: tuple[str, ...] = WORKLOAD_KINDS if ev.terminal else CHILD_KINDS
         if not ev.keep_service:
             kinds = tuple(k for k in kinds if k != "Service")
+        taken = {_name(p) for p in pods}
+        missing = tuple(i for i in range(0 if ev.terminal else ev.replicas)
+                        if launch.worker_pod_name(job.metadata.name, i) not in taken)
         memory = ev.status.memory or api.MemoryStatus()
         return JobPlan(replicas=ev.replicas, restart_generation=ev.status.restart_count or 0, children=kinds,
-                       memory_request=memory.request, memory_limit=memory.limit)
+                       memory_request=memory.request, memory_limit=memory.limit, workload=workload,
+                       pods=missing if workload == "Pod" else None)
 
-    def children_of(self, job: api.TrainingJob, ev: Evaluation, plan: JobPlan
-                    ) -> tuple[list[Body], list[ObjectRef]]:
-        """What ``plan`` renders, and what must be gone; a job about to be deleted wants nothing."""
+    def children_of(self, job: api.TrainingJob, ev: Evaluation, plan: JobPlan, pods: list[Body]
+                    ) -> tuple[list[Body], tuple[ObjectRef, ...]]:
+        """What ``plan`` renders, and what must be gone (the headless Service under cleanPodPolicy All, bare
+        pods beyond the size); a job about to be deleted wants nothing."""
         if ev.delete_job:
-            return [], []
+            return [], ()
         absent = [] if ev.keep_service else [ObjectRef("v1", "Service", launch.headless_service_name(job.metadata.name))]
-        return render_trainingjob(job, self.render_settings, plan), absent
+        if plan.workload == "Pod":
+            keep = {launch.worker_pod_name(job.metadata.name, i) for i in range(ev.replicas)}
+            absent += [ObjectRef("v1", "Pod", _name(p)) for p in pods
+                       if _name(p) not in keep and not (p.get("metadata") or {}).get("deletionTimestamp")]
+        return render_trainingjob(job, self.render_settings, plan), tuple(absent)
 
     def error_status(self, old: Body, reason: str, message: str, now: datetime, generation: int | None) -> Body:
         return error_status(api.TrainingJobStatus, old, reason, message, now, generation,

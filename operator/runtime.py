@@ -444,8 +444,10 @@ class Runtime:
             return None
         if result.evict:
             log.info("%s %s/%s: deleting %s", rec.kind, ns, name, ", ".join(r.name for r in result.evict))
+            uids = self._child_uids.get((rec.kind, snap.key), {})
             for r in result.evict:
                 self.kube.delete(r.api_version, r.kind, ns, r.name)
+                uids.pop((r.kind, r.name), None)  # a child of that name made later is a new object
         if conflicts:  # look again: the user may remove the object that is in the way
             return min(result.requeue_after or self.settings.resync_seconds, self.settings.resync_seconds)
         return result.requeue_after

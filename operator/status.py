@@ -1,9 +1,10 @@
 """The TrainingJob lifecycle as one pure function: job + observed children + clock -> new status and actions.
 
-Nothing here talks to the API server. :func:`evaluate` is given the job (with its previous status), the
-StatefulSet and pods the operator observed, and ``now``; it returns the new status together with what the
-handler must do (StatefulSet size, pods to delete, whether to delete the job) and the Events to post. The
-handler writes the status only when it differs from the stored one.
+Nothing here talks to the API server. :func:`evaluate` is given the job (with its previous status), the worker
+pods the operator observed (a StatefulSet's, or a one-node job's bare pod: the same template, the same rules),
+and ``now``; it returns the new status together with what the reconciler must do (the number of workers, pods
+to delete, whether to delete the job) and the Events to post. The runtime writes the status only when it
+differs from the stored one.
 
 Phases: Created -> Running -> (Restarting -> Running)* -> Succeeded | Failed, and Suspended in between.
 
@@ -11,23 +12,23 @@ Gang restarts are level-triggered. ``status.restartCount`` is the restart *gener
 on the pod template (annotation ``aiaas.dev/restart-count``). Pods of another generation are stale: they are
 deleted and never counted, so a restart survives an operator crash at any point and is never done twice.
 
-Completion on a StatefulSet. A StatefulSet only allows ``restartPolicy: Always``, so a trainer that finished is
-restarted by the kubelet; its outcome survives in ``lastState.terminated`` (or ``state.terminated`` until the
-restart) as the JSON termination message the trainer writes (``outcome``, ``reason``, ``message``, ``step``).
-The job has Succeeded when every current-generation worker reported ``Succeeded`` (``--success-policy
-AllWorkers``, the default; at least minNodes of them for an elastic job) or rank 0 did (``Rank0``). Without a
+Completion. A StatefulSet only allows ``restartPolicy: Always`` (a bare worker pod keeps it, so both behave
+alike), so a trainer that finished is restarted by the kubelet; its outcome survives in ``lastState.terminated``
+(or ``state.terminated`` until the restart) as the JSON termination message the trainer writes (``outcome``,
+``reason``, ``message``, ``step``). The job has Succeeded when every current-generation worker reported
+``Succeeded`` (``--success-policy AllWorkers``, the default; at least minNodes of them for an elastic job) or rank 0 did (``Rank0``). Without a
 JSON message the exit code decides: 0 success, 78 permanent, 143 preempted, anything else retryable; OOMKilled
 is retryable and named as such. ``PermanentError`` (or exit code 78) fails the job at once.
 
-cleanPodPolicy, as it can work with a StatefulSet (there is no such thing as a finished pod that stays):
+cleanPodPolicy, as it can work with restartPolicy Always (there is no such thing as a finished pod that stays):
 
-* ``Running`` (default): scale the StatefulSet to 0 when the job finishes, so no pod restarts and holds its
-  GPUs. The StatefulSet (at 0) and the headless Service stay, the outcome of the pods is kept in the status,
-  its conditions and the Events; logs live on in the cluster's log pipeline.
+* ``Running`` (default): scale the workers to 0 when the job finishes (a bare pod is deleted), so no pod
+  restarts and holds its GPUs. The StatefulSet (at 0) and the headless Service stay, the outcome of the pods is
+  kept in the status, its conditions and the Events; logs live on in the cluster's log pipeline.
 * ``All``: the same, and the headless Service is deleted too.
-* ``None``: keep the pods for inspection (``kubectl logs --previous``, ``kubectl exec``): the StatefulSet keeps
-  its size, the kubelet keeps restarting the trainer (which resumes from the final checkpoint and exits again,
-  backing off), and the pods keep their GPUs until the job is deleted (or ``ttlSecondsAfterFinished``).
+* ``None``: keep the pods for inspection (``kubectl logs --previous``, ``kubectl exec``): the workers keep
+  their number, the kubelet keeps restarting the trainer (the run-once wrapper reports the outcome again and
+  exits, backing off), and the pods keep their GPUs until the job is deleted (or ``ttlSecondsAfterFinished``).
 """
 
 from __future__ import annotations
@@ -236,9 +237,8 @@ class Event:
 
 @dataclass(frozen=True)
 class Observed:
-    """The children as the operator saw them. ``progress`` is a fresh scrape of rank 0, if one was made."""
+    """The worker pods as the operator saw them. ``progress`` is a fresh scrape of rank 0, if one was made."""
 
-    statefulset: dict[str, Any] | None = None
     pods: list[dict[str, Any]] = field(default_factory=list)
     progress: api.Progress | None = None
 
@@ -246,7 +246,7 @@ class Observed:
 @dataclass
 class Evaluation:
     status: api.TrainingJobStatus
-    replicas: int  # desired StatefulSet size
+    replicas: int  # the number of workers wanted
     stale_pods: list[str] = field(default_factory=list)  # pods of another restart generation: delete them
     delete_job: bool = False  # ttlSecondsAfterFinished has passed
     keep_service: bool = True  # False: delete the headless Service (cleanPodPolicy All, finished)
@@ -467,7 +467,7 @@ def _start(d: _Draft) -> None:
         d.st.start_time = rfc3339(d.now)
     if not d.has_condition(api.ConditionType.created):
         d.condition(api.ConditionType.created, "True", REASON_CREATED,
-                    f"headless Service and StatefulSet {d.job.metadata.name} created for {d.nodes} node(s)")
+                    f"headless Service and {d.nodes} worker pod(s) of {d.job.metadata.name} created")
     d.st.replicas = d.nodes
     d.count_pods()
 
@@ -628,7 +628,7 @@ def _running_or_waiting(d: _Draft) -> Evaluation:
     else:
         if d.prev.phase not in (api.Phase.created.value, api.Phase.suspended.value):
             d.events.append(Event("Normal", REASON_CREATED,
-                                  f"created headless Service and StatefulSet {d.job.metadata.name} ({nodes} pod(s))"))
+                                  f"created headless Service and {nodes} worker pod(s) of {d.job.metadata.name}"))
         d.set_phase(api.Phase.created, reason if warn else REASON_CREATED, msg)
     if warn:
         d.warn_once(reason, msg)

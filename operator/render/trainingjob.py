@@ -1,5 +1,11 @@
-"""TrainingJob -> headless Service + torchrun StatefulSet (+ PersistentVolumeClaim, + Volcano PodGroup,
+"""TrainingJob -> headless Service + its torchrun workers (+ PersistentVolumeClaim, + Volcano PodGroup,
 + NetworkPolicy).
+
+The workers of a job of several nodes (or an elastic one) are a StatefulSet. A one-node job's worker is a bare
+Pod the operator creates itself (:func:`workload_kind`): it needs nothing a StatefulSet gives (no peers to
+number, no size to change), and a StatefulSet's pod waits for kube-controller-manager, whose client shares
+20 requests/s among ~4 requests per StatefulSet (docs/performance.md). Both get the same pod template, the
+same pod name (``<job>-<ordinal>``) and DNS name (hostname + subdomain = the headless Service).
 
 The renderer draws what a :class:`JobPlan` asks for (size, restart generation, which children exist); the
 operator's reconciler makes the plan, so nothing edits a rendered manifest afterwards.
@@ -33,7 +39,8 @@ STORAGE_MOUNT = "/var/run/aiaas"
 # In apply order: what pods need when they start (their NetworkPolicy, volume claim and PodGroup) before the
 # StatefulSet; the headless Service last, since pods need its DNS names only at rendezvous, and its apply would
 # otherwise delay every job's pods by a round trip.
-CHILD_KINDS = ("NetworkPolicy", "PersistentVolumeClaim", "PodGroup", "StatefulSet", "Service")
+CHILD_KINDS = ("NetworkPolicy", "PersistentVolumeClaim", "PodGroup", "StatefulSet", "Pod", "Service")
+WORKLOAD_KINDS = ("StatefulSet", "Pod")  # a job's workers: one of them, never both
 NOT_NEEDED_TO_START = ("Service",)  # may come after the other children of every new job (see Result.later_kinds)
 
 
@@ -41,11 +48,20 @@ NOT_NEEDED_TO_START = ("Service",)  # may come after the other children of every
 class JobPlan:
     """What the operator decided about a job's children. The default renders the job as written."""
 
-    replicas: int | None = None  # the StatefulSet's size; None: spec.topology.nodes (0 while suspended)
+    replicas: int | None = None  # the number of workers; None: spec.topology.nodes (0 while suspended)
     restart_generation: int | None = None  # stamped on the pod template; pods of another one are stale
-    children: tuple[str, ...] = CHILD_KINDS  # the kinds to render (a finished job keeps only its StatefulSet)
+    children: tuple[str, ...] = CHILD_KINDS  # the kinds to render (a finished job keeps only its workload)
     memory_request: str | None = None  # raised after an OOM kill; None: spec.topology.resources
     memory_limit: str | None = None
+    workload: str | None = None  # StatefulSet or Pod; None: workload_kind(job)
+    # bare pods only: the ordinals to create (a pod's spec cannot change, so one that exists is never
+    # rendered again); None: every ordinal below replicas
+    pods: tuple[int, ...] | None = None
+
+
+def workload_kind(job: api.TrainingJob) -> str:
+    """How a fresh job's workers run: a bare Pod for a one-node job that is not elastic, else a StatefulSet."""
+    return "Pod" if job.spec.topology.nodes == 1 and job.spec.elastic is None else "StatefulSet"
 
 
 def trainer_config(job: api.TrainingJob) -> TrainerConfig:
@@ -200,10 +216,8 @@ def headless_service(job: api.TrainingJob) -> dict[str, Any]:
     }
 
 
-def statefulset(job: api.TrainingJob, settings: RenderSettings, plan: JobPlan) -> dict[str, Any]:
-    t = job.spec.topology
-    config_json = json.dumps(trainer_config(job).dump(), sort_keys=True, separators=(",", ":"))
-    volumes, mounts = _volumes(job)
+def _container(job: api.TrainingJob, settings: RenderSettings, plan: JobPlan, config_json: str,
+               mounts: list[dict[str, Any]]) -> dict[str, Any]:
     trainer = job.spec.trainer
     container: dict[str, Any] = {
         "name": launch.TRAINER_CONTAINER,
@@ -221,13 +235,19 @@ def statefulset(job: api.TrainingJob, settings: RenderSettings, plan: JobPlan) -
         "terminationMessagePath": launch.TERMINATION_LOG,
         "terminationMessagePolicy": "FallbackToLogsOnError",
     }
-    res = resources(t.resources)
+    res = resources(job.spec.topology.resources)
     for part, value in (("requests", plan.memory_request), ("limits", plan.memory_limit)):
         if value is not None:
             res[part] = {**res.get(part, {}), "memory": value}
     if res:
         container["resources"] = res
-    labels = job_labels(job)
+    return container
+
+
+def pod_template(job: api.TrainingJob, settings: RenderSettings, plan: JobPlan) -> dict[str, Any]:
+    """Every worker's pod, a StatefulSet's or a bare one: metadata (labels, annotations) and spec."""
+    config_json = json.dumps(trainer_config(job).dump(), sort_keys=True, separators=(",", ":"))
+    volumes, mounts = _volumes(job)
     pod_annotations = {launch.ANNOTATION_CONFIG_HASH: config_hash(config_json)}
     if plan.restart_generation is not None:
         pod_annotations[launch.ANNOTATION_RESTART] = str(plan.restart_generation)
@@ -235,36 +255,58 @@ def statefulset(job: api.TrainingJob, settings: RenderSettings, plan: JobPlan) -
     if gang and gang.provider == api.GangProvider.volcano.value:
         pod_annotations[VOLCANO_GROUP_ANNOTATION] = job.metadata.name
     pod_spec: dict[str, Any] = {
-        "restartPolicy": "Always",  # the only policy a StatefulSet allows; the operator decides when to stop
+        # a StatefulSet allows no other policy, and a bare pod keeps the same contract: the kubelet restarts
+        # the trainer, the run-once wrapper keeps finished work from running again, the operator decides
+        "restartPolicy": "Always",
         "terminationGracePeriodSeconds": settings.termination_grace_seconds,
         "enableServiceLinks": False,
         "automountServiceAccountToken": False,
         "securityContext": pod_security_context(settings.run_as_user),
-        "containers": [container],
+        "containers": [_container(job, settings, plan, config_json, mounts)],
         "volumes": volumes,
-        **scheduling(job.spec.scheduling, t.resources.gpus()),
+        **scheduling(job.spec.scheduling, job.spec.topology.resources.gpus()),
     }
     if settings.service_account_name:
         pod_spec["serviceAccountName"] = settings.service_account_name
-    replicas = plan.replicas
-    if replicas is None:
-        replicas = 0 if job.spec.suspend else t.nodes
+    return {"metadata": {"labels": job_labels(job) | {launch.LABEL_ROLE: "worker"}, "annotations": pod_annotations},
+            "spec": pod_spec}
+
+
+def _replicas(job: api.TrainingJob, plan: JobPlan) -> int:
+    if plan.replicas is not None:
+        return plan.replicas
+    return 0 if job.spec.suspend else job.spec.topology.nodes
+
+
+def statefulset(job: api.TrainingJob, settings: RenderSettings, plan: JobPlan) -> dict[str, Any]:
     return {
         "apiVersion": "apps/v1",
         "kind": "StatefulSet",
-        "metadata": metadata(job, job.metadata.name, labels),
+        "metadata": metadata(job, job.metadata.name, job_labels(job)),
         "spec": {
-            "replicas": replicas,
+            "replicas": _replicas(job, plan),
             "serviceName": launch.headless_service_name(job.metadata.name),
             "podManagementPolicy": "Parallel",  # all nodes start together; torchrun's rendezvous waits for them
             "updateStrategy": {"type": "OnDelete"},  # the operator restarts the gang as a whole, never one by one
             "selector": {"matchLabels": selector(job)},
-            "template": {
-                "metadata": {"labels": labels | {launch.LABEL_ROLE: "worker"}, "annotations": pod_annotations},
-                "spec": pod_spec,
-            },
+            "template": pod_template(job, settings, plan),
         },
     }
+
+
+def worker_pods(job: api.TrainingJob, settings: RenderSettings, plan: JobPlan) -> list[dict[str, Any]]:
+    """The bare pods ``plan`` asks for: what the StatefulSet controller would make of the same template (name,
+    pod-index label, hostname and subdomain for the stable DNS name), controlled by the job itself."""
+    template = pod_template(job, settings, plan)
+    ordinals = plan.pods if plan.pods is not None else tuple(range(_replicas(job, plan)))
+    pods = []
+    for ordinal in ordinals:
+        name = launch.worker_pod_name(job.metadata.name, ordinal)
+        labels = template["metadata"]["labels"] | {launch.POD_INDEX_LABEL: str(ordinal)}
+        spec = template["spec"] | {"hostname": name, "subdomain": launch.headless_service_name(job.metadata.name)}
+        pods.append({"apiVersion": "v1", "kind": "Pod",
+                     "metadata": metadata(job, name, labels, template["metadata"]["annotations"]), "spec": spec})
+    return pods
 
 
 def storage_claim(job: api.TrainingJob) -> dict[str, Any] | None:
@@ -330,13 +372,15 @@ def network_policy(job: api.TrainingJob, settings: RenderSettings) -> dict[str, 
 
 def render_trainingjob(job: api.TrainingJob, settings: RenderSettings, plan: JobPlan = JobPlan()
                        ) -> list[dict[str, Any]]:
-    """The job's children that ``plan`` asks for, in apply order."""
-    kinds = set(plan.children)
+    """The job's children that ``plan`` asks for, in apply order; of its workers' kinds only its workload."""
+    workload = plan.workload or workload_kind(job)
+    kinds = set(plan.children) - (set(WORKLOAD_KINDS) - {workload})
     objs = [
         network_policy(job, settings) if "NetworkPolicy" in kinds else None,
         storage_claim(job) if "PersistentVolumeClaim" in kinds else None,
         pod_group(job) if "PodGroup" in kinds else None,
         statefulset(job, settings, plan) if "StatefulSet" in kinds else None,
+        *(worker_pods(job, settings, plan) if "Pod" in kinds else ()),
         headless_service(job) if "Service" in kinds else None,
     ]
     return [o for o in objs if o is not None]

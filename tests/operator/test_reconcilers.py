@@ -115,6 +115,66 @@ def test_ttl_zero_deletes_the_job_and_wants_no_children():
     assert r.status["phase"] == "Succeeded" and r.delete_self and r.children == () and not r.drifted
 
 
+# a one-node job: one bare pod the job controls itself (render.trainingjob.workload_kind)
+def one_node(status: dict[str, Any] | None = None, **spec: Any) -> dict[str, Any]:
+    return job_body(status, **{"topology": {"nodes": 1}, **spec})
+
+
+def bare_pod(gen: int = 0, **kw: Any) -> dict[str, Any]:
+    p = pod("lenet-0", gen, owner_uid=None, **kw)
+    p["metadata"]["ownerReferences"] = owner("TrainingJob", "lenet", "u1")
+    return p
+
+
+def test_a_one_node_job_wants_a_bare_pod_which_once_there_is_never_rendered_again():
+    fresh = JOBS.reconcile(snap(one_node()))
+    assert kinds(fresh) == ["NetworkPolicy", "Pod", "Service"] and fresh.drifted
+    worker = fresh.children[1]
+    assert worker["metadata"]["name"] == "lenet-0" and worker["spec"]["subdomain"] == "lenet-workers"
+    assert worker["metadata"]["annotations"][launch.ANNOTATION_RESTART] == "0"
+    there = JOBS.reconcile(snap(one_node({"phase": "Running"}), [bare_pod()]))
+    assert there.status["phase"] == "Running" and there.status["readyReplicas"] == 1
+    assert "Pod" not in kinds(there) and not there.drifted and there.absent == ()
+    assert there.children_key == JOBS.reconcile(snap(one_node({"phase": "Running"}))).children_key, \
+        "a pod appearing or going is drift, not a new plan: nothing else is applied again"
+
+
+def test_a_bare_pod_is_restarted_by_deleting_it_and_recreated_in_the_next_generation_once_gone():
+    failed = bare_pod(exit_code=1, outcome=oc.RETRYABLE)
+    r = JOBS.reconcile(snap(one_node({"phase": "Running"}), [failed]))
+    assert r.status["restartCount"] == 1 and r.evict == (ObjectRef("v1", "Pod", "lenet-0"),)
+    assert "Pod" not in kinds(r), "the name is still taken: the new pod waits for the old one to go"
+    failed["metadata"]["deletionTimestamp"] = "2026-05-01T12:00:01Z"
+    going = JOBS.reconcile(snap(one_node(r.status), [failed]))
+    assert "Pod" not in kinds(going) and going.evict == () and going.absent == ()
+    gone = JOBS.reconcile(snap(one_node(r.status)))
+    new = next(m for m in gone.children if m["kind"] == "Pod")
+    assert new["metadata"]["annotations"][launch.ANNOTATION_RESTART] == "1" and gone.drifted
+
+
+def test_a_finished_one_node_job_deletes_its_pod_unless_clean_pod_policy_none_keeps_it():
+    done = bare_pod(exit_code=0, outcome=oc.SUCCEEDED)
+    r = JOBS.reconcile(snap(one_node({"phase": "Running"}), [done]))
+    assert r.status["phase"] == "Succeeded" and "Pod" not in kinds(r)
+    assert r.absent == (ObjectRef("v1", "Pod", "lenet-0"),)
+    kept = JOBS.reconcile(snap(one_node({"phase": "Running"}, runPolicy={"cleanPodPolicy": "None"}), [done]))
+    assert kept.status["phase"] == "Succeeded" and kept.absent == () and "Pod" not in kinds(kept)
+    after = JOBS.reconcile(snap(one_node({"phase": "Succeeded", "completionTime": "2026-05-01T11:00:00Z"})))
+    assert "Pod" not in kinds(after), "what was cleaned up is never recreated"
+    suspended = JOBS.reconcile(snap(one_node({"phase": "Running"}, suspend=True), [bare_pod()]))
+    assert suspended.status["phase"] == "Suspended" and suspended.absent == (ObjectRef("v1", "Pod", "lenet-0"),)
+
+
+def test_a_one_node_job_that_has_a_statefulset_keeps_it_and_a_pod_it_does_not_control_counts_for_nothing():
+    r = JOBS.reconcile(snap(one_node({"phase": "Running"}), [pod("lenet-0")], sts(1)))
+    assert "StatefulSet" in kinds(r) and "Pod" not in kinds(r) and r.status["readyReplicas"] == 1
+    stranger = pod("lenet-0", owner_uid=None)
+    stranger["metadata"]["ownerReferences"] = owner("TrainingJob", "lenet", "someone-else")
+    r = JOBS.reconcile(snap(one_node({"phase": "Created"}), [stranger]))
+    assert "Pod" in kinds(r) and r.status.get("readyReplicas") in (0, None), \
+        "rendered anyway: the runtime reports the name conflict and never writes that pod"
+
+
 def test_an_invalid_spec_names_the_field():
     with pytest.raises(InvalidSpec, match=r"spec\.topology\.nodez.*unknown field"):
         JOBS.reconcile(snap(job_body(topology={"nodez": 2})))

@@ -50,6 +50,12 @@ def by_kind(objs: list[dict]) -> dict[str, dict]:
     return {o["kind"]: o for o in objs}
 
 
+def pod_spec(objs: list[dict]) -> dict:
+    """The workers' pod spec: a StatefulSet's template, or a one-node job's bare pod."""
+    kinds = by_kind(objs)
+    return kinds["StatefulSet"]["spec"]["template"]["spec"] if "StatefulSet" in kinds else kinds["Pod"]["spec"]
+
+
 def test_there_are_examples_of_every_kind() -> None:
     names = [p.name for p in EXAMPLES]
     assert len(names) >= 5 and names == sorted(names)
@@ -94,8 +100,7 @@ def test_statefulset_runs_torchrun_with_kubeflow_compatible_env() -> None:
 
 
 def test_pod_is_restricted_and_has_shm_and_storage() -> None:
-    sts = by_kind(render_trainingjob(job(topology={"shmSize": "2Gi"}), SETTINGS))["StatefulSet"]
-    pod = sts["spec"]["template"]["spec"]
+    pod = pod_spec(render_trainingjob(job(topology={"shmSize": "2Gi"}), SETTINGS))
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
     c = pod["containers"][0]
@@ -110,16 +115,41 @@ def test_pod_is_restricted_and_has_shm_and_storage() -> None:
 def test_gpu_jobs_request_gpus_and_tolerate_the_gpu_taint() -> None:
     j = job(topology={"nprocPerNode": 4, "resources": {"limits": {"nvidia.com/gpu": 4}}},
             trainer={"hyperparameters": {"batchSize": 64}})
-    pod = by_kind(render_trainingjob(j, SETTINGS))["StatefulSet"]["spec"]["template"]["spec"]
+    pod = pod_spec(render_trainingjob(j, SETTINGS))
     assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "4"
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
-    cpu_pod = by_kind(render_trainingjob(job(), SETTINGS))["StatefulSet"]["spec"]["template"]["spec"]
+    cpu_pod = pod_spec(render_trainingjob(job(), SETTINGS))
     assert "tolerations" not in cpu_pod
 
 
 def test_suspended_job_renders_zero_replicas_and_override_wins() -> None:
-    assert by_kind(render_trainingjob(job(suspend=True), SETTINGS))["StatefulSet"]["spec"]["replicas"] == 0
-    assert by_kind(render_trainingjob(job(), SETTINGS, JobPlan(replicas=0)))["StatefulSet"]["spec"]["replicas"] == 0
+    two = {"nodes": 2}
+    assert by_kind(render_trainingjob(job(topology=two, suspend=True), SETTINGS))["StatefulSet"]["spec"]["replicas"] == 0
+    assert by_kind(render_trainingjob(job(topology=two), SETTINGS, JobPlan(replicas=0)))["StatefulSet"]["spec"][
+        "replicas"] == 0
+    assert "Pod" not in by_kind(render_trainingjob(job(suspend=True), SETTINGS))  # a one-node job: no bare pod
+
+
+def test_a_one_node_job_is_a_bare_pod_with_the_statefulset_pods_identity() -> None:
+    """Same template, same name, pod-index label and DNS name (hostname + subdomain) as a StatefulSet's pod 0;
+    controlled by the job; an elastic job or one of several nodes is a StatefulSet."""
+    one = render_trainingjob(job(), SETTINGS, JobPlan(restart_generation=2))
+    kinds = [o["kind"] for o in one]
+    assert "StatefulSet" not in kinds and kinds.count("Pod") == 1 and kinds[-1] == "Service"
+    pod = by_kind(one)["Pod"]
+    sts = by_kind(render_trainingjob(job(), SETTINGS, JobPlan(restart_generation=2, workload="StatefulSet")))
+    template = sts["StatefulSet"]["spec"]["template"]
+    assert pod["metadata"]["name"] == launch.worker_pod_name("demo", 0) == "demo-0"
+    assert pod["metadata"]["labels"] == template["metadata"]["labels"] | {launch.POD_INDEX_LABEL: "0"}
+    assert pod["metadata"]["annotations"] == template["metadata"]["annotations"]
+    assert pod["metadata"]["annotations"][launch.ANNOTATION_RESTART] == "2"
+    assert pod["metadata"]["ownerReferences"][0]["kind"] == "TrainingJob"
+    assert pod["metadata"]["ownerReferences"][0]["controller"] is True
+    assert pod["spec"] == template["spec"] | {"hostname": "demo-0", "subdomain": "demo-workers"}
+    assert launch.pod_dns_name("demo", 0, "ns") == "demo-0.demo-workers.ns.svc"
+    assert [p["metadata"]["name"] for p in render_trainingjob(job(), SETTINGS, JobPlan(pods=())) if p["kind"] == "Pod"] == []
+    elastic = job(topology={"nodes": 1}, elastic={"minNodes": 1, "maxNodes": 2})
+    assert "StatefulSet" in by_kind(render_trainingjob(elastic, SETTINGS))
 
 
 def test_elastic_job_uses_min_max_nnodes() -> None:
@@ -146,14 +176,14 @@ def test_gang_scheduling() -> None:
     assert volcano["PodGroup"]["spec"] == {"minMember": 2, "queue": "q"}
     assert volcano["StatefulSet"]["spec"]["template"]["spec"]["schedulerName"] == "volcano"
     kueue = by_kind(render_trainingjob(job(scheduling={"gang": {"provider": "kueue", "queue": "team"}}), SETTINGS))
-    assert kueue["StatefulSet"]["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team"
+    assert kueue["Pod"]["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team"  # Kueue's pod integration
     assert "PodGroup" not in kueue
 
 
 def test_custom_command_keeps_the_env_contract() -> None:
     j = job(trainer={"command": ["python", "train.py"], "args": ["--lr", "0.1"],
                      "env": [{"name": "WORLD_SIZE", "value": "override"}, {"name": "EXTRA", "value": "1"}]})
-    c = by_kind(render_trainingjob(j, SETTINGS))["StatefulSet"]["spec"]["template"]["spec"]["containers"][0]
+    c = pod_spec(render_trainingjob(j, SETTINGS))["containers"][0]
     assert c["command"] == list(launch.RUN_ONCE_COMMAND)  # your command runs at most once per pod
     assert c["args"] == ["python", "train.py", "--lr", "0.1"]
     env = {e["name"]: e.get("value") for e in c["env"]}

@@ -104,8 +104,11 @@ def test_restart_generation_is_stamped_on_the_pod_template():
     job = api.TrainingJob.model_validate({"apiVersion": api.API_VERSION, "kind": "TrainingJob",
                                           "metadata": {"name": "lenet", "namespace": "ml", "uid": "u"}})
     out = render_trainingjob(job, RenderSettings(), JobPlan(restart_generation=3))
-    sts = next(m for m in out if m["kind"] == "StatefulSet")
-    assert sts["spec"]["template"]["metadata"]["annotations"][launch.ANNOTATION_RESTART] == "3"
+    pod = next(m for m in out if m["kind"] == "Pod")  # a one-node job's bare pod
+    assert pod["metadata"]["annotations"][launch.ANNOTATION_RESTART] == "3"
+    sts = render_trainingjob(job, RenderSettings(), JobPlan(restart_generation=3, workload="StatefulSet"))
+    assert next(m for m in sts if m["kind"] == "StatefulSet")["spec"]["template"]["metadata"]["annotations"][
+        launch.ANNOTATION_RESTART] == "3"
     assert manifests_hash(out) != manifests_hash(render_trainingjob(job, RenderSettings(),
                                                                     JobPlan(restart_generation=4)))
     assert launch.ANNOTATION_RESTART not in str(render_trainingjob(job, RenderSettings())), "no plan: as written"

@@ -110,7 +110,7 @@ def test_cli_render_and_crds(repo: Path) -> None:
     result = run_cli("render", "-f", str(repo / "examples" / "01-cnn-digits.yaml"))
     assert result.returncode == 0, result.stderr
     kinds = [d["kind"] for d in yaml.safe_load_all(result.stdout)]
-    assert kinds == ["NetworkPolicy", "StatefulSet", "Service"]
+    assert kinds == ["NetworkPolicy", "Pod", "Service"]  # one node: a bare pod (render.trainingjob.workload_kind)
     crds = run_cli("crds")
     assert [d["kind"] for d in yaml.safe_load_all(crds.stdout)] == ["CustomResourceDefinition"] * 2
 
