@@ -58,8 +58,9 @@ def test_a_job_and_a_service_of_one_name_keep_their_own_services(kubectl, namesp
     headless = get(kubectl, namespace, "service", launch.headless_service_name(name))
     assert headless is not None and owner_uid(headless) == job_uid
     assert headless["spec"]["selector"] == {launch.LABEL_JOB: name} and headless["spec"]["clusterIP"] == "None"
-    sts = get(kubectl, namespace, "statefulset", name)
-    assert sts is not None and sts["spec"]["serviceName"] == launch.headless_service_name(name)
+    worker = get(kubectl, namespace, "pod", f"{name}-0")  # a one-node job: a bare pod, named as a StatefulSet's
+    assert worker is not None and worker["spec"]["subdomain"] == launch.headless_service_name(name)
+    assert owner_uid(worker) == job_uid
     st = job_status(kubectl, namespace, name)
     assert st["phase"] == "Running" and not condition(st, "NameConflict")
 

@@ -225,6 +225,12 @@ def sts_replicas(kubectl, namespace: str, name: str) -> int | None:
     return None if sts is None else int(sts["spec"]["replicas"])
 
 
+def bare_workers(kubectl, namespace: str, name: str) -> int:
+    """A one-node job's workers: its bare pods not being deleted (it has no StatefulSet)."""
+    assert get(kubectl, namespace, "statefulset", name) is None, "a one-node job has no StatefulSet"
+    return len(pods(kubectl, namespace, name))
+
+
 SUCCEEDED = {"outcome": "Succeeded", "reason": "Completed", "message": "training finished", "step": 500,
              "artifact": "/var/run/aiaas/artifacts"}
 
@@ -305,12 +311,14 @@ def test_backoff_limit_exhausted_fails_the_job(kubectl, namespace, operator):
     wait_for(lambda: job_status(kubectl, namespace, "doomed").get("restartCount") == 1, timeout=20,
              what="first restart")
     wait_phase(kubectl, namespace, "doomed", "Running", op=op)
-    ready_pods(kubectl, namespace, "doomed", 1)
+    again = ready_pods(kubectl, namespace, "doomed", 1)[0]  # a one-node job's bare pod, made again
+    assert again["metadata"]["annotations"][launch.ANNOTATION_RESTART] == "1"
+    assert again["metadata"]["ownerReferences"][0]["kind"] == "TrainingJob"
     finish_pod(kubectl, namespace, "doomed-0", 137, oom)
     st = wait_phase(kubectl, namespace, "doomed", "Failed", op=op)
     assert st["reason"] == "BackoffLimitExceeded" and "backoffLimit is 1" in st["message"]
     assert st["restartCount"] == 1
-    wait_for(lambda: sts_replicas(kubectl, namespace, "doomed") == 0, timeout=15, what="scaled to 0")
+    wait_for(lambda: bare_workers(kubectl, namespace, "doomed") == 0, timeout=15, what="its pod deleted")
 
 
 def test_permanent_error_fails_at_once(kubectl, namespace, operator):
@@ -332,7 +340,7 @@ def test_active_deadline_fails_with_deadline_exceeded(kubectl, namespace, operat
     wait_phase(kubectl, namespace, "slow", "Running", op=op)
     st = wait_phase(kubectl, namespace, "slow", "Failed", timeout=15, op=op)
     assert st["reason"] == "DeadlineExceeded"
-    wait_for(lambda: sts_replicas(kubectl, namespace, "slow") == 0, timeout=15, what="scaled to 0")
+    wait_for(lambda: bare_workers(kubectl, namespace, "slow") == 0, timeout=15, what="its pod deleted")
 
 
 def test_ttl_after_finished_deletes_the_job(kubectl, namespace, operator):
@@ -368,7 +376,7 @@ def test_created_suspended_then_admitted(kubectl, namespace, operator):
     op = operator()
     apply(kubectl, namespace, trainingjob("queued", suspend=True))
     wait_phase(kubectl, namespace, "queued", "Suspended", op=op)
-    assert sts_replicas(kubectl, namespace, "queued") == 0
+    assert bare_workers(kubectl, namespace, "queued") == 0
     kubectl("patch", "trainingjobs.aiaas.dev", "queued", "--type=merge", "-p", '{"spec":{"suspend":false}}',
             namespace=namespace)
     wait_phase(kubectl, namespace, "queued", "Running", op=op)

@@ -168,6 +168,24 @@ def exercise(kubectl, namespace: str, op: Process, lease: str) -> None:
     wait_until(lambda: get_json(kubectl, namespace, "trainingjob", "rbac") is None, timeout=60,
                what="TrainingJob rbac to succeed and be deleted after its TTL")
 
+    # a one-node TrainingJob: its bare pod created by the operator, deleted and made again by a gang restart,
+    # deleted when the job finished
+    solo = trainingjob("solo", runPolicy={"ttlSecondsAfterFinished": 1})
+    solo["spec"]["topology"]["nodes"] = 1
+    kubectl("apply", "-f", "-", input=json.dumps(solo), namespace=namespace)
+    wait_until(lambda: status(kubectl, namespace, "trainingjob", "solo").get("phase") == "Running", timeout=60,
+               what="TrainingJob solo Running")
+    assert get_json(kubectl, namespace, "pod", "solo-0")["metadata"]["ownerReferences"][0]["kind"] == "TrainingJob"
+    assert get_json(kubectl, namespace, "statefulset", "solo") is None
+    kubectl("annotate", "pod", "solo-0", "--overwrite", f"{EXIT_ANNOTATION}=1",
+            f"{MESSAGE_ANNOTATION}={json.dumps(RETRYABLE)}", "fake.aiaas.dev/delay=100ms", namespace=namespace)
+    wait_until(lambda: (s := status(kubectl, namespace, "trainingjob", "solo")).get("restartCount") == 1
+               and s.get("phase") == "Running", timeout=60, what="solo restarted and Running again")
+    kubectl("annotate", "pod", "solo-0", "--overwrite", f"{EXIT_ANNOTATION}=0",
+            f"{MESSAGE_ANNOTATION}={json.dumps(SUCCEEDED)}", "fake.aiaas.dev/delay=100ms", namespace=namespace)
+    wait_until(lambda: get_json(kubectl, namespace, "trainingjob", "solo") is None, timeout=60,
+               what="TrainingJob solo to succeed and be deleted after its TTL")
+
     # an InferenceService: Deployment + Service + HPA, status written
     kubectl("apply", "-f", "-", input=json.dumps(inferenceservice("digits")), namespace=namespace)
     wait_until(lambda: get_json(kubectl, namespace, "deployment", "digits"), timeout=60, what="Deployment digits")
@@ -191,7 +209,8 @@ def test_cluster_wide_rbac_suffices_and_denies_secrets(kubectl, helm, namespace,
             assert not can_i(kubectl, sa, verb, "secrets", "-n", namespace)
             assert not can_i(kubectl, sa, verb, "secrets", "--all-namespaces")
         assert not can_i(kubectl, sa, "get", "configmaps", "-n", namespace)
-        assert not can_i(kubectl, sa, "create", "pods", "-n", namespace)
+        assert can_i(kubectl, sa, "create", "pods", "-n", namespace)  # a one-node job's pod
+        assert not can_i(kubectl, sa, "update", "pods", "-n", namespace)
         assert not can_i(kubectl, sa, "update", "statefulsets", "-n", namespace)  # apply = patch, never PUT
         assert not can_i(kubectl, sa, "delete", "statefulsets", "-n", namespace)  # a job's StatefulSet is GC'd
         # an InferenceService's canary Deployment, HPAs and NetworkPolicy go when its spec drops them

@@ -1,6 +1,6 @@
 """What the renderer produces is accepted by a real API server and works with
-the real controllers and scheduler: StatefulSet pods are created, GPU pods go
-to GPU nodes only, and a request the cluster cannot hold stays Pending with
+the real controllers and scheduler: the workers' pods are created (by the
+StatefulSet controller, or as a one-node job's bare pod), GPU pods go to GPU nodes only, and a request the cluster cannot hold stays Pending with
 the scheduler's reason."""
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from e2e_util import example_files, load_yaml_docs, wait_for
 
 pytestmark = pytest.mark.e2e
 
+launch = pytest.importorskip("aiaas.contract.launch")
 load = pytest.importorskip("aiaas.operator.load")
 render = pytest.importorskip("aiaas.operator.render")
 
@@ -59,8 +60,22 @@ def _apply(kubectl, objs: list[dict], namespace: str) -> None:
             namespace=namespace)
 
 
-def _sts(objs: list[dict]) -> dict:
-    return next(o for o in objs if o["kind"] == "StatefulSet")
+WORKER_KINDS = ("StatefulSet", "Pod")  # a job's workers: a StatefulSet, or a one-node job's bare pod
+APPLIED_KINDS = ("Service", *WORKER_KINDS)
+
+
+def _sts(objs: list[dict]) -> dict | None:
+    return next((o for o in objs if o["kind"] == "StatefulSet"), None)
+
+
+def _pod_spec(objs: list[dict]) -> dict:
+    """The workers' pod spec: the StatefulSet's template, or the bare pod's own."""
+    sts = _sts(objs)
+    return sts["spec"]["template"]["spec"] if sts else next(o for o in objs if o["kind"] == "Pod")["spec"]
+
+
+def _selector(doc: dict) -> dict[str, str]:
+    return {launch.LABEL_JOB: doc["metadata"]["name"]}
 
 
 def _pods(kubectl, namespace: str, selector: dict[str, str]) -> list[dict]:
@@ -120,23 +135,29 @@ def test_rendered_children_apply_and_pods_are_created(example, kubectl, namespac
     served = _served_kinds(kubectl)
     applied = [o for o in objs if _group_kind(o) in served]
     skipped = [o["kind"] for o in objs if _group_kind(o) not in served]
-    assert {"Service", "StatefulSet"} <= {o["kind"] for o in applied}, skipped
+    kinds = {o["kind"] for o in applied}
+    assert "Service" in kinds and len(kinds & set(WORKER_KINDS)) == 1, (kinds, skipped)
     _apply(kubectl, applied, namespace)
 
     sts = _sts(objs)
-    replicas = sts["spec"]["replicas"]
-    assert replicas == doc["spec"]["topology"].get("nodes", 1)
-    selector = sts["spec"]["selector"]["matchLabels"]
+    replicas = doc["spec"]["topology"].get("nodes", 1)
+    assert sts is None or sts["spec"]["replicas"] == replicas
+    name = doc["metadata"]["name"]
     pods = wait_for(
-        lambda: (p := _pods(kubectl, namespace, selector)) and len(p) == replicas and p,
+        lambda: (p := _pods(kubectl, namespace, _selector(doc))) and len(p) == replicas and p,
         timeout=90,
-        what=f"{replicas} pods of StatefulSet {sts['metadata']['name']}",
+        what=f"{replicas} pods of TrainingJob {name}",
     )
-    name = sts["metadata"]["name"]
     assert sorted(p["metadata"]["name"] for p in pods) == [f"{name}-{i}" for i in range(replicas)]
-    template = sts["spec"]["template"]["spec"]["containers"][0]
+    template = _pod_spec(objs)["containers"][0]
+    svc = next(o for o in objs if o["kind"] == "Service")
     for pod in pods:
-        assert pod["metadata"]["ownerReferences"][0]["kind"] == "StatefulSet"
+        if sts is not None:
+            assert pod["metadata"]["ownerReferences"][0]["kind"] == "StatefulSet"
+        else:  # the bare pod carries what the StatefulSet controller would give it: its DNS name, its index
+            assert pod["spec"]["hostname"] == pod["metadata"]["name"]
+            assert pod["spec"]["subdomain"] == svc["metadata"]["name"]
+            assert pod["metadata"]["labels"][launch.POD_INDEX_LABEL] == pod["metadata"]["name"].rsplit("-", 1)[1]
         container = pod["spec"]["containers"][0]
         assert container["image"] == template["image"]
         assert container["args"] == template.get("args", [])
@@ -145,11 +166,10 @@ def test_rendered_children_apply_and_pods_are_created(example, kubectl, namespac
                 for res, qty in template["resources"].get(section, {}).items():
                     assert str(container["resources"][section][res]) == str(qty)
 
-    svc = next(o for o in objs if o["kind"] == "Service")
     live = json.loads(kubectl("get", "service", svc["metadata"]["name"], "-o", "json", namespace=namespace).stdout)
     assert live["spec"]["clusterIP"] == "None", "the torchrun rendezvous needs a headless Service"
     assert len(_pods(kubectl, namespace, live["spec"]["selector"])) == replicas
-    assert sts["spec"]["serviceName"] == svc["metadata"]["name"]
+    assert sts is None or sts["spec"]["serviceName"] == svc["metadata"]["name"]
 
 
 @pytest.mark.parametrize("example", example_files(), ids=lambda p: p.name)
@@ -180,11 +200,11 @@ def test_gpu_pods_land_only_on_gpu_nodes(kubectl, namespace):
     want_pods = min(doc["spec"]["topology"].get("nodes", 1), len(gpu_nodes))
     per_pod = min(int(doc["spec"]["topology"]["resources"]["limits"]["nvidia.com/gpu"]), min(gpu_nodes.values()))
     doc = _gpu_variant(doc, nodes=want_pods, gpus_per_pod=per_pod)
-    objs = [o for o in _render(doc, namespace) if o["kind"] in ("Service", "StatefulSet")]
-    assert _pod_gpus(_sts(objs)["spec"]["template"]["spec"]) == per_pod
+    objs = [o for o in _render(doc, namespace) if o["kind"] in APPLIED_KINDS]
+    assert _pod_gpus(_pod_spec(objs)) == per_pod
     _apply(kubectl, objs, namespace)
 
-    selector = _sts(objs)["spec"]["selector"]["matchLabels"]
+    selector = _selector(doc)
     pods = wait_for(
         lambda: (p := _pods(kubectl, namespace, selector)) and len(p) == want_pods
         and all(x["spec"].get("nodeName") for x in p) and p,
@@ -206,9 +226,9 @@ def test_gpu_job_larger_than_the_cluster_leaves_a_pod_pending(kubectl, namespace
         pytest.skip("GPU nodes of unequal size; this test wants one full-node pod per node")
     want = len(gpu_nodes) + 1
     doc = _gpu_variant(_gpu_example(), nodes=want, gpus_per_pod=per_pod)
-    objs = [o for o in _render(doc, namespace) if o["kind"] in ("Service", "StatefulSet")]
+    objs = [o for o in _render(doc, namespace) if o["kind"] in APPLIED_KINDS]
     _apply(kubectl, objs, namespace)
-    selector = _sts(objs)["spec"]["selector"]["matchLabels"]
+    selector = _selector(doc)
 
     def settled():
         pods = _pods(kubectl, namespace, selector)
@@ -233,9 +253,9 @@ def test_gpu_request_no_node_can_hold_stays_pending(kubectl, namespace):
         pytest.skip("no node advertises nvidia.com/gpu")
     too_many = max(_gpus(n) for n in gpu_nodes) + 1
     doc = _gpu_variant(_gpu_example(), nodes=1, gpus_per_pod=too_many)
-    objs = [o for o in _render(doc, namespace) if o["kind"] in ("Service", "StatefulSet")]
+    objs = [o for o in _render(doc, namespace) if o["kind"] in APPLIED_KINDS]
     _apply(kubectl, objs, namespace)
-    selector = _sts(objs)["spec"]["selector"]["matchLabels"]
+    selector = _selector(doc)
 
     def unschedulable():
         pods = _pods(kubectl, namespace, selector)
