@@ -5,7 +5,7 @@
     python bench/operator_bench.py --jobs 100 --repeats 3 --peer kubeflow   # after hack/peers/kubeflow.sh build
 
 Baseline: a minimal watcher -- one thread, a TrainingJob watch, and for every new job one POST of the
-StatefulSet the renderer produces; no status, no Service, no caches. Operator: ``aiaas operator`` (standalone,
+workload the renderer produces (a StatefulSet, or a one-node job's bare pod); no status, no Service, no caches. Operator: ``aiaas operator`` (standalone,
 progress scraping off because kwok pod IPs are fake). Peer (``--peer kubeflow``): Kubeflow's training
 operator (``hack/peers/kubeflow.sh``: built from its Go module, its defaults, PyTorchJob only, its webhook
 served locally) given one-pod PyTorchJobs (one Master replica, the image and requests of the operator's pod).
@@ -13,10 +13,11 @@ kopf floor (``--kopf-floor``): the operator's kopf settings and watches with no-
 baseline's one POST per job -- what any kopf-based operator pays before it reconciles anything.
 With ``--repeats R`` the kinds rotate (B O K, O K B, K B O, ...) so that a change in the machine's load hits
 all. Each phase creates N jobs of ``--pods-per-job`` pods (default 1) in a fresh namespace from 8 client
-threads and records, per job, the time from its create call to its StatefulSet (none for the peer), its pods
-(created by the StatefulSet controller; by the peer itself; a pod stage counts when the job's last pod gets
-there), the pods scheduled, the pods Running and (operator, peer) the controller's own
-Running status (``status.phase``; a Running condition). Printed per phase: p50/p99 of each, StatefulSets/s
+threads and records, per job, the time from its create call to its workload (its StatefulSet, or the first pod
+its controller created itself: a one-node TrainingJob's, the peer's), its pods (created by the StatefulSet
+controller, or by the operator or the peer itself; a pod stage counts when the job's last pod gets there), the
+pods scheduled, the pods Running and (operator, peer) the controller's own
+Running status (``status.phase``; a Running condition). Printed per phase: p50/p99 of each, workloads/s
 and pods Running/s, the controller process's CPU seconds and peak RSS, the CPU seconds of the control-plane
 processes (when ``hack/cluster.sh`` started them), the StatefulSet controller's queue wait and the
 controller-manager's client-side rate-limit wait (its /metrics), the peer's work queue and request counters
@@ -108,9 +109,9 @@ def trainer_container() -> dict[str, Any]:
 
     body = job_manifest("bench")
     body["metadata"].update(namespace="bench", uid="bench")
-    sts = next(m for m in render_trainingjob(api.TrainingJob.model_validate(body), RenderSettings())
-               if m["kind"] == "StatefulSet")
-    return sts["spec"]["template"]["spec"]["containers"][0]  # type: ignore[no-any-return]
+    pod = next(m for m in render_trainingjob(api.TrainingJob.model_validate(body), RenderSettings())
+               if m["kind"] == "Pod")  # a one-node job's bare pod
+    return pod["spec"]["containers"][0]  # type: ignore[no-any-return]
 
 
 def pytorchjob_manifest(name: str, container: dict[str, Any], pods: int = 1) -> dict[str, Any]:
@@ -133,6 +134,12 @@ def job_running(obj: dict[str, Any]) -> bool:
     status = obj.get("status") or {}
     return status.get("phase") == "Running" or any(
         c.get("type") == "Running" and c.get("status") == "True" for c in status.get("conditions") or [])
+
+
+def made_by_statefulset(pod: dict[str, Any]) -> bool:
+    """The pod's controller is a StatefulSet (not the operator or the peer creating it itself)."""
+    return any(r.get("controller") and r.get("kind") == "StatefulSet"
+               for r in pod["metadata"].get("ownerReferences") or [])
 
 
 def job_of_pod(pod: dict[str, Any]) -> str:
@@ -158,33 +165,38 @@ def proc_stats(pid: int) -> tuple[float, float]:
 
 
 # ------------------------------------------------------------------------------------------- baseline
-def create_statefulset(apps: Any, namespace: str, body: dict[str, Any]) -> None:
-    """POST the StatefulSet the renderer produces for the TrainingJob ``body`` (one that exists is fine)."""
+def create_workload(apic: Any, namespace: str, body: dict[str, Any]) -> None:
+    """POST the workload the renderer produces for the TrainingJob ``body``: its StatefulSet, or a one-node
+    job's bare pod (one that exists is fine)."""
     from kubernetes import client
 
     from aiaas.operator import api
     from aiaas.operator.render import RenderSettings, render_trainingjob
+    from aiaas.operator.render.trainingjob import WORKLOAD_KINDS
 
     job = api.TrainingJob.model_validate(dict(body))
-    sts = next(m for m in render_trainingjob(job, RenderSettings()) if m["kind"] == "StatefulSet")
+    workload = next(m for m in render_trainingjob(job, RenderSettings()) if m["kind"] in WORKLOAD_KINDS)
     try:
-        apps.create_namespaced_stateful_set(namespace, sts)
+        if workload["kind"] == "Pod":
+            client.CoreV1Api(apic).create_namespaced_pod(namespace, workload)
+        else:
+            client.AppsV1Api(apic).create_namespaced_stateful_set(namespace, workload)
     except client.ApiException as err:
         if err.status != 409:
             print(f"create failed: {err.reason}", file=sys.stderr, flush=True)
 
 
 def baseline_worker(namespace: str) -> int:
-    """The minimal controller: watch TrainingJobs, POST the rendered StatefulSet for each new one."""
+    """The minimal controller: watch TrainingJobs, POST the rendered workload for each new one."""
     from kubernetes import client, watch
 
     apic = _api("aiaas-baseline")
-    custom, apps = client.CustomObjectsApi(apic), client.AppsV1Api(apic)
+    custom = client.CustomObjectsApi(apic)
     print("ready", flush=True)
     for ev in watch.Watch().stream(custom.list_namespaced_custom_object, "aiaas.dev", "v1alpha1", namespace,
                                    "trainingjobs", timeout_seconds=3600):
         if ev["type"] == "ADDED":
-            create_statefulset(apps, namespace, ev["object"])
+            create_workload(apic, namespace, ev["object"])
     return 0
 
 
@@ -193,20 +205,19 @@ def kopf_worker(namespace: str) -> int:
     by the job-name label) with handlers that do nothing but the baseline's POST for a new job. Its CPU per job
     is the least any operator built on kopf pays for the same events."""
     import kopf
-    from kubernetes import client
 
     from aiaas.contract import launch
     from aiaas.operator import api
     from aiaas.operator.watch import kopf_settings
 
-    apps = client.AppsV1Api(_api("aiaas-kopf-floor"))
+    apic = _api("aiaas-kopf-floor")
     registry = kopf.OperatorRegistry()
     kopf.on.login(registry=registry)(kopf.login_via_client)
 
     @kopf.on.event(api.GROUP, api.VERSION, "trainingjobs", registry=registry)
     async def on_job(event: kopf.RawEvent, **_: Any) -> None:
         if event.get("type") in (None, "ADDED"):
-            await asyncio.to_thread(create_statefulset, apps, namespace, event["object"])
+            await asyncio.to_thread(create_workload, apic, namespace, event["object"])
 
     for group, version, plural in (("apps", "v1", "statefulsets"), ("", "v1", "pods")):
         kopf.on.event(group, version, plural, id=f"watch-{plural}", labels={launch.LABEL_JOB: kopf.PRESENT},
@@ -222,9 +233,9 @@ async def _ignore(**_: Any) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- phase
-STAGES = ("sts", "pod", "scheduled", "pod_running", "running")  # in the order a job goes through them
+STAGES = ("workload", "pod", "scheduled", "pod_running", "running")  # in the order a job goes through them
 POD_STAGES = ("pod", "scheduled", "pod_running")  # reached when all of a job's pods have
-STAGE_TITLES = {"sts": "→STS", "pod": "→pod", "scheduled": "→bound", "pod_running": "→pod Run",
+STAGE_TITLES = {"workload": "→workload", "pod": "→pod", "scheduled": "→bound", "pod_running": "→pod Run",
                 "running": "→Running"}
 
 
@@ -275,7 +286,7 @@ class Recorder:
 
         apps = client.AppsV1Api(_api())
         return (lambda **kw: apps.list_namespaced_stateful_set(self.ns, **kw),
-                lambda sts: self._mark("sts", sts["metadata"]["name"]))
+                lambda sts: self._mark("workload", sts["metadata"]["name"]))
 
     def _pod_stream(self) -> tuple[Any, Any]:
         from kubernetes import client
@@ -284,6 +295,8 @@ class Recorder:
 
         def on_pod(pod: dict[str, Any]) -> None:
             job, name = job_of_pod(pod), pod["metadata"]["name"]
+            if not made_by_statefulset(pod):  # its controller's own pod is the workload
+                self._mark("workload", job)
             self._mark_pod("pod", job, name)
             if (pod.get("spec") or {}).get("nodeName"):
                 self._mark_pod("scheduled", job, name)
@@ -538,13 +551,14 @@ def print_table(results: list[dict[str, Any]], n: int, kinds: int) -> None:
     print(f"\noperator benchmark: N={n} jobs of {pods} pod(s), created from 8 threads (create→X p50/p99 s;"
           " a pod stage: the job's last pod)")
     print(f"{'':16}{'load1':>6}" + "".join(f"{STAGE_TITLES[s]:>13}" for s in STAGES)
-          + f"{'STS/s':>7}{'podRun/s':>9}{'CPU s':>7}{'ms/job':>7}{'RSS':>8}")
+          + f"{'wl/s':>7}{'podRun/s':>9}{'CPU s':>7}{'ms/job':>7}{'RSS':>8}")
     for i, r in enumerate(results):
         cells = "".join(f"{r[s]['p50']:>7.2f}/{r[s]['p99']:<5.2f}" for s in STAGES)
         print(f"{r['kind'] + ' #' + str(i // kinds + 1):16}{r['load1']:>6.1f}{cells}"
-              f"{r['sts']['per_second']:>7.1f}{pods * r['pod_running']['per_second']:>9.1f}{r['cpu_seconds']:>7.1f}"
+              f"{r['workload']['per_second']:>7.1f}{pods * r['pod_running']['per_second']:>9.1f}{r['cpu_seconds']:>7.1f}"
               f"{1000 * r['cpu_seconds'] / n:>7.1f}{r['peak_rss_mib']:>5.0f}MiB")
-    print("(→pod: created by the StatefulSet controller, by the peer itself; →bound: scheduled; →pod Run: kwok"
+    print("(→workload: the StatefulSet, or the first pod a controller created itself; →pod: created by the"
+          " StatefulSet controller, by the operator or the peer itself; →bound: scheduled; →pod Run: kwok"
           " set it Running; →Running: status.phase written by the operator, the peer's Running condition, the"
           " baseline writes none)")
     for r in results:
@@ -555,7 +569,8 @@ def print_table(results: list[dict[str, Any]], n: int, kinds: int) -> None:
 
 
 RATIO_STAGES = {  # ratio name -> (stage, statistic); a ratio is left out where either phase lacks the stage
-    "sts_p50": ("sts", "p50"), "sts_p99": ("sts", "p99"), "sts_per_second": ("sts", "per_second"),
+    "workload_p50": ("workload", "p50"), "workload_p99": ("workload", "p99"),
+    "workloads_per_second": ("workload", "per_second"),
     "pod_p50": ("pod", "p50"), "pod_p99": ("pod", "p99"), "pod_running_p99": ("pod_running", "p99"),
     "pods_running_per_second": ("pod_running", "per_second"),
 }
@@ -570,7 +585,7 @@ def phase_order(kinds: list[str], repeats: int) -> list[str]:
 
 def ratios(results: list[dict[str, Any]], kinds: int) -> dict[str, dict[str, float]]:
     """a/b for each pair of RATIO_PAIRS per repeat (the phases of a repeat ran back to back), then the median
-    over repeats: {"operator/baseline": {"sts_p50": ..., ...}, ...}."""
+    over repeats: {"operator/baseline": {"workload_p50": ..., ...}, ...}."""
     per: dict[str, dict[str, list[float]]] = {}
     for i in range(0, len(results) - kinds + 1, kinds):
         by_kind = {r["kind"]: r for r in results[i:i + kinds]}

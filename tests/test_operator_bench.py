@@ -31,21 +31,21 @@ def test_phase_order_rotates_the_kinds_each_repeat(bench: ModuleType) -> None:
     assert bench.phase_order(["O"], 2) == ["O", "O"]
 
 
-def _result(kind: str, pod_p99: float, cpu: float, sts: bool = True) -> dict:
+def _result(kind: str, pod_p99: float, cpu: float, workload: bool = True) -> dict:
     stage = {"count": 10, "p50": pod_p99 / 2, "p99": pod_p99, "per_second": 100 / pod_p99}
     none = {"count": 0, "p50": math.nan, "p99": math.nan, "per_second": math.nan}
-    return {"kind": kind, "cpu_seconds": cpu, "sts": stage if sts else none, "pod": stage, "pod_running": stage}
+    return {"kind": kind, "cpu_seconds": cpu, "workload": stage if workload else none, "pod": stage, "pod_running": stage}
 
 
 def test_ratios_pair_the_phases_of_each_repeat_and_skip_stages_a_phase_lacks(bench: ModuleType) -> None:
-    results = [_result("baseline", 10, 1), _result("operator", 10, 10), _result("kubeflow", 5, 2, sts=False),
-               _result("operator", 20, 10), _result("kubeflow", 5, 4, sts=False), _result("baseline", 20, 1)]
+    results = [_result("baseline", 10, 1), _result("operator", 10, 10), _result("kubeflow", 5, 2, workload=False),
+               _result("operator", 20, 10), _result("kubeflow", 5, 4, workload=False), _result("baseline", 20, 1)]
     out = bench.ratios(results, 3)
     assert set(out) == {"operator/baseline", "kubeflow/operator", "kubeflow/baseline"}
     assert out["operator/baseline"]["pod_p99"] == 1.0 and out["operator/baseline"]["cpu"] == 10.0
     assert out["kubeflow/operator"]["pod_p99"] == pytest.approx((0.5 + 0.25) / 2)  # median of two repeats
     assert out["kubeflow/baseline"]["cpu"] == 3.0
-    assert "sts_p50" not in out["kubeflow/operator"] and "sts_p50" in out["operator/baseline"]
+    assert "workload_p50" not in out["kubeflow/operator"] and "workload_p50" in out["operator/baseline"]
 
 
 def test_job_running_reads_the_phase_or_a_true_running_condition(bench: ModuleType) -> None:
@@ -55,6 +55,15 @@ def test_job_running_reads_the_phase_or_a_true_running_condition(bench: ModuleTy
     created = {"type": "Created", "status": "True"}
     assert bench.job_running({"status": {"conditions": [created, {"type": "Running", "status": "True"}]}})
     assert not bench.job_running({"status": {"conditions": [created, {"type": "Running", "status": "False"}]}})
+
+
+def test_a_pod_is_a_workload_unless_a_statefulset_made_it(bench: ModuleType) -> None:
+    def owned(kind: str) -> dict:
+        return {"metadata": {"ownerReferences": [{"kind": kind, "name": "x", "controller": True}]}}
+
+    assert bench.made_by_statefulset(owned("StatefulSet"))
+    assert not bench.made_by_statefulset(owned("TrainingJob")) and not bench.made_by_statefulset(owned("PyTorchJob"))
+    assert not bench.made_by_statefulset({"metadata": {}})
 
 
 def test_job_of_pod_reads_either_job_label(bench: ModuleType) -> None:
