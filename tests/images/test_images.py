@@ -73,11 +73,11 @@ def test_operator_image_runs_as_nonroot_without_torch(operator_image: Image, tmp
     assert no_torch.returncode != 0 and "No module named 'torch'" in no_torch.stderr
 
 
-def _statefulset_container(repo: Path) -> tuple[str, dict[str, Any], dict[str, Any]]:
+def _worker_container(repo: Path) -> tuple[str, dict[str, Any], dict[str, Any]]:
+    """examples/01's worker: a one-node job, so the bare pod the operator would create."""
     [loaded] = load_file(repo / "examples" / "01-cnn-digits.yaml")
     job = loaded.obj
-    sts = next(m for m in render_trainingjob(job, RenderSettings()) if m["kind"] == "StatefulSet")
-    pod = sts["spec"]["template"]["spec"]
+    pod = next(m for m in render_trainingjob(job, RenderSettings()) if m["kind"] == "Pod")["spec"]
     [container] = pod["containers"]
     return job.metadata.name, container, pod
 
@@ -104,7 +104,7 @@ def trained(trainer_image: Image, repo: Path, tmp_path_factory: pytest.TempPathF
     """examples/01's rendered container, run to completion in the trainer image."""
     work = tmp_path_factory.mktemp("trainer-image")
     uid, gid = _user(trainer_image)
-    name, container, pod = _statefulset_container(repo)
+    name, container, pod = _worker_container(repo)
     assert container["securityContext"].get("readOnlyRootFilesystem") is True
     assert pod["securityContext"]["runAsUser"] == uid
     # the pod's emptyDirs that outlive a container restart are host dirs here, so a second run is a restart
