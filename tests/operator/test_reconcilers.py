@@ -367,6 +367,38 @@ def test_children_applied_before_are_updated_by_uid_without_a_read_and_a_namesak
     assert any(c["type"] == "NameConflict" and c["status"] == "True" for c in kube.status["conditions"])
 
 
+def test_a_one_node_jobs_pod_is_created_once_deleted_by_a_restart_and_created_again_only_once_gone():
+    kube = RecordingKube()
+    rt = runtime(kube)
+    ref = ("TrainingJob", ("ml", "lenet"))
+    rt.store.put("TrainingJob", one_node())
+    rt.reconcile(ref)  # the first pass: what the pod needs, and the pod
+    rt.reconcile(ref)  # the rest: the Service, the status
+    assert [c for c in kube.calls if c[0] == "apply"] == [("apply", "NetworkPolicy"), ("apply", "Pod"),
+                                                          ("apply", "Service")]
+    assert ("Pod", "create-only") in kube.applied_with_uid
+    created = kube.objects["Pod", "lenet-0"]
+    assert created["metadata"]["ownerReferences"][0] == {**owner("TrainingJob", "lenet", "u1")[0],
+                                                         "apiVersion": api.API_VERSION, "blockOwnerDeletion": True}
+    # the pod failed: deleted, not applied again while its name is taken
+    kube.calls.clear()
+    rt.store.put("TrainingJob", one_node({"phase": "Running"}) | {"metadata": {**one_node()["metadata"],
+                                                                                "resourceVersion": "11"}})
+    rt.store.put_child("Pod", ("ml", "lenet"), bare_pod(exit_code=1, outcome=oc.RETRYABLE))
+    rt.reconcile(ref)
+    assert ("delete", "Pod/lenet-0") in kube.calls and ("apply", "Pod") not in kube.calls, kube.calls
+    # gone: the next generation's pod is created, create-only (the UID of the deleted one is forgotten)
+    del kube.objects["Pod", "lenet-0"]
+    rt.store.remove_child("Pod", ("ml", "lenet"), bare_pod(exit_code=1, outcome=oc.RETRYABLE))
+    rt.store.put("TrainingJob", one_node({"phase": "Restarting", "restartCount": 1}) | {"metadata": {
+        **one_node()["metadata"], "resourceVersion": "12"}})
+    kube.calls.clear()
+    kube.applied_with_uid.clear()
+    rt.reconcile(ref)
+    assert kube.objects["Pod", "lenet-0"]["metadata"]["annotations"][launch.ANNOTATION_RESTART] == "1"
+    assert ("Pod", "create-only") in kube.applied_with_uid and ("refused", "Pod") not in kube.calls, kube.calls
+
+
 def test_a_fresh_job_gets_what_its_pods_need_first_and_its_service_and_status_in_a_second_pass():
     """Under a burst of new jobs every one gets its pods going before any gets its Service and status: the
     first pass applies only what the pods need and is queued ahead of second passes."""
