@@ -61,6 +61,13 @@ def _bare(pod: Body, sts: Body | None) -> bool:
     return not (sts_uid and controlled_by(pod, sts_uid))
 
 
+def failed_bare(pods: list[Body], sts: Body | None) -> list[str]:
+    """Bare pods in phase Failed (evicted by the kubelet; restartPolicy Always never fails otherwise): deleted, so
+    the job gets a new one, as the StatefulSet controller does for its pods."""
+    return [_name(p) for p in pods if _bare(p, sts) and (p.get("status") or {}).get("phase") == "Failed"
+            and not (p.get("metadata") or {}).get("deletionTimestamp")]
+
+
 @dataclass(frozen=True)
 class TrainingJobReconciler:
     render_settings: RenderSettings
@@ -121,7 +128,7 @@ class TrainingJobReconciler:
             drifted=drifted and not ev.delete_job,
             events=tuple(ev.events),
             delete_self=ev.delete_job,
-            evict=tuple(ObjectRef("v1", "Pod", p) for p in ev.stale_pods),
+            evict=tuple(ObjectRef("v1", "Pod", p) for p in dict.fromkeys([*ev.stale_pods, *failed_bare(pods, sts)])),
             requeue_after=ev.requeue_after,
             time_to_running=ev.time_to_running,
             # which bare pods are missing is drift, not a new plan: the pod's appearance re-applies nothing

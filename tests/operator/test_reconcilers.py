@@ -152,6 +152,17 @@ def test_a_bare_pod_is_restarted_by_deleting_it_and_recreated_in_the_next_genera
     assert new["metadata"]["annotations"][launch.ANNOTATION_RESTART] == "1" and gone.drifted
 
 
+def test_an_evicted_bare_pod_is_deleted_so_that_a_new_one_is_made_as_a_statefulset_would():
+    evicted = bare_pod()
+    evicted["status"] = {"phase": "Failed", "reason": "Evicted", "message": "The node was low on resource: memory."}
+    r = JOBS.reconcile(snap(one_node({"phase": "Running"}), [evicted]))
+    assert r.evict == (ObjectRef("v1", "Pod", "lenet-0"),) and r.status["restartCount"] == 0
+    sts_pod = pod("lenet-0")
+    sts_pod["status"]["phase"] = "Failed"
+    assert JOBS.reconcile(snap(job_body({"phase": "Running"}), [sts_pod, pod("lenet-1")], sts(2))).evict == (), \
+        "a StatefulSet's pods are its controller's to replace"
+
+
 def test_a_finished_one_node_job_deletes_its_pod_unless_clean_pod_policy_none_keeps_it():
     done = bare_pod(exit_code=0, outcome=oc.SUCCEEDED)
     r = JOBS.reconcile(snap(one_node({"phase": "Running"}), [done]))
