@@ -312,7 +312,7 @@ class RunPolicy(Model):
     clean_pod_policy: CleanPodPolicy = Field(
         CleanPodPolicy.running,
         description="What happens to the pods when the job finishes. Running (default): the StatefulSet is "
-        "scaled to 0 so nothing holds GPUs; it and the headless Service stay, and each pod's outcome stays in "
+        "scaled to 0 (a one-node job's pod is deleted) so nothing holds GPUs; it and the headless Service stay, and each pod's outcome stays in "
         "status and Events. All: the Service is deleted too. None: the pods stay for `kubectl logs --previous` "
         "and exec until the job is deleted or its TTL passes (they keep their GPUs).",
     )
@@ -420,7 +420,7 @@ class TrainingJobStatus(Model):
 
 
 class TrainingJob(Model):
-    """A distributed PyTorch training run: a torchrun StatefulSet with a headless Service."""
+    """A distributed PyTorch training run: a torchrun StatefulSet (one node: a pod) with a headless Service."""
 
     api_version: Literal["aiaas.dev/v1alpha1"] = Field("aiaas.dev/v1alpha1", description="aiaas.dev/v1alpha1")
     kind: Literal["TrainingJob"] = Field("TrainingJob", description="TrainingJob")
