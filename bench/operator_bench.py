@@ -5,8 +5,8 @@
     python bench/operator_bench.py --jobs 100 --repeats 3 --peer kubeflow   # after hack/peers/kubeflow.sh build
 
 Baseline: a minimal watcher -- one thread, a TrainingJob watch, and for every new job one POST of the
-workload the renderer produces (a StatefulSet, or a one-node job's bare pod); no status, no Service, no caches. Operator: ``aiaas operator`` (standalone,
-progress scraping off because kwok pod IPs are fake). Peer (``--peer kubeflow``): Kubeflow's training
+workload the renderer produces (a StatefulSet, or a one-node job's bare pod); no status, no Service, no caches.
+Operator: ``aiaas operator`` (standalone, progress scraping off because kwok pod IPs are fake). Peer (``--peer kubeflow``): Kubeflow's training
 operator (``hack/peers/kubeflow.sh``: built from its Go module, its defaults, PyTorchJob only, its webhook
 served locally) given one-pod PyTorchJobs (one Master replica, the image and requests of the operator's pod).
 kopf floor (``--kopf-floor``): the operator's kopf settings and watches with no-op handlers plus the
@@ -16,8 +16,8 @@ all. Each phase creates N jobs of ``--pods-per-job`` pods (default 1) in a fresh
 threads and records, per job, the time from its create call to its workload (its StatefulSet, or the first pod
 its controller created itself: a one-node TrainingJob's, the peer's), its pods (created by the StatefulSet
 controller, or by the operator or the peer itself; a pod stage counts when the job's last pod gets there), the
-pods scheduled, the pods Running and (operator, peer) the controller's own
-Running status (``status.phase``; a Running condition). Printed per phase: p50/p99 of each, workloads/s
+pods scheduled, the pods Running and (operator, peer) the controller's own Running status (``status.phase``; a
+Running condition). Printed per phase: p50/p99 of each, workloads/s
 and pods Running/s, the controller process's CPU seconds and peak RSS, the CPU seconds of the control-plane
 processes (when ``hack/cluster.sh`` started them), the StatefulSet controller's queue wait and the
 controller-manager's client-side rate-limit wait (its /metrics), the peer's work queue and request counters

@@ -312,8 +312,8 @@ class RunPolicy(Model):
     clean_pod_policy: CleanPodPolicy = Field(
         CleanPodPolicy.running,
         description="What happens to the pods when the job finishes. Running (default): the StatefulSet is "
-        "scaled to 0 (a one-node job's pod is deleted) so nothing holds GPUs; it and the headless Service stay, and each pod's outcome stays in "
-        "status and Events. All: the Service is deleted too. None: the pods stay for `kubectl logs --previous` "
+        "scaled to 0 (a one-node job's pod is deleted) so nothing holds GPUs; it and the headless Service stay, "
+        "and each pod's outcome stays in status and Events. All: the Service is deleted too. None: the pods stay for `kubectl logs --previous` "
         "and exec until the job is deleted or its TTL passes (they keep their GPUs).",
     )
 

@@ -51,21 +51,28 @@ def owned_workers(snap: Snapshot) -> tuple[Body | None, list[Body]]:
                  if controlled_by(p, sts_uid) or (job_uid and controlled_by(p, job_uid))]
 
 
-def _name(body: Body) -> str:
-    return str((body.get("metadata") or {}).get("name") or "")
+@dataclass(frozen=True)
+class BarePods:
+    """What a job whose workers are bare pods does about them (the StatefulSet controller's work otherwise)."""
+
+    missing: tuple[int, ...]  # ordinals below the size with no pod of that name, live or going: create them
+    beyond: tuple[str, ...]  # live pods past the size (finished, suspended): Result.absent
+    failed: tuple[str, ...]  # live pods the kubelet evicted (phase Failed; restartPolicy Always fails no other
+    # way): deleted, so that a new one is made
 
 
-def _bare(pod: Body, sts: Body | None) -> bool:
-    """A worker pod the job controls itself (not through its StatefulSet)."""
-    sts_uid = ((sts or {}).get("metadata") or {}).get("uid")
-    return not (sts_uid and controlled_by(pod, sts_uid))
-
-
-def failed_bare(pods: list[Body], sts: Body | None) -> list[str]:
-    """Bare pods in phase Failed (evicted by the kubelet; restartPolicy Always never fails otherwise): deleted, so
-    the job gets a new one, as the StatefulSet controller does for its pods."""
-    return [_name(p) for p in pods if _bare(p, sts) and (p.get("status") or {}).get("phase") == "Failed"
-            and not (p.get("metadata") or {}).get("deletionTimestamp")]
+def bare_pods(job: api.TrainingJob, ev: Evaluation, pods: list[Body]) -> BarePods:
+    """A pod's spec cannot change, so only missing ordinals are created; a finished job creates none."""
+    views = [pod_view(p) for p in pods]
+    taken = {v.name for v in views}
+    keep = {launch.worker_pod_name(job.metadata.name, i) for i in range(ev.replicas)}
+    live = [v for v in views if not v.terminating]
+    return BarePods(
+        missing=tuple(i for i in range(0 if ev.terminal else ev.replicas)
+                      if launch.worker_pod_name(job.metadata.name, i) not in taken),
+        beyond=tuple(v.name for v in live if v.name not in keep),
+        failed=tuple(v.name for v in live if v.phase == "Failed"),
+    )
 
 
 @dataclass(frozen=True)
@@ -115,12 +122,15 @@ class TrainingJobReconciler:
         job: api.TrainingJob = parse(api.TrainingJob, snap.body)
         sts, pods = owned_workers(snap)
         ev = evaluate(job, Observed(pods=pods, progress=snap.probe), snap.now, success_policy=self.success_policy)
-        plan = self.plan(job, ev, sts, pods)
-        children, absent = self.children_of(job, ev, plan, pods)
-        if plan.workload == "StatefulSet":
+        # the workload stays what it is; a fresh job gets its workload_kind
+        workload = "StatefulSet" if sts is not None else ("Pod" if pods else workload_kind(job))
+        bare = bare_pods(job, ev, pods) if workload == "Pod" else BarePods((), (), ())
+        plan = self.plan(ev, workload, bare.missing)
+        children, absent = self.children_of(job, ev, plan, bare.beyond)
+        if workload == "StatefulSet":
             drifted = sts is None or (sts.get("spec") or {}).get("replicas") != ev.replicas
         else:
-            drifted = bool(plan.pods)  # a pod the job wants is missing
+            drifted = bool(bare.missing)  # a pod the job wants is missing
         return Result(
             status=ev.status.dump(),
             children=tuple(children),
@@ -128,7 +138,7 @@ class TrainingJobReconciler:
             drifted=drifted and not ev.delete_job,
             events=tuple(ev.events),
             delete_self=ev.delete_job,
-            evict=tuple(ObjectRef("v1", "Pod", p) for p in dict.fromkeys([*ev.stale_pods, *failed_bare(pods, sts)])),
+            evict=tuple(ObjectRef("v1", "Pod", p) for p in dict.fromkeys([*ev.stale_pods, *bare.failed])),
             requeue_after=ev.requeue_after,
             time_to_running=ev.time_to_running,
             # which bare pods are missing is drift, not a new plan: the pod's appearance re-applies nothing
@@ -138,36 +148,25 @@ class TrainingJobReconciler:
         )
 
     @staticmethod
-    def plan(job: api.TrainingJob, ev: Evaluation, sts: Body | None, pods: list[Body]) -> JobPlan:
-        """The workload stays what it is (a StatefulSet, or bare pods) and a fresh job gets its
-        :func:`workload_kind`. A finished job only scales its StatefulSet (what was cleaned up is never
-        recreated: no bare pod either); cleanPodPolicy All removes the headless Service. Bare pods: only the
-        missing ordinals below the size, since a pod's spec cannot change (one of another restart generation is
-        deleted first, and recreated once it is gone)."""
-        workload = "StatefulSet" if sts is not None else (
-            "Pod" if any(_bare(p, sts) for p in pods) else workload_kind(job))
+    def plan(ev: Evaluation, workload: str, missing: tuple[int, ...]) -> JobPlan:
+        """A finished job only scales its StatefulSet (what was cleaned up is never recreated: no bare pod
+        either); cleanPodPolicy All removes the headless Service. Bare pods: only the ``missing`` ordinals."""
         kinds: tuple[str, ...] = WORKLOAD_KINDS if ev.terminal else CHILD_KINDS
         if not ev.keep_service:
             kinds = tuple(k for k in kinds if k != "Service")
-        taken = {_name(p) for p in pods}
-        missing = tuple(i for i in range(0 if ev.terminal else ev.replicas)
-                        if launch.worker_pod_name(job.metadata.name, i) not in taken)
         memory = ev.status.memory or api.MemoryStatus()
         return JobPlan(replicas=ev.replicas, restart_generation=ev.status.restart_count or 0, children=kinds,
                        memory_request=memory.request, memory_limit=memory.limit, workload=workload,
                        pods=missing if workload == "Pod" else None)
 
-    def children_of(self, job: api.TrainingJob, ev: Evaluation, plan: JobPlan, pods: list[Body]
+    def children_of(self, job: api.TrainingJob, ev: Evaluation, plan: JobPlan, beyond: tuple[str, ...]
                     ) -> tuple[list[Body], tuple[ObjectRef, ...]]:
         """What ``plan`` renders, and what must be gone (the headless Service under cleanPodPolicy All, bare
-        pods beyond the size); a job about to be deleted wants nothing."""
+        pods ``beyond`` the size); a job about to be deleted wants nothing."""
         if ev.delete_job:
             return [], ()
         absent = [] if ev.keep_service else [ObjectRef("v1", "Service", launch.headless_service_name(job.metadata.name))]
-        if plan.workload == "Pod":
-            keep = {launch.worker_pod_name(job.metadata.name, i) for i in range(ev.replicas)}
-            absent += [ObjectRef("v1", "Pod", _name(p)) for p in pods
-                       if _name(p) not in keep and not (p.get("metadata") or {}).get("deletionTimestamp")]
+        absent += [ObjectRef("v1", "Pod", name) for name in beyond]
         return render_trainingjob(job, self.render_settings, plan), tuple(absent)
 
     def error_status(self, old: Body, reason: str, message: str, now: datetime, generation: int | None) -> Body:
