@@ -115,6 +115,11 @@ def network_policy_name(job_name: str) -> str:
     return f"{job_name}-{HEADLESS_SERVICE_SUFFIX}"
 
 
+# The namespace's NetworkPolicy that isolates every TrainingJob pod in it (no ingress at all) until its job's own
+# policy admits what the job needs: shared by the jobs of a namespace, owned by none of them.
+ISOLATION_POLICY_NAME = "aiaas-trainer-isolation"
+
+
 def worker_pod_name(job_name: str, ordinal: int) -> str:
     """A job's worker pod: ``<job>-<ordinal>``, as a StatefulSet names its pods (a bare pod gets the same)."""
     return f"{job_name}-{ordinal}"

@@ -28,7 +28,7 @@ from .reconciler import (
     slim_workload,
 )
 from .render import JobPlan, RenderSettings, render_trainingjob
-from .render.trainingjob import CHILD_KINDS, NOT_NEEDED_TO_START, WORKLOAD_KINDS, workload_kind
+from .render.trainingjob import CHILD_KINDS, WORKLOAD_KINDS, isolation_policy, later_kinds, workload_kind
 from .status import TERMINAL, Evaluation, Observed, error_status, evaluate, pod_view
 from .status_progress import Fetch, http_fetch, scrape
 
@@ -144,8 +144,14 @@ class TrainingJobReconciler:
             # which bare pods are missing is drift, not a new plan: the pod's appearance re-applies nothing
             children_key=(job.metadata.uid, job.metadata.generation, replace(plan, pods=None), absent,
                           ev.delete_job),
-            later_kinds=NOT_NEEDED_TO_START,
+            later_kinds=later_kinds(workload),
+            shared=self.shared(snap.key[0]) if children else (),
         )
+
+    def shared(self, namespace: str) -> tuple[Body, ...]:
+        """The namespace's isolation policy, which every job's pods rely on before their own policy exists."""
+        policy = isolation_policy(namespace, self.render_settings)
+        return (policy,) if policy else ()
 
     @staticmethod
     def plan(ev: Evaluation, workload: str, missing: tuple[int, ...]) -> JobPlan:

@@ -81,8 +81,9 @@ class Result:
     """What a reconcile wants. The runtime carries it out in this order: apply ``children`` and delete
     ``absent`` (skipped when identical to the last time and not ``drifted``), write ``status``, post
     ``events``, delete the resource itself (``delete_self``), delete ``evict``; then look again after
-    ``requeue_after`` seconds. For a fresh resource (no status yet) the children of the ``later_kinds`` and
-    everything after them wait until every fresh resource got its other children (see the runtime)."""
+    ``requeue_after`` seconds. Before any children, the ``shared`` objects (unless applied recently). For a fresh
+    resource (no status yet) the children of the ``later_kinds`` and everything after them wait until every
+    fresh resource got its other children (see the runtime)."""
 
     status: Body
     children: tuple[Body, ...] = ()
@@ -97,6 +98,9 @@ class Result:
     # runtime compares it with the last applied one instead of hashing the manifests. None: hash them.
     children_key: Hashable | None = None
     later_kinds: tuple[str, ...] = ()  # children that starting the pods does not need (the headless Service)
+    # Objects of the namespace that the children rely on and no resource owns (the namespace's isolation
+    # NetworkPolicy): applied before any child, again at most once per resync period per operator process.
+    shared: tuple[Body, ...] = ()
 
 
 class Reconciler(Protocol):

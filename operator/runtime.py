@@ -326,6 +326,10 @@ class Runtime:
         self._child_uids: dict[Ref, dict[tuple[str, str], str]] = {}  # (kind, name) -> UID of what we applied, likewise
         self._started: dict[Ref, tuple[Hashable, frozenset[str]]] = {}  # a fresh resource's first pass: key, kinds
         self._failures: dict[Ref, int] = {}  # consecutive failed reconciles, likewise
+        # shared objects (kind, namespace, name) -> when we last applied them (monotonic), under its lock: any
+        # worker may apply one; two applying it at once only write the same object twice
+        self._shared_applied: dict[tuple[str, str, str], float] = {}
+        self._shared_lock = threading.Lock()
         self._executor = concurrent.futures.ThreadPoolExecutor(settings.workers, thread_name_prefix="reconcile")
         self._events = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="events")  # keeps their order
         # Probes reach endpoints that users run: on threads of their own, so a slow one never holds a reconcile.
@@ -471,6 +475,22 @@ class Runtime:
         self._started[ref] = (key, frozenset(c["kind"] for c in urgent) - {kind for kind, _ in conflicts})
         return not conflicts  # a name conflict: the full pass now reports it (and tries that child again)
 
+    def _apply_shared(self, shared: tuple[Body, ...]) -> None:
+        """Before children are applied: each shared object not applied in the last resync period (so one deleted
+        by hand comes back within a period; a steady resource applies nothing, so writes none). A failure raises
+        before any child is applied: no pod goes without what it relies on."""
+        for manifest in shared:
+            meta = manifest["metadata"]
+            ref = (manifest["kind"], meta.get("namespace", ""), meta["name"])
+            now = time.monotonic()
+            with self._shared_lock:
+                last = self._shared_applied.get(ref)
+            if last is not None and now - last < self.settings.resync_seconds:
+                continue
+            self.kube.apply(manifest)
+            with self._shared_lock:
+                self._shared_applied[ref] = now
+
     @staticmethod
     def _children_key(result: Result) -> Hashable:
         if result.children_key is not None:
@@ -485,6 +505,7 @@ class Runtime:
         applied = self._children_key(result)
         if self._applied.get(ref) == applied and not result.drifted:
             return []
+        self._apply_shared(result.shared)
         started_key, started_kinds = self._started.pop(ref, (None, frozenset()))
         if started_key == applied:  # the first pass applied these, from the same plan
             result = replace(result, children=tuple(

@@ -12,6 +12,8 @@ import socket
 import uuid
 from dataclasses import dataclass, field
 
+from aiaas.contract import launch
+
 from .render.settings import RenderSettings
 
 ENV_PREFIX = "AIAAS_OPERATOR_"
@@ -83,7 +85,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--network-policy", action=argparse.BooleanOptionalAction,
                         default=_env_bool("NETWORK_POLICY", r.network_policy),
                         help="a NetworkPolicy per TrainingJob: only its own pods reach its pods; metrics ports also "
-                        "from the operator's namespace and --monitoring-namespace-selector")
+                        "from the operator's namespace and --monitoring-namespace-selector; and one per namespace, "
+                        f"{launch.ISOLATION_POLICY_NAME}, that closes every TrainingJob pod until its job's admits")
     parser.add_argument("--operator-namespace", default=_env("NAMESPACE", os.environ.get("POD_NAMESPACE", "")),
                         help="the operator's namespace, allowed to scrape training pods' metrics ports")
     parser.add_argument("--monitoring-namespace-selector", default=_env("MONITORING_NAMESPACE_SELECTOR", ""),

@@ -41,7 +41,14 @@ STORAGE_MOUNT = "/var/run/aiaas"
 # otherwise delay every job's pods by a round trip.
 CHILD_KINDS = ("NetworkPolicy", "PersistentVolumeClaim", "PodGroup", "StatefulSet", "Pod", "Service")
 WORKLOAD_KINDS = ("StatefulSet", "Pod")  # a job's workers: one of them, never both
-NOT_NEEDED_TO_START = ("Service",)  # may come after the other children of every new job (see Result.later_kinds)
+
+
+def later_kinds(workload: str) -> tuple[str, ...]:
+    """The children that may come after the others of every new job (see Result.later_kinds): the headless
+    Service, and a bare pod's own NetworkPolicy. A one-node job's pod talks to no other pod, and the namespace's
+    isolation policy (:func:`isolation_policy`, applied before any pod) keeps it unreachable until its job's
+    policy admits the scrapers. A StatefulSet's pods rendezvous with each other: their policy comes first."""
+    return ("Service",) if workload == "StatefulSet" else ("NetworkPolicy", "Service")
 
 
 @dataclass(frozen=True)
@@ -367,6 +374,23 @@ def network_policy(job: api.TrainingJob, settings: RenderSettings) -> dict[str, 
         "kind": "NetworkPolicy",
         "metadata": metadata(job, launch.network_policy_name(job.metadata.name), job_labels(job)),
         "spec": {"podSelector": {"matchLabels": selector(job)}, "policyTypes": ["Ingress"], "ingress": ingress},
+    }
+
+
+def isolation_policy(namespace: str, settings: RenderSettings) -> dict[str, Any] | None:
+    """The namespace's deny-all-ingress policy over every TrainingJob pod (any pod with the job-name label).
+    Policies add up: a job's own :func:`network_policy` opens what its pods need, this one closes everything
+    else, also before that policy exists. So a pod may be created before its job's policy without ever being
+    reachable by anyone else. No owner: every job of the namespace relies on it, and it outlives them."""
+    if not settings.network_policy:
+        return None
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": {"name": launch.ISOLATION_POLICY_NAME, "namespace": namespace,
+                     "labels": base_labels("trainer-isolation", launch.ISOLATION_POLICY_NAME)},
+        "spec": {"podSelector": {"matchExpressions": [{"key": launch.LABEL_JOB, "operator": "Exists"}]},
+                 "policyTypes": ["Ingress"]},
     }
 
 

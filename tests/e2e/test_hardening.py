@@ -374,3 +374,30 @@ def test_each_job_gets_an_owned_network_policy(kubectl, namespace, operator):
     peers, scrapers = np["spec"]["ingress"]
     assert peers["from"] == [{"podSelector": {"matchLabels": {launch.LABEL_JOB: "fenced"}}}]
     assert [p["port"] for p in scrapers["ports"]] == [launch.METRICS_PORT]
+
+
+def test_a_one_node_jobs_pod_never_exists_before_the_namespaces_isolation_policy(kubectl, namespace, operator):
+    """A bare pod is created before its job's own policy, so the namespace's isolation policy (no ingress to any
+    TrainingJob pod) is there first; it is shared, owned by no job, and comes back after a resync period when
+    deleted by hand."""
+    op = operator()
+    apply(kubectl, namespace, trainingjob("solo-a", nodes=1))
+    wait_phase(kubectl, namespace, "solo-a", "Running", op=op)
+    iso = get(kubectl, namespace, "networkpolicy", launch.ISOLATION_POLICY_NAME)
+    pod = get(kubectl, namespace, "pod", launch.worker_pod_name("solo-a", 0))
+    assert iso is not None and not iso["metadata"].get("ownerReferences")
+    assert iso["spec"] == {"podSelector": {"matchExpressions": [{"key": launch.LABEL_JOB, "operator": "Exists"}]},
+                           "policyTypes": ["Ingress"]}
+    assert int(iso["metadata"]["resourceVersion"]) < int(pod["metadata"]["resourceVersion"]), \
+        "written before the pod (etcd revisions)"
+    own = wait_for(lambda: get(kubectl, namespace, "networkpolicy", launch.network_policy_name("solo-a")),
+                   timeout=30, what="the job's own policy, after its pod")
+    assert owner_uid(own) == uid(kubectl, namespace, "trainingjobs.aiaas.dev", "solo-a")
+    kubectl("delete", "networkpolicy", launch.ISOLATION_POLICY_NAME, namespace=namespace)
+    time.sleep(1.5)  # over the operator's resync period (1 s): what it applied is no longer taken as there
+    apply(kubectl, namespace, trainingjob("solo-b", nodes=1))
+    wait_phase(kubectl, namespace, "solo-b", "Running", op=op)
+    back = get(kubectl, namespace, "networkpolicy", launch.ISOLATION_POLICY_NAME)
+    pod_b = get(kubectl, namespace, "pod", launch.worker_pod_name("solo-b", 0))
+    assert back is not None and back["metadata"]["uid"] != iso["metadata"]["uid"]
+    assert int(back["metadata"]["resourceVersion"]) < int(pod_b["metadata"]["resourceVersion"])

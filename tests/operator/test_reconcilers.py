@@ -23,6 +23,7 @@ from aiaas.operator.settings import OperatorSettings
 T0 = datetime(2026, 5, 1, 12, 0, 0, tzinfo=timezone.utc)
 JOBS = TrainingJobReconciler(RenderSettings(), metrics_url_template="http://{pod_ip}:{port}/metrics")
 SERVICES = InferenceServiceReconciler(RenderSettings())
+ISOLATION = ("apply", f"NetworkPolicy/{launch.ISOLATION_POLICY_NAME}")  # the namespace's, applied before children
 
 
 def job_body(status: dict[str, Any] | None = None, **spec: Any) -> dict[str, Any]:
@@ -276,10 +277,11 @@ def test_references_find_the_dependents_and_follow_spec_changes():
 class RecordingKube:
     """The API server's side of a reconcile, recorded; ``fail_apply`` is the fault a real one rarely gives."""
 
-    def __init__(self, fail_apply: str | None = None, objects: dict[tuple[str, str], dict[str, Any]] | None = None
-                 ) -> None:
+    def __init__(self, fail_apply: str | None = None, objects: dict[tuple[str, str], dict[str, Any]] | None = None,
+                 fail_name: str | None = None) -> None:
         self.calls: list[tuple[str, str]] = []
-        self.fail_apply = fail_apply
+        self.fail_apply = fail_apply  # refuse every apply (403) with this message, or only those of fail_name
+        self.fail_name = fail_name
         self.status: dict[str, Any] = {}
         self.objects = objects or {}  # (kind, name) -> what the API server holds
         self.applied_with_uid: list[tuple[str, str | None]] = []
@@ -290,7 +292,7 @@ class RecordingKube:
 
     def apply(self, m: dict[str, Any], uid: str | None = None, create_only: bool = False) -> dict[str, Any]:
         """Server-side apply as the API server answers it, with its UID and create-only preconditions."""
-        if self.fail_apply:
+        if self.fail_apply and self.fail_name in (None, m["metadata"]["name"]):
             raise KubeError(403, self.fail_apply)
         self.applied_with_uid.append((m["kind"], "create-only" if create_only else uid))
         key = (m["kind"], m["metadata"]["name"])
@@ -301,7 +303,8 @@ class RecordingKube:
         if create_only and key in self.objects:
             self.calls.append(("refused", m["kind"]))
             raise KubeError(409, "the object has been modified; please apply your changes to the latest version")
-        self.calls.append(("apply", m["kind"]))
+        shared = m["metadata"]["name"] == launch.ISOLATION_POLICY_NAME
+        self.calls.append(("apply", f"{m['kind']}/{launch.ISOLATION_POLICY_NAME}" if shared else m["kind"]))
         self.objects[key] = {**m, "metadata": {**m["metadata"], "uid": held_uid or f"{m['kind']}-{len(self.calls)}"}}
         return self.objects[key]
 
@@ -332,7 +335,7 @@ def test_the_runtime_applies_then_writes_status_then_deletes_stale_pods():
         rt.store.put_child("Pod", ("ml", "lenet"), p)
     assert rt.reconcile(("TrainingJob", ("ml", "lenet"))) is None
     assert [c for c in kube.calls if c[0] not in ("event", "get")] == [
-        ("apply", "NetworkPolicy"), ("apply", "StatefulSet"), ("apply", "Service"), ("status", "Restarting"),
+        ISOLATION, ("apply", "NetworkPolicy"), ("apply", "StatefulSet"), ("apply", "Service"), ("status", "Restarting"),
         ("delete", "Pod/lenet-0"), ("delete", "Pod/lenet-1")]
 
 
@@ -383,9 +386,10 @@ def test_a_one_node_jobs_pod_is_created_once_deleted_by_a_restart_and_created_ag
     rt = runtime(kube)
     ref = ("TrainingJob", ("ml", "lenet"))
     rt.store.put("TrainingJob", one_node())
-    rt.reconcile(ref)  # the first pass: what the pod needs, and the pod
-    rt.reconcile(ref)  # the rest: the Service, the status
-    assert [c for c in kube.calls if c[0] == "apply"] == [("apply", "NetworkPolicy"), ("apply", "Pod"),
+    rt.reconcile(ref)  # the first pass: the namespace's isolation policy, then the pod
+    assert [c for c in kube.calls if c[0] == "apply"] == [ISOLATION, ("apply", "Pod")]
+    rt.reconcile(ref)  # the rest: the job's own policy, the Service, the status
+    assert [c for c in kube.calls if c[0] == "apply"] == [ISOLATION, ("apply", "Pod"), ("apply", "NetworkPolicy"),
                                                           ("apply", "Service")]
     assert ("Pod", "create-only") in kube.applied_with_uid
     created = kube.objects["Pod", "lenet-0"]
@@ -418,7 +422,7 @@ def test_a_fresh_job_gets_what_its_pods_need_first_and_its_service_and_status_in
     ref = ("TrainingJob", ("ml", "lenet"))
     rt.store.put("TrainingJob", job_body())
     assert rt.reconcile(ref) == 0.0, "the rest at once, behind other first passes"
-    assert kube.calls == [("apply", "NetworkPolicy"), ("apply", "StatefulSet")], kube.calls
+    assert kube.calls == [ISOLATION, ("apply", "NetworkPolicy"), ("apply", "StatefulSet")], kube.calls
     assert not rt._first_pass_due(ref), "its second pass waits behind the first passes of other new jobs"
     assert rt._first_pass_due(("TrainingJob", ("ml", "another")))
     kube.calls.clear()
@@ -430,6 +434,44 @@ def test_a_fresh_job_gets_what_its_pods_need_first_and_its_service_and_status_in
     rt.reconcile(ref)
     rt._events.shutdown(wait=True)
     assert not [c for c in kube.calls if c[0] in ("apply", "get")], "then nothing to apply again"
+
+
+def test_the_namespaces_isolation_policy_comes_before_any_child_once_per_resync_period_and_per_namespace():
+    kube = RecordingKube()
+    rt = runtime(kube)
+    for ns, name in (("ml", "a"), ("ml", "b"), ("other", "c")):
+        body = one_node()
+        body["metadata"] |= {"namespace": ns, "name": name, "uid": f"u-{name}"}
+        rt.store.put("TrainingJob", body)
+        rt.reconcile(("TrainingJob", (ns, name)))
+        assert kube.calls[-1] == ("apply", "Pod"), "the pod is created right after, its own policy later"
+    assert kube.calls.count(ISOLATION) == 2, "once for each namespace, not for each job"
+    kube.calls.clear()
+    rt.reconcile(("TrainingJob", ("ml", "a")))  # the second pass: its policy and Service, still within the period
+    assert ISOLATION not in kube.calls and ("apply", "NetworkPolicy") in kube.calls, kube.calls
+    kube.calls.clear()
+    rt.reconcile(("TrainingJob", ("ml", "a")))
+    assert not [c for c in kube.calls if c[0] == "apply"], "a steady job writes nothing, the shared policy neither"
+    again = Runtime(OperatorSettings(workers=2, resync_seconds=0.0), kube, [JOBS])  # type: ignore[arg-type]
+    again.store.put("TrainingJob", one_node())
+    again.reconcile(("TrainingJob", ("ml", "lenet")))
+    again.reconcile(("TrainingJob", ("ml", "lenet")))
+    assert kube.calls.count(ISOLATION) == 2, "applied again once the period is over (a policy deleted comes back)"
+
+
+def test_no_child_is_applied_when_the_isolation_policy_cannot_be():
+    kube = RecordingKube(fail_apply="networkpolicies is forbidden", fail_name=launch.ISOLATION_POLICY_NAME)
+    rt = runtime(kube)
+    rt.store.put("TrainingJob", one_node())
+    delay = rt.reconcile(("TrainingJob", ("ml", "lenet")))
+    assert not [c for c in kube.calls if c[0] == "apply"] and ("Pod", "lenet-0") not in kube.objects
+    assert delay == rt.settings.retry_seconds, "retried with backoff"
+    cond = next(c for c in kube.status["conditions"] if c["reason"] == "ReconcileError")
+    assert "networkpolicies is forbidden" in cond["message"]
+    off = Runtime(OperatorSettings(workers=2), kube, [TrainingJobReconciler(RenderSettings(network_policy=False))])
+    off.store.put("TrainingJob", one_node())
+    assert off.reconcile(("TrainingJob", ("ml", "lenet"))) == 0.0 and ("Pod", "lenet-0") in kube.objects, \
+        "without NetworkPolicies (--no-network-policy) there is nothing shared to wait for"
 
 
 def test_a_failed_reconcile_lands_in_status_and_backs_off():
@@ -457,7 +499,8 @@ def test_an_object_in_the_way_is_neither_adopted_nor_deleted_and_the_conflict_is
     rt.store.put("TrainingJob", job_body())
     delay = rt.reconcile(("TrainingJob", ("ml", "lenet")))
     applied = [c for c in kube.calls if c[0] in ("apply", "delete")]
-    assert applied == [("apply", "NetworkPolicy")], "nothing foreign is taken over; the free names are applied"
+    assert applied == [ISOLATION, ("apply", "NetworkPolicy")], \
+        "nothing foreign is taken over; the free names are applied"
     assert kube.objects["Service", "lenet-workers"] is foreign_svc and kube.objects["StatefulSet", "lenet"] is foreign_sts
     cond = next(c for c in kube.status["conditions"] if c["type"] == "NameConflict")
     assert cond["status"] == "True" and cond["reason"] == "NameConflict"

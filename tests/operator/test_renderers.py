@@ -18,7 +18,7 @@ from aiaas.operator.render import (
     render_inferenceservice,
     render_trainingjob,
 )
-from aiaas.operator.render.trainingjob import artifact_uri
+from aiaas.operator.render.trainingjob import artifact_uri, isolation_policy, later_kinds, pod_template
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = sorted((REPO / "examples").glob("*.yaml"))
@@ -268,3 +268,24 @@ def test_without_scrapers_or_when_turned_off() -> None:
     np = by_kind(render_trainingjob(job(), SETTINGS))["NetworkPolicy"]
     assert len(np["spec"]["ingress"]) == 1, "no namespace is allowed in unless configured"
     assert "NetworkPolicy" not in by_kind(render_trainingjob(job(), RenderSettings(network_policy=False)))
+
+
+def test_the_namespaces_isolation_policy_closes_every_trainer_pod_and_is_owned_by_no_job() -> None:
+    """Policies add up: this one admits nothing, so a job's pod is unreachable before its own policy exists;
+    with it, the job's policy decides alone what reaches the pod."""
+    iso = isolation_policy("team-a", SETTINGS)
+    assert iso["metadata"]["name"] == launch.ISOLATION_POLICY_NAME and iso["metadata"]["namespace"] == "team-a"
+    assert "ownerReferences" not in iso["metadata"]
+    selector = iso["spec"]["podSelector"]
+    assert selector == {"matchExpressions": [{"key": launch.LABEL_JOB, "operator": "Exists"}]}
+    assert iso["spec"]["policyTypes"] == ["Ingress"] and "ingress" not in iso["spec"], "no ingress at all"
+    pod_labels = pod_template(job(), SETTINGS, JobPlan())["metadata"]["labels"]
+    assert launch.LABEL_JOB in pod_labels, "every trainer pod is selected"
+    kubernetes_validate.validate(iso, K8S_VERSION, strict=True)
+    assert isolation_policy("team-a", RenderSettings(network_policy=False)) is None
+
+
+def test_only_a_bare_pods_own_policy_may_come_after_it() -> None:
+    """A StatefulSet's pods rendezvous with each other, so their policy comes before them."""
+    assert later_kinds("StatefulSet") == ("Service",)
+    assert set(later_kinds("Pod")) == {"NetworkPolicy", "Service"}

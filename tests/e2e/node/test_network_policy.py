@@ -12,9 +12,12 @@ SYN times out, a reached pod answers (open, or refused where nothing listens).
 - a pod of another namespace and a pod with another job's label in the job's namespace: both ports dropped;
   the metrics port reached from the operator's namespace (the job's here), dropped from the other one;
 - a pod with the job's label reaches them, and the job's own pods rendezvous and the job succeeds;
-- the same probe pods reach the same ports while the NetworkPolicy is gone (the operator scaled to 0, the
-  policy deleted), and are dropped again after the operator has re-created it: the policy is what drops them,
-  not a broken probe or network. With enforcement off (no kube-network-policies) the first test fails.
+- the namespace's isolation policy (``aiaas-trainer-isolation``, no ingress to any TrainingJob pod, there before
+  any pod) alone drops them all, the job's own label too: a one-node job's pod, created before its job's policy,
+  is never open;
+- the same probe pods reach the same ports while both policies are gone (the operator scaled to 0, the
+  policies deleted), and are dropped again after the operator has re-created them: the policies are what drop
+  them, not a broken probe or network. With enforcement off (no kube-network-policies) the first test fails.
 
 And an InferenceService's optional ``spec.networkPolicy``: only the listed clients reach its model server.
 """
@@ -179,27 +182,39 @@ def test_a_pod_with_the_jobs_label_reaches_pod_0(held, kubectl) -> None:
     print(f"same-job probe: {rounds[-1]}")
 
 
-def test_without_the_policy_the_same_probes_connect(held, operator_release, jobs_ns, kubectl) -> None:
-    """Operator scaled to 0 and the policy deleted: the dropped probes reach pod 0; once the operator is back
-    and has re-created the policy, they are dropped again."""
+def test_the_isolation_policy_alone_drops_everyone_and_without_both_the_same_probes_connect(
+        held, operator_release, jobs_ns, kubectl) -> None:
+    """Operator scaled to 0 and the job's own policy deleted: the namespace's isolation policy alone drops every
+    probe, the one with the job's label too (policies add up, and this one admits nothing: a job's pod is closed
+    before its own policy exists). With that one deleted too the same probes reach pod 0; once the operator is
+    back and has re-created both, they are dropped again."""
     release = f"app.kubernetes.io/instance={operator_release['release']}"
     deployments = json.loads(kubectl("get", "deployment", "-l", release, "-o", "json", namespace=jobs_ns).stdout)
     replicas = {d["metadata"]["name"]: d["spec"].get("replicas", 1) for d in deployments["items"]}
     assert replicas, f"no operator Deployment labelled {release}"
+    isolation = get(kubectl, jobs_ns, "networkpolicy", launch.ISOLATION_POLICY_NAME)
+    assert isolation is not None and not isolation["metadata"].get("ownerReferences")
     try:
         kubectl("scale", "deployment", *replicas, "--replicas=0", namespace=jobs_ns)
         wait_for(lambda: not _pods(kubectl, jobs_ns, release), timeout=120, what="the operator's pods to go")
         kubectl("delete", "networkpolicy", launch.network_policy_name(JOB), namespace=jobs_ns)
+        alone = time.time()
+        for probe in ("other-namespace", "other-job", "same-job"):
+            _until(kubectl, held, probe, alone, {"rendezvous": {DROPPED}, "master": {DROPPED}})
+        kubectl("delete", "networkpolicy", launch.ISOLATION_POLICY_NAME, namespace=jobs_ns)
         gone = time.time()
         for probe in ("other-namespace", "other-job"):
             rounds = _until(kubectl, held, probe, gone, {"rendezvous": {"open"}, "master": REACHED})
-            print(f"{probe} without the policy: {rounds[-1]}")
+            print(f"{probe} without the policies: {rounds[-1]}")
     finally:
         for name, n in replicas.items():
             kubectl("scale", "deployment", name, f"--replicas={n}", namespace=jobs_ns)
     back = wait_for(lambda: get(kubectl, jobs_ns, "networkpolicy", launch.network_policy_name(JOB)),
                     timeout=300, interval=2, what="the operator to re-create the NetworkPolicy")
     assert back["spec"] == held["policy"]["spec"]
+    isolation_back = wait_for(lambda: get(kubectl, jobs_ns, "networkpolicy", launch.ISOLATION_POLICY_NAME),
+                              timeout=60, interval=2, what="the operator to re-create the isolation policy")
+    assert isolation_back["spec"] == isolation["spec"]
     again = time.time()
     for probe in ("other-namespace", "other-job"):
         _until(kubectl, held, probe, again, {"rendezvous": {DROPPED}, "master": {DROPPED}})
