@@ -326,9 +326,10 @@ class Runtime:
         self._child_uids: dict[Ref, dict[tuple[str, str], str]] = {}  # (kind, name) -> UID of what we applied, likewise
         self._started: dict[Ref, tuple[Hashable, frozenset[str]]] = {}  # a fresh resource's first pass: key, kinds
         self._failures: dict[Ref, int] = {}  # consecutive failed reconciles, likewise
-        # shared objects (kind, namespace, name) -> when we last applied them (monotonic), under its lock: any
-        # worker may apply one; two applying it at once only write the same object twice
+        # shared objects (kind, namespace, name) -> when we last applied them (monotonic), each under a lock of
+        # its own (made under _shared_lock): the first worker applies it, the others wait for that, not write it
         self._shared_applied: dict[tuple[str, str, str], float] = {}
+        self._shared_locks: dict[tuple[str, str, str], threading.Lock] = {}
         self._shared_lock = threading.Lock()
         self._executor = concurrent.futures.ThreadPoolExecutor(settings.workers, thread_name_prefix="reconcile")
         self._events = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="events")  # keeps their order
@@ -482,14 +483,14 @@ class Runtime:
         for manifest in shared:
             meta = manifest["metadata"]
             ref = (manifest["kind"], meta.get("namespace", ""), meta["name"])
-            now = time.monotonic()
             with self._shared_lock:
+                lock = self._shared_locks.setdefault(ref, threading.Lock())
+            with lock:  # a burst of new jobs in a namespace: one apply, the rest wait for it
                 last = self._shared_applied.get(ref)
-            if last is not None and now - last < self.settings.resync_seconds:
-                continue
-            self.kube.apply(manifest)
-            with self._shared_lock:
-                self._shared_applied[ref] = now
+                if last is not None and time.monotonic() - last < self.settings.resync_seconds:
+                    continue
+                self.kube.apply(manifest)
+                self._shared_applied[ref] = time.monotonic()
 
     @staticmethod
     def _children_key(result: Result) -> Hashable:

@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
+import time
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -457,6 +459,27 @@ def test_the_namespaces_isolation_policy_comes_before_any_child_once_per_resync_
     again.reconcile(("TrainingJob", ("ml", "lenet")))
     again.reconcile(("TrainingJob", ("ml", "lenet")))
     assert kube.calls.count(ISOLATION) == 2, "applied again once the period is over (a policy deleted comes back)"
+
+
+def test_a_burst_of_new_jobs_in_a_namespace_applies_the_isolation_policy_once_and_every_pod_after_it():
+    class SlowIsolation(RecordingKube):
+        def apply(self, m: dict[str, Any], uid: str | None = None, create_only: bool = False) -> dict[str, Any]:
+            if m["metadata"]["name"] == launch.ISOLATION_POLICY_NAME:
+                time.sleep(0.2)  # the round trip, long enough for every other worker to arrive meanwhile
+            return super().apply(m, uid, create_only)
+
+    kube = SlowIsolation()
+    rt = Runtime(OperatorSettings(workers=4), kube, [JOBS])  # type: ignore[arg-type]
+    names = [f"job-{i}" for i in range(4)]
+    for name in names:
+        body = one_node()
+        body["metadata"] |= {"name": name, "uid": f"u-{name}"}
+        rt.store.put("TrainingJob", body)
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        list(pool.map(lambda n: rt.reconcile(("TrainingJob", ("ml", n))), names))
+    applies = [c for c in kube.calls if c[0] == "apply"]
+    assert applies.count(ISOLATION) == 1 and applies[0] == ISOLATION, applies
+    assert applies[1:] == [("apply", "Pod")] * 4, "the others waited for it, then created their pods"
 
 
 def test_no_child_is_applied_when_the_isolation_policy_cannot_be():
