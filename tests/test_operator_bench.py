@@ -101,3 +101,22 @@ def test_a_job_of_several_pods_is_one_master_and_workers_for_the_peer_and_nodes_
     assert {role: spec["replicas"] for role, spec in replicas.items()} == {"Master": 1, "Worker": 3}
     assert set(bench.pytorchjob_manifest("bench-00001", container)["spec"]["pytorchReplicaSpecs"]) == {"Master"}
     assert bench.job_manifest("bench-00001", pods=4)["spec"]["topology"]["nodes"] == 4
+
+
+def test_requests_are_counted_across_the_audit_logs_rotation(bench: ModuleType, tmp_path: Path) -> None:
+    """The API server renames a full audit log to ``<stem>-<time><suffix>``: a phase's requests are counted in
+    the backups made since it began too, not in older ones."""
+    import json
+    import os
+
+    def line(ns: str, verb: str) -> str:
+        return json.dumps({"stage": "ResponseComplete", "verb": verb, "userAgent": "python-requests/2",
+                           "user": {"username": "kubernetes-admin"},
+                           "objectRef": {"namespace": ns, "resource": "pods"}}) + "\n"
+
+    (tmp_path / "audit-2026-12-07T10-00-00.000.log").write_text(line("ns", "create") * 5)
+    os.utime(tmp_path / "audit-2026-12-07T10-00-00.000.log", (100.0, 100.0))  # rotated before the phase
+    (tmp_path / "audit-2026-12-07T16-47-52.970.log").write_text(line("ns", "create") * 3 + line("other", "get"))
+    (tmp_path / "audit.log").write_text(line("ns", "patch") * 2)
+    counts = bench.audit_counts(str(tmp_path / "audit.log"), "ns", since=1000.0)
+    assert counts == {"operator create pods": 3, "operator patch pods": 2}, counts
