@@ -208,6 +208,7 @@ def kopf_worker(namespace: str) -> int:
 
     from aiaas.contract import launch
     from aiaas.operator import api
+    from aiaas.operator.reconcile_trainingjob import TrainingJobReconciler
     from aiaas.operator.watch import kopf_settings
 
     apic = _api("aiaas-kopf-floor")
@@ -223,7 +224,8 @@ def kopf_worker(namespace: str) -> int:
         kopf.on.event(group, version, plural, id=f"watch-{plural}", labels={launch.LABEL_JOB: kopf.PRESENT},
                       registry=registry)(_ignore)
     print("ready", flush=True)
-    asyncio.run(kopf.operator(registry=registry, settings=kopf_settings(), standalone=True, clusterwide=False,
+    asyncio.run(kopf.operator(registry=registry, settings=kopf_settings(TrainingJobReconciler.children),
+                              standalone=True, clusterwide=False,
                               namespaces=[namespace]))
     return 0
 

@@ -211,7 +211,7 @@ async def operate(s: OperatorSettings, stop_flag: asyncio.Event | None = None) -
     try:
         await kopf.operator(
             registry=registry,
-            settings=kopf_settings(),
+            settings=kopf_settings(child for rec in rt.reconcilers.values() for child in rec.children),
             standalone=True,  # our Lease does the leader election; kopf's peering is not used
             clusterwide=not s.namespaces,
             namespaces=list(s.namespaces),

@@ -6,6 +6,7 @@ resources (:func:`kopf_settings`). Nothing here decides anything, and nothing he
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterable
 from typing import Any, cast
 
 import kopf
@@ -15,9 +16,9 @@ from .reconciler import Body, ChildWatch
 from .runtime import Runtime
 
 
-def kopf_settings() -> kopf.OperatorSettings:
-    """How kopf runs for us: no Events or annotations of its own, no diff base, long watches, and no batching
-    delay worth the name (level-triggered: coalescing is done by our queue)."""
+def kopf_settings(children: Iterable[ChildWatch] = ()) -> kopf.OperatorSettings:
+    """How kopf runs for us: no Events or annotations of its own, no diff base, long watches, and the
+    ``children`` watched with their owner label as a server-side selector (see :func:`child_selectors`)."""
     ksettings = kopf.OperatorSettings()
     ksettings.posting.enabled = False
     ksettings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="kopf.aiaas.dev")
@@ -25,9 +26,20 @@ def kopf_settings() -> kopf.OperatorSettings:
     ksettings.watching.server_timeout = 300
     ksettings.watching.client_timeout = 330
     ksettings.networking.request_timeout = 60
-    ksettings.batching.worker_limit = None
-    ksettings.batching.batch_window = 0.01
+    for (group, version, plural), selector in child_selectors(children).items():
+        ksettings.watching.label_selectors[group, version, plural] = selector
     return ksettings
+
+
+def child_selectors(children: Iterable[ChildWatch]) -> dict[tuple[str, str, str], str]:
+    """The label selector each watched child resource can be listed and watched with: its owner label's
+    presence, so the API server sends only our children's events, not every pod of the cluster. kopf joins
+    all selectors of a resource by "and", so a resource watched under two owner labels gets none (the
+    handlers' own label filters still apply)."""
+    labels: dict[tuple[str, str, str], set[str]] = {}
+    for child in children:
+        labels.setdefault((child.group, child.version, child.plural), set()).add(child.owner_label)
+    return {resource: next(iter(owner)) for resource, owner in labels.items() if len(owner) == 1}
 
 
 class _NoDiffBase(kopf.AnnotationsDiffBaseStorage):  # type: ignore[misc]
