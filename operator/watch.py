@@ -17,8 +17,9 @@ from .runtime import Runtime
 
 
 def kopf_settings(children: Iterable[ChildWatch] = ()) -> kopf.OperatorSettings:
-    """How kopf runs for us: no Events or annotations of its own, no diff base, long watches, and the
-    ``children`` watched with their owner label as a server-side selector (see :func:`child_selectors`)."""
+    """How kopf runs for us: no Events or annotations of its own, no diff base, long watches, short-lived
+    per-object workers, and the ``children`` watched with their owner label as a server-side selector (see
+    :func:`child_selectors`)."""
     ksettings = kopf.OperatorSettings()
     ksettings.posting.enabled = False
     ksettings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="kopf.aiaas.dev")
@@ -26,6 +27,9 @@ def kopf_settings(children: Iterable[ChildWatch] = ()) -> kopf.OperatorSettings:
     ksettings.watching.server_timeout = 300
     ksettings.watching.client_timeout = 330
     ksettings.networking.request_timeout = 60
+    # kopf keeps a worker task per object until it has been idle this long (default 5 s): under a burst of
+    # new jobs, thousands of them at once. 0.5 s: peak RSS at N=1000 128 MiB instead of 152-158 (bench/)
+    ksettings.queueing.idle_timeout = 0.5
     for (group, version, plural), selector in child_selectors(children).items():
         ksettings.watching.label_selectors[group, version, plural] = selector
     return ksettings
