@@ -20,6 +20,7 @@ def test_children_are_listed_and_watched_by_their_owner_label_on_the_server():
     assert selectors.collect(kopf.Resource("apps", "v1", "deployments")) == [launch.LABEL_ISVC]
     assert selectors.collect(kopf.Resource("aiaas.dev", "v1alpha1", "trainingjobs")) == [], "our own kinds: all"
     assert not settings.posting.enabled
+    assert settings.queueing.idle_timeout <= 1.0, "per-object workers do not outlive a burst (peak RSS)"
 
 
 def test_a_resource_watched_under_two_owner_labels_gets_no_server_side_selector():
