@@ -18,7 +18,8 @@ class RenderSettings:
     termination_grace_seconds: int = 60
     service_account_name: str | None = None
     # A NetworkPolicy per TrainingJob: only its own pods reach its pods (rendezvous, master, process-group
-    # ports); the metrics ports also from the operator's namespace and the monitoring namespaces.
+    # ports); the metrics ports also from the operator's namespace and the monitoring namespaces. And each
+    # namespace's isolation policy, which closes every TrainingJob pod until its job's policy admits.
     network_policy: bool = True
     operator_namespace: str = ""  # "": the metrics ports are not opened to the operator's namespace
     monitoring_namespace_selector: dict[str, str] = field(default_factory=dict)  # labels; {}: no monitoring
