@@ -454,18 +454,6 @@ def audit_counts(path: str | None, namespace: str, since: float = 0.0) -> Counte
                 resource = ref.get("resource", "") + ("/" + ref["subresource"] if ref.get("subresource") else "")
                 counts[f"{who} {ev['verb']} {resource}"] += 1
     return counts
-    with open(path) as f:
-        for line in f:
-            if namespace not in line:
-                continue
-            ev = json.loads(line)
-            ref = ev.get("objectRef") or {}
-            if ref.get("namespace") != namespace or ev.get("stage") != "ResponseComplete":
-                continue
-            who = client_of(ev["user"]["username"], ev.get("userAgent", ""))
-            resource = ref.get("resource", "") + ("/" + ref["subresource"] if ref.get("subresource") else "")
-            counts[f"{who} {ev['verb']} {resource}"] += 1
-    return counts
 
 
 # ---------------------------------------------------------------------------------------------- phase
