@@ -43,7 +43,7 @@ REQUEST_ID_HEADER = "X-Request-Id"
 OPEN_PATHS = frozenset({"/", "/v2/health/live", "/v2/health/ready", "/metrics"})  # no token needed
 _CLIENT_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-RECEIVED_AT = "aiaas.received_at"  # request key: perf_counter() when the request was admitted
+RECEIVED_AT = web.RequestKey("aiaas.received_at", float)  # perf_counter() when the request was admitted
 BodyHandler = Callable[[web.Request, bytes], Awaitable[web.StreamResponse]]
 
 PLANE_KEY = web.AppKey("plane", DataPlane)
