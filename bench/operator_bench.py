@@ -206,7 +206,6 @@ def kopf_worker(namespace: str) -> int:
     is the least any operator built on kopf pays for the same events."""
     import kopf
 
-    from aiaas.contract import launch
     from aiaas.operator import api
     from aiaas.operator.reconcile_trainingjob import TrainingJobReconciler
     from aiaas.operator.watch import kopf_settings
@@ -220,13 +219,13 @@ def kopf_worker(namespace: str) -> int:
         if event.get("type") in (None, "ADDED"):
             await asyncio.to_thread(create_workload, apic, namespace, event["object"])
 
-    for group, version, plural in (("apps", "v1", "statefulsets"), ("", "v1", "pods")):
-        kopf.on.event(group, version, plural, id=f"watch-{plural}", labels={launch.LABEL_JOB: kopf.PRESENT},
-                      registry=registry)(_ignore)
+    children = TrainingJobReconciler.children  # the operator's own child watches, with no-op handlers
+    for child in children:
+        kopf.on.event(child.group, child.version, child.plural, id=f"watch-{child.plural}",
+                      labels={child.owner_label: kopf.PRESENT}, registry=registry)(_ignore)
     print("ready", flush=True)
-    asyncio.run(kopf.operator(registry=registry, settings=kopf_settings(TrainingJobReconciler.children),
-                              standalone=True, clusterwide=False,
-                              namespaces=[namespace]))
+    asyncio.run(kopf.operator(registry=registry, settings=kopf_settings(children), standalone=True,
+                              clusterwide=False, namespaces=[namespace]))
     return 0
 
 
