@@ -19,7 +19,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import prometheus_client
@@ -45,6 +45,7 @@ class QuietClientErrors(logging.Filter):
         return not isinstance(error, (HttpProcessingError, RequestPayloadError, ConnectionResetError))
 
 
+EVENT_LOOPS = ("auto", "uvloop", "asyncio")
 ENV_PREFIX = "AIAAS_SERVER_"  # every flag's default can come from AIAAS_SERVER_<FLAG>, e.g. AIAAS_SERVER_GRPC_PORT
 MIB = 1024 * 1024
 
@@ -125,6 +126,8 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error("--max-inflight-bytes must be at least --max-request-bytes, or no large request could ever run")
     if args.body_timeout <= 0:
         p.error("--body-timeout must be positive")
+    if args.event_loop not in EVENT_LOOPS:
+        p.error(f"--event-loop must be one of {', '.join(EVENT_LOOPS)}")
     if args.explain_method not in (None, "integrated-gradients"):
         p.error("--explain-method must be integrated-gradients (or unset: explanations off)")
     if not 1 <= args.explain_steps <= 512:
@@ -173,6 +176,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--shutdown-timeout", type=float, default=25.0,
         help="seconds to finish requests on SIGTERM (default 25: inside Kubernetes' default 30 s grace period)",
+    )
+    p.add_argument(
+        "--event-loop", choices=EVENT_LOOPS, default=env_default("event-loop", "auto"),
+        help="the asyncio event loop: uvloop (libuv's, in C: less CPU per request), asyncio (the standard "
+        "library's) or auto (uvloop where it is installed; default)",
     )
     p.add_argument("--access-log", action="store_true", help="log every request")
     p.add_argument("--log-level", default=os.environ.get("AIAAS_LOG_LEVEL", "INFO"))
@@ -223,7 +231,8 @@ async def start_http(app: web.Application, args: argparse.Namespace) -> web.AppR
     await site.start()
     sockets = [s.getsockname() for s in (site._server.sockets if site._server else [])]  # type: ignore[attr-defined]
     port = sockets[0][1] if sockets else args.port
-    log.info("listening on http://%s:%d (model loading from %s)", args.host, port, args.model)
+    log.info("listening on http://%s:%d (model loading from %s; event loop: %s)", args.host, port, args.model,
+             loop_name(asyncio.get_running_loop()))
     return runner
 
 
@@ -288,6 +297,24 @@ async def serve(args: argparse.Namespace) -> int:
     return exit_code
 
 
+def loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """The event loop ``--event-loop`` names: uvloop's (``auto``: when it is installed) or None, the standard
+    library's. uvloop runs aiohttp's and grpc.aio's transports in C (see docs/performance.md for what it saves)."""
+    if choice == "asyncio":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        if choice == "uvloop":
+            raise SystemExit("--event-loop uvloop: the package uvloop is not installed (pip install uvloop)") from None
+        return None
+    return uvloop.new_event_loop
+
+
+def loop_name(loop: asyncio.AbstractEventLoop) -> str:
+    return "uvloop" if type(loop).__module__.startswith("uvloop") else "asyncio"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.print_openapi:
@@ -305,6 +332,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     # The event loop and the model thread share the GIL; a 1 ms switch interval (default 5 ms) keeps one
     # from holding up the other for long under load (it lowered the p99 at concurrency 16 in our runs).
     sys.setswitchinterval(0.001)
-    code = asyncio.run(serve(args))
+    factory = loop_factory(args.event_loop)
+    with asyncio.Runner(loop_factory=factory) as runner:
+        code = runner.run(serve(args))
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM while the interpreter exits changes nothing
     return code

@@ -189,6 +189,54 @@ def test_text_model_with_token_ids(text_artifact: Path, tmp_path: Path) -> None:
     assert "Traceback" not in proc.log()
 
 
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
+def test_both_event_loops_serve_rest_and_grpc_and_stop(loop: str, cnn_artifact: Path, tmp_path: Path,
+                                                         reference: Any) -> None:
+    """The server runs on uvloop by default and on the standard library's loop when asked: REST, gRPC and a
+    graceful stop work on each."""
+    from tritonclient.grpc import InferenceServerClient, InferInput
+
+    proc = ServerProcess(cnn_artifact, tmp_path / "server.log", "--event-loop", loop).wait_ready()
+    try:
+        x = X[:3].reshape(3, 1, 8, 8)
+        _, expected = reference(x)
+        status, body = infer(proc.url, x)
+        assert status == 200 and body["outputs"][1]["data"] == [int(c) for c in expected]
+        tensor = InferInput("input", list(x.shape), "FP32")
+        tensor.set_data_from_numpy(x)
+        with InferenceServerClient(proc.grpc_address) as client:
+            result = client.infer("digits", [tensor])
+        assert result.as_numpy("predicted_class").tolist() == [int(c) for c in expected]
+    finally:
+        assert proc.stop() == 0
+    assert f"event loop: {loop}" in proc.log()
+    assert "Traceback" not in proc.log()
+
+
+def test_the_uvloop_choice_says_how_to_install_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """uvloop cannot be uninstalled from under the test run, so its absence is simulated; ``auto`` falls back."""
+    import sys
+
+    from aiaas.server.main import loop_factory
+
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # import uvloop now raises ImportError
+    with pytest.raises(SystemExit, match="pip install uvloop"):
+        loop_factory("uvloop")
+    assert loop_factory("auto") is None
+    assert loop_factory("asyncio") is None
+
+
+def test_an_event_loop_from_the_environment_is_checked(monkeypatch: pytest.MonkeyPatch,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    from aiaas.server.main import parse_args
+
+    monkeypatch.setenv("AIAAS_SERVER_EVENT_LOOP", "trio")
+    with pytest.raises(SystemExit) as exit_:
+        parse_args([])
+    assert exit_.value.code == 2
+    assert "--event-loop must be one of auto, uvloop, asyncio" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("argv", [["--max-batch-size", "0"], ["--port", "70000"]])
 def test_cli_rejects_bad_flags(argv: list[str], cnn_artifact: Path, tmp_path: Path) -> None:
     proc = ServerProcess(cnn_artifact, tmp_path / "server.log", *argv)
