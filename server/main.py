@@ -179,8 +179,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--event-loop", choices=EVENT_LOOPS, default=env_default("event-loop", "auto"),
-        help="the asyncio event loop: uvloop (libuv's, in C: less CPU per request), asyncio (the standard "
-        "library's) or auto (uvloop where it is installed; default)",
+        help="the asyncio event loop: uvloop (libuv's, in C), asyncio (the standard library's) or auto (uvloop "
+        "where it is installed; default)",
     )
     p.add_argument("--access-log", action="store_true", help="log every request")
     p.add_argument("--log-level", default=os.environ.get("AIAAS_LOG_LEVEL", "INFO"))
@@ -299,7 +299,7 @@ async def serve(args: argparse.Namespace) -> int:
 
 def loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
     """The event loop ``--event-loop`` names: uvloop's (``auto``: when it is installed) or None, the standard
-    library's. uvloop runs aiohttp's and grpc.aio's transports in C (see docs/performance.md for what it saves)."""
+    library's. uvloop runs the selector and aiohttp's socket transports in C (docs/performance.md: what it saves)."""
     if choice == "asyncio":
         return None
     try:

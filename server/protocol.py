@@ -222,7 +222,7 @@ def _float_array(where: str, spec: TensorSpec, flat: list[Any]) -> np.ndarray:
     largest value would become infinity and is refused instead. Comparing with ``min`` and ``max`` of the list
     costs a fraction of checking the array with ``np.isfinite`` under ``np.errstate``, on every request."""
     limit = _FLOAT_LIMITS.get(spec.datatype, math.inf)
-    if max(flat) > limit or min(flat) < -limit:
+    if flat and (max(flat) > limit or min(flat) < -limit):
         raise bad_request(f"{where}: 'data' has values outside the range of {spec.datatype} (at most {limit:g})")
     return np.array(flat, dtype=spec.dtype)
 
