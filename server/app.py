@@ -79,7 +79,7 @@ def error_response(status: int, message: str) -> web.Response:
 def http_error_reason(request: web.Request, e: web.HTTPException) -> str:
     """A message for aiohttp's own refusals (unknown path, wrong method, body too large)."""
     if e.status == 413:
-        return f"the request body is larger than the limit of {request.app[PLANE_KEY].config.max_request_bytes} bytes"
+        return plane_of(request).too_large_message()
     if e.status == 404:
         return f"no such endpoint: {request.method} {request.path}; see /v2/openapi.json"
     if e.status == 405:
@@ -141,8 +141,9 @@ def data_plane(handler: BodyHandler) -> Handler:
         request[RECEIVED_AT] = time.perf_counter()
         declared = request.content_length
         with plane.admitted(declared if declared is not None else plane.config.max_request_bytes):
-            if request.content.is_eof():  # the whole body came with the headers: nothing to wait for
-                body = await request.read()
+            if request.content.is_eof():  # the whole body came with the headers: take it, nothing to wait for
+                plane.check_body_size(request.content.total_bytes)  # as request.read() would (inflated, if gzip)
+                body = request.content.read_nowait()
             else:
                 try:
                     body = await asyncio.wait_for(request.read(), plane.config.body_timeout)

@@ -172,10 +172,7 @@ class DataPlane:
         """Hold a place for one data-plane request of ``body_bytes`` (``with plane.admitted(n): ...``); 413 if too
         large, 503 when full."""
         config = self.config
-        if body_bytes > config.max_request_bytes:
-            raise ProtocolError(
-                413, f"the request body is larger than the limit of {config.max_request_bytes} bytes"
-            )
+        self.check_body_size(body_bytes)
         if self.requests_in_flight >= config.max_inflight_requests:
             raise ProtocolError(
                 503, f"the server is busy: {self.requests_in_flight} requests are in flight; retry later",
@@ -189,6 +186,14 @@ class DataPlane:
         self.requests_in_flight += 1
         self.bytes_in_flight += body_bytes
         return _OnExit(self._release, body_bytes)
+
+    def too_large_message(self) -> str:
+        return f"the request body is larger than the limit of {self.config.max_request_bytes} bytes"
+
+    def check_body_size(self, body_bytes: int) -> None:
+        """413 when a request body (declared or received) is larger than ``max_request_bytes``."""
+        if body_bytes > self.config.max_request_bytes:
+            raise ProtocolError(413, self.too_large_message())
 
     def calls_overlap(self) -> bool:
         """Are gRPC calls being served concurrently (now, or within :attr:`.batcher.Overlap.HOLD`)? Then their
