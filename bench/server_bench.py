@@ -7,6 +7,7 @@ What runs (all on loopback, each server its own process, this process is the loa
 * ``baseline`` — the floor: a minimal asyncio HTTP/1.1 endpoint in this file that takes the raw float32 bytes
   of one sample, calls the same torch module inline and returns the class as 8 bytes. No JSON, no validation,
   no batching, no metrics: only HTTP framing and the forward pass.
+* ``bare-uvloop`` — ``bare`` on uvloop's event loop, as our server runs by default (the goals stay against ``bare``).
 * ``v2-json`` — ``POST /v2/models/{name}/infer`` with a JSON tensor (what curl and most clients send).
 * ``v2-binary`` — the same with the binary tensor data extension (``tritonclient``'s default).
 * ``v1`` — ``POST /v1/models/{name}:predict`` with ``{"instances": [...]}``.
