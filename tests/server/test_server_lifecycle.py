@@ -58,6 +58,40 @@ def test_concurrent_requests_are_batched_and_answered(server: ServerProcess, ref
     assert batches < n, "no two concurrent requests shared a forward pass"
 
 
+def test_concurrent_grpc_calls_on_one_channel_are_batched(server: ServerProcess, reference: Any) -> None:
+    """gRPC multiplexes calls on one connection, so they cannot be told apart by connection as REST clients are;
+    calls in flight together still share forward passes."""
+    grpc = pytest.importorskip("grpc")
+    from tritonclient.grpc import service_pb2 as pb
+    from tritonclient.grpc import service_pb2_grpc as pb_grpc
+
+    count_before = metric(server.url, r'aiaas_server_batch_size_count\{model="digits"\}')
+    sum_before = metric(server.url, r'aiaas_server_batch_size_sum\{model="digits"\}')
+    n = 96
+    samples = [X[i % len(X)].reshape(1, 1, 8, 8).astype("<f4") for i in range(n)]
+    barrier = threading.Barrier(32)
+    with grpc.insecure_channel(server.grpc_address) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+
+        def one(i: int) -> int:
+            request = pb.ModelInferRequest(model_name="digits", outputs=[{"name": "predicted_class"}])
+            request.inputs.add(name="input", datatype="FP32", shape=[1, 1, 8, 8])
+            request.raw_input_contents.append(samples[i].tobytes())
+            if i < 32:
+                barrier.wait()
+            response = stub.ModelInfer(request, timeout=60)
+            return int(np.frombuffer(response.raw_output_contents[0], dtype="<i8")[0])
+
+        with ThreadPoolExecutor(32) as pool:
+            classes = list(pool.map(one, range(n)))
+    _, expected = reference(np.concatenate(samples))
+    assert classes == [int(c) for c in expected]
+    batches = metric(server.url, r'aiaas_server_batch_size_count\{model="digits"\}') - count_before
+    rows = metric(server.url, r'aiaas_server_batch_size_sum\{model="digits"\}') - sum_before
+    assert rows == n
+    assert batches < n, "no two concurrent gRPC calls shared a forward pass"
+
+
 def test_sigterm_finishes_requests_in_flight(cnn_artifact: Path, tmp_path: Path, reference: Any) -> None:
     """Requests the server has received when SIGTERM comes are all answered; then it exits 0."""
     proc = ServerProcess(cnn_artifact, tmp_path / "server.log", "--max-batch-size", "8").wait_ready()
