@@ -466,8 +466,11 @@ def _start(d: _Draft) -> None:
     if d.st.start_time is None:
         d.st.start_time = rfc3339(d.now)
     if not d.has_condition(api.ConditionType.created):
+        # the event goes with the condition, once per job, also when its pods are ready at the first look
         d.condition(api.ConditionType.created, "True", REASON_CREATED,
                     f"headless Service and {d.nodes} worker pod(s) of {d.job.metadata.name} created")
+        d.events.append(Event("Normal", REASON_CREATED,
+                              f"created headless Service and {d.nodes} worker pod(s) of {d.job.metadata.name}"))
     d.st.replicas = d.nodes
     d.count_pods()
 
@@ -626,9 +629,6 @@ def _running_or_waiting(d: _Draft) -> Evaluation:
     if d.prev.phase in (api.Phase.restarting.value, api.Phase.running.value):
         d.set_phase(api.Phase(d.prev.phase), reason, msg)
     else:
-        if d.prev.phase not in (api.Phase.created.value, api.Phase.suspended.value):
-            d.events.append(Event("Normal", REASON_CREATED,
-                                  f"created headless Service and {nodes} worker pod(s) of {d.job.metadata.name}"))
         d.set_phase(api.Phase.created, reason if warn else REASON_CREATED, msg)
     if warn:
         d.warn_once(reason, msg)

@@ -183,6 +183,14 @@ def test_created_to_running_when_every_pod_is_ready():
     assert ev.time_to_running == pytest.approx(6.0)  # created 4 s before T0
 
 
+def test_a_job_whose_pods_are_ready_at_the_first_look_gets_both_events():
+    """The Created event goes with the Created condition: a job that is Running at its first status pass (its
+    pods were quick) still gets it, before Running (an e2e test once found it missing)."""
+    ev = step(job(), [running("lenet-0"), running("lenet-1")])
+    assert ev.status.phase == "Running" and cond(ev, "Created").status == "True"
+    assert reasons(ev) == ["Created", "Running"]
+
+
 def test_steady_state_produces_no_change_and_no_events():
     j = running_job()
     ev = step(j, [running("lenet-0"), running("lenet-1")], now=T0 + timedelta(minutes=3))
