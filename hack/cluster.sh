@@ -308,13 +308,19 @@ wait_for() { # <description> <timeout s> <command...>
   done
 }
 
+# starting <component>: the process `start` launched for it still runs. Unlike
+# alive, its program is not checked: right after `start` the child may not have
+# exec'd the component's binary yet (it is still the shell or setsid, for longer
+# on a busy machine), which alive took for an exit during start-up.
+starting() { local p; p=$(cat "$RUN/$1.pid" 2>/dev/null) && running "$p"; }
+
 # wait_up <component> <timeout s> <check...>: like wait_for, but fails at once
 # if the component's process has exited (a bad flag, a port taken, ...).
 wait_up() {
   local c=$1 timeout=$2; shift 2
   local deadline=$((SECONDS + timeout))
   until "$@" >/dev/null 2>&1; do
-    alive "$c" || { log "$c exited during start-up (see $LOGS/$c.log)"; return 1; }
+    starting "$c" || { log "$c exited during start-up (see $LOGS/$c.log)"; return 1; }
     if (( SECONDS >= deadline )); then
       log "timed out after ${timeout}s waiting for $c"
       return 1
